@@ -1,0 +1,310 @@
+//! CSI Controller: volume lifecycle, capacity and listing.
+
+use tonic::{Request, Response, Status};
+
+use super::{capabilities, capability_to_proto, required, run, segments, topology, Shared};
+use crate::proto::controller_server::Controller;
+use crate::proto::controller_service_capability::{self as csc, rpc};
+use crate::proto::*;
+use crate::store::{ContentSource, VolumeRecord};
+use crate::volumes::{CreateRequest, Driver};
+
+pub struct ControllerService {
+    pub driver: Shared,
+}
+
+/// The capabilities this controller advertises.
+pub const CAPABILITIES: &[rpc::Type] = &[
+    rpc::Type::CreateDeleteVolume,
+    rpc::Type::ListVolumes,
+    rpc::Type::GetCapacity,
+    rpc::Type::GetVolume,
+    rpc::Type::VolumeCondition,
+];
+
+pub fn volume_to_proto(driver: &Driver, rec: &VolumeRecord) -> Volume {
+    let content_source = rec.source.as_ref().map(|s| VolumeContentSource {
+        r#type: Some(match s {
+            ContentSource::Snapshot(id) => {
+                volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
+                    snapshot_id: id.clone(),
+                })
+            }
+            ContentSource::Volume(id) => {
+                volume_content_source::Type::Volume(volume_content_source::VolumeSource {
+                    volume_id: id.clone(),
+                })
+            }
+        }),
+    });
+    let mut context = std::collections::HashMap::new();
+    context.insert(
+        "type".to_string(),
+        format!("{:?}", rec.volume_type).to_lowercase(),
+    );
+    if let Some(fs) = &rec.fs_type {
+        context.insert("fsType".to_string(), fs.clone());
+    }
+    Volume {
+        capacity_bytes: rec.capacity_bytes as i64,
+        volume_id: rec.id.clone(),
+        volume_context: context,
+        content_source,
+        accessible_topology: driver.topology_of(rec).iter().map(topology).collect(),
+    }
+}
+
+fn content_source(src: &Option<VolumeContentSource>) -> Result<Option<ContentSource>, Status> {
+    use volume_content_source::Type;
+    match src.as_ref().map(|s| &s.r#type) {
+        None => Ok(None),
+        Some(Some(Type::Snapshot(s))) => Ok(Some(ContentSource::Snapshot(
+            required("snapshot_id", &s.snapshot_id)?.to_string(),
+        ))),
+        Some(Some(Type::Volume(v))) => Ok(Some(ContentSource::Volume(
+            required("volume_id", &v.volume_id)?.to_string(),
+        ))),
+        Some(None) => Err(Status::invalid_argument(
+            "volume_content_source names no source",
+        )),
+    }
+}
+
+fn volume_status(driver: &Driver, rec: &VolumeRecord) -> (Vec<String>, VolumeCondition) {
+    let c = driver.condition(rec);
+    (
+        rec.attachments.keys().cloned().collect(),
+        VolumeCondition {
+            abnormal: c.abnormal,
+            message: c.message,
+        },
+    )
+}
+
+#[tonic::async_trait]
+impl Controller for ControllerService {
+    async fn create_volume(
+        &self,
+        request: Request<CreateVolumeRequest>,
+    ) -> Result<Response<CreateVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let name = r.name.clone();
+        let driver = self.driver.clone();
+        run("CreateVolume", &name, move || {
+            let range = r.capacity_range.unwrap_or_default();
+            let topo = r.accessibility_requirements.unwrap_or_default();
+            let req = CreateRequest {
+                name: r.name,
+                required_bytes: range.required_bytes,
+                limit_bytes: range.limit_bytes,
+                capabilities: capabilities(&r.volume_capabilities)?,
+                parameters: r.parameters.into_iter().collect(),
+                source: content_source(&r.volume_content_source)
+                    .map_err(|s| crate::error::Error::InvalidArgument(s.message().to_string()))?,
+                requisite: segments(&topo.requisite),
+                preferred: segments(&topo.preferred),
+            };
+            let rec = driver.create_volume(req)?;
+            Ok(Response::new(CreateVolumeResponse {
+                volume: Some(volume_to_proto(&driver, &rec)),
+            }))
+        })
+        .await
+    }
+
+    async fn delete_volume(
+        &self,
+        request: Request<DeleteVolumeRequest>,
+    ) -> Result<Response<DeleteVolumeResponse>, Status> {
+        let id = request.into_inner().volume_id;
+        let driver = self.driver.clone();
+        let log_id = id.clone();
+        run("DeleteVolume", &log_id, move || {
+            driver.delete_volume(&id)?;
+            Ok(Response::new(DeleteVolumeResponse {}))
+        })
+        .await
+    }
+
+    async fn controller_publish_volume(
+        &self,
+        _: Request<ControllerPublishVolumeRequest>,
+    ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerPublishVolume is not offered by this driver",
+        ))
+    }
+
+    async fn controller_unpublish_volume(
+        &self,
+        _: Request<ControllerUnpublishVolumeRequest>,
+    ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerUnpublishVolume is not offered by this driver",
+        ))
+    }
+
+    async fn validate_volume_capabilities(
+        &self,
+        request: Request<ValidateVolumeCapabilitiesRequest>,
+    ) -> Result<Response<ValidateVolumeCapabilitiesResponse>, Status> {
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        if r.volume_capabilities.is_empty() {
+            return Err(Status::invalid_argument("volume_capabilities are required"));
+        }
+        let driver = self.driver.clone();
+        run("ValidateVolumeCapabilities", &id.clone(), move || {
+            let caps = capabilities(&r.volume_capabilities)?;
+            let answer = match driver.validate_capabilities(&id, &caps)? {
+                Ok(()) => ValidateVolumeCapabilitiesResponse {
+                    confirmed: Some(validate_volume_capabilities_response::Confirmed {
+                        volume_context: r.volume_context,
+                        volume_capabilities: caps.iter().map(capability_to_proto).collect(),
+                        parameters: r.parameters,
+                        mutable_parameters: r.mutable_parameters,
+                    }),
+                    message: String::new(),
+                },
+                Err(why) => ValidateVolumeCapabilitiesResponse {
+                    confirmed: None,
+                    message: why,
+                },
+            };
+            Ok(Response::new(answer))
+        })
+        .await
+    }
+
+    async fn list_volumes(
+        &self,
+        request: Request<ListVolumesRequest>,
+    ) -> Result<Response<ListVolumesResponse>, Status> {
+        let r = request.into_inner();
+        let driver = self.driver.clone();
+        run("ListVolumes", "", move || {
+            let (recs, next) = driver.list_volumes(&r.starting_token, r.max_entries)?;
+            let entries = recs
+                .iter()
+                .map(|rec| {
+                    let (nodes, condition) = volume_status(&driver, rec);
+                    list_volumes_response::Entry {
+                        volume: Some(volume_to_proto(&driver, rec)),
+                        status: Some(list_volumes_response::VolumeStatus {
+                            published_node_ids: nodes,
+                            volume_condition: Some(condition),
+                        }),
+                    }
+                })
+                .collect();
+            Ok(Response::new(ListVolumesResponse {
+                entries,
+                next_token: next.unwrap_or_default(),
+            }))
+        })
+        .await
+    }
+
+    async fn get_capacity(
+        &self,
+        request: Request<GetCapacityRequest>,
+    ) -> Result<Response<GetCapacityResponse>, Status> {
+        let r = request.into_inner();
+        let driver = self.driver.clone();
+        run("GetCapacity", "", move || {
+            let caps = capabilities(&r.volume_capabilities)?;
+            let seg = r
+                .accessible_topology
+                .map(|t| t.segments.into_iter().collect());
+            let params = r.parameters.into_iter().collect();
+            let available = driver.capacity(seg.as_ref(), &caps, &params)?;
+            Ok(Response::new(GetCapacityResponse {
+                available_capacity: available as i64,
+                maximum_volume_size: None,
+                minimum_volume_size: None,
+            }))
+        })
+        .await
+    }
+
+    async fn controller_get_capabilities(
+        &self,
+        _: Request<ControllerGetCapabilitiesRequest>,
+    ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|t| ControllerServiceCapability {
+                r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: *t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(ControllerGetCapabilitiesResponse {
+            capabilities,
+        }))
+    }
+
+    async fn create_snapshot(
+        &self,
+        _: Request<CreateSnapshotRequest>,
+    ) -> Result<Response<CreateSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "CreateSnapshot is not offered by this driver version",
+        ))
+    }
+
+    async fn delete_snapshot(
+        &self,
+        _: Request<DeleteSnapshotRequest>,
+    ) -> Result<Response<DeleteSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "DeleteSnapshot is not offered by this driver version",
+        ))
+    }
+
+    async fn list_snapshots(
+        &self,
+        _: Request<ListSnapshotsRequest>,
+    ) -> Result<Response<ListSnapshotsResponse>, Status> {
+        Err(Status::unimplemented(
+            "ListSnapshots is not offered by this driver version",
+        ))
+    }
+
+    async fn controller_expand_volume(
+        &self,
+        _: Request<ControllerExpandVolumeRequest>,
+    ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerExpandVolume is not offered by this driver version",
+        ))
+    }
+
+    async fn controller_get_volume(
+        &self,
+        request: Request<ControllerGetVolumeRequest>,
+    ) -> Result<Response<ControllerGetVolumeResponse>, Status> {
+        let id = request.into_inner().volume_id;
+        required("volume_id", &id)?;
+        let driver = self.driver.clone();
+        run("ControllerGetVolume", &id.clone(), move || {
+            let rec = driver.volume(&id)?;
+            let (nodes, condition) = volume_status(&driver, &rec);
+            Ok(Response::new(ControllerGetVolumeResponse {
+                volume: Some(volume_to_proto(&driver, &rec)),
+                status: Some(controller_get_volume_response::VolumeStatus {
+                    published_node_ids: nodes,
+                    volume_condition: Some(condition),
+                }),
+            }))
+        })
+        .await
+    }
+
+    async fn controller_modify_volume(
+        &self,
+        _: Request<ControllerModifyVolumeRequest>,
+    ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "ControllerModifyVolume is not offered by this driver",
+        ))
+    }
+}

@@ -1,0 +1,66 @@
+//! CSI Identity: who the plugin is, what it offers, whether it is ready.
+
+use tonic::{Request, Response, Status};
+
+use super::{answer, Shared};
+use crate::proto::identity_server::Identity;
+use crate::proto::plugin_capability::{self, service};
+use crate::proto::*;
+
+pub struct IdentityService {
+    pub driver: Shared,
+}
+
+fn service_cap(t: service::Type) -> PluginCapability {
+    PluginCapability {
+        r#type: Some(plugin_capability::Type::Service(
+            plugin_capability::Service { r#type: t as i32 },
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl Identity for IdentityService {
+    async fn get_plugin_info(
+        &self,
+        _: Request<GetPluginInfoRequest>,
+    ) -> Result<Response<GetPluginInfoResponse>, Status> {
+        answer("GetPluginInfo", "", async {
+            Ok(Response::new(GetPluginInfoResponse {
+                name: self.driver.cfg.driver_name.clone(),
+                vendor_version: crate::VERSION.to_string(),
+                manifest: Default::default(),
+            }))
+        })
+        .await
+    }
+
+    async fn get_plugin_capabilities(
+        &self,
+        _: Request<GetPluginCapabilitiesRequest>,
+    ) -> Result<Response<GetPluginCapabilitiesResponse>, Status> {
+        answer("GetPluginCapabilities", "", async {
+            Ok(Response::new(GetPluginCapabilitiesResponse {
+                capabilities: vec![
+                    service_cap(service::Type::ControllerService),
+                    service_cap(service::Type::VolumeAccessibilityConstraints),
+                ],
+            }))
+        })
+        .await
+    }
+
+    async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
+        let ready = self.driver.probe();
+        answer("Probe", "", async move {
+            if !ready {
+                return Err(Status::failed_precondition(format!(
+                    "driver root {} is not usable (missing or not writable)",
+                    self.driver.layout.root.display()
+                )));
+            }
+            Ok(Response::new(ProbeResponse { ready: Some(true) }))
+        })
+        .await
+    }
+}

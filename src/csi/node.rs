@@ -1,0 +1,167 @@
+//! CSI Node: staging, publishing, stats and the node's identity.
+
+use tonic::{Request, Response, Status};
+
+use super::{required, required_capability, run, topology, Shared};
+use crate::ids::check_path;
+use crate::proto::node_server::Node;
+use crate::proto::node_service_capability::{self as nsc, rpc};
+use crate::proto::*;
+use crate::publish::PublishRequest;
+
+pub struct NodeService {
+    pub driver: Shared,
+}
+
+pub const CAPABILITIES: &[rpc::Type] = &[
+    rpc::Type::StageUnstageVolume,
+    rpc::Type::GetVolumeStats,
+    rpc::Type::VolumeCondition,
+];
+
+#[tonic::async_trait]
+impl Node for NodeService {
+    async fn node_stage_volume(
+        &self,
+        request: Request<NodeStageVolumeRequest>,
+    ) -> Result<Response<NodeStageVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        let staging = check_path("staging_target_path", &r.staging_target_path)?;
+        let cap = required_capability(&r.volume_capability)?;
+        let driver = self.driver.clone();
+        run("NodeStageVolume", &id.clone(), move || {
+            driver.stage(&id, &staging, &cap)?;
+            Ok(Response::new(NodeStageVolumeResponse {}))
+        })
+        .await
+    }
+
+    async fn node_unstage_volume(
+        &self,
+        request: Request<NodeUnstageVolumeRequest>,
+    ) -> Result<Response<NodeUnstageVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        let staging = check_path("staging_target_path", &r.staging_target_path)?;
+        let driver = self.driver.clone();
+        run("NodeUnstageVolume", &id.clone(), move || {
+            driver.unstage(&id, &staging)?;
+            Ok(Response::new(NodeUnstageVolumeResponse {}))
+        })
+        .await
+    }
+
+    async fn node_publish_volume(
+        &self,
+        request: Request<NodePublishVolumeRequest>,
+    ) -> Result<Response<NodePublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        let target_path = check_path("target_path", &r.target_path)?;
+        let staging_path = check_path("staging_target_path", &r.staging_target_path)?;
+        let capability = required_capability(&r.volume_capability)?;
+        let req = PublishRequest {
+            volume_id: id.clone(),
+            staging_path,
+            target_path,
+            capability,
+            readonly: r.readonly,
+        };
+        let driver = self.driver.clone();
+        run("NodePublishVolume", &id, move || {
+            driver.publish(&req)?;
+            Ok(Response::new(NodePublishVolumeResponse {}))
+        })
+        .await
+    }
+
+    async fn node_unpublish_volume(
+        &self,
+        request: Request<NodeUnpublishVolumeRequest>,
+    ) -> Result<Response<NodeUnpublishVolumeResponse>, Status> {
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        let target = check_path("target_path", &r.target_path)?;
+        let driver = self.driver.clone();
+        run("NodeUnpublishVolume", &id.clone(), move || {
+            driver.unpublish(&id, &target)?;
+            Ok(Response::new(NodeUnpublishVolumeResponse {}))
+        })
+        .await
+    }
+
+    async fn node_get_volume_stats(
+        &self,
+        request: Request<NodeGetVolumeStatsRequest>,
+    ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        let path = check_path("volume_path", &r.volume_path)?;
+        let driver = self.driver.clone();
+        run("NodeGetVolumeStats", &id.clone(), move || {
+            let (u, c) = driver.stats(&id, &path)?;
+            let usage =
+                |unit: volume_usage::Unit, total: u64, used: u64, available: u64| VolumeUsage {
+                    total: total as i64,
+                    used: used as i64,
+                    available: available as i64,
+                    unit: unit as i32,
+                };
+            Ok(Response::new(NodeGetVolumeStatsResponse {
+                usage: vec![
+                    usage(
+                        volume_usage::Unit::Bytes,
+                        u.total_bytes,
+                        u.used_bytes,
+                        u.available_bytes,
+                    ),
+                    usage(
+                        volume_usage::Unit::Inodes,
+                        u.total_inodes,
+                        u.used_inodes,
+                        u.available_inodes,
+                    ),
+                ],
+                volume_condition: Some(VolumeCondition {
+                    abnormal: c.abnormal,
+                    message: c.message,
+                }),
+            }))
+        })
+        .await
+    }
+
+    async fn node_expand_volume(
+        &self,
+        _: Request<NodeExpandVolumeRequest>,
+    ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
+        Err(Status::unimplemented(
+            "NodeExpandVolume is not offered by this driver version",
+        ))
+    }
+
+    async fn node_get_capabilities(
+        &self,
+        _: Request<NodeGetCapabilitiesRequest>,
+    ) -> Result<Response<NodeGetCapabilitiesResponse>, Status> {
+        let capabilities = CAPABILITIES
+            .iter()
+            .map(|t| NodeServiceCapability {
+                r#type: Some(nsc::Type::Rpc(nsc::Rpc { r#type: *t as i32 })),
+            })
+            .collect();
+        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+    }
+
+    async fn node_get_info(
+        &self,
+        _: Request<NodeGetInfoRequest>,
+    ) -> Result<Response<NodeGetInfoResponse>, Status> {
+        Ok(Response::new(NodeGetInfoResponse {
+            node_id: self.driver.cfg.node_id.clone(),
+            max_volumes_per_node: 0,
+            accessible_topology: Some(topology(&self.driver.this_node_segment())),
+        }))
+    }
+}

@@ -1,0 +1,92 @@
+//! One error type for the domain, and its single mapping to gRPC statuses at the edge.
+
+use std::io;
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What went wrong, classified by what the caller can do about it. Each variant maps
+/// to the gRPC code the CSI spec names for that case.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    OutOfRange(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("{0}")]
+    Aborted(String),
+    #[error("{0}")]
+    Internal(String),
+    /// A system call failed; `what` says what we were doing.
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps an I/O error with what we were doing when it happened.
+    pub fn io(what: impl Into<String>, source: impl Into<io::Error>) -> Self {
+        Error::Io {
+            what: what.into(),
+            source: source.into(),
+        }
+    }
+}
+
+/// Adds context to I/O results: `fs::create_dir(p).ctx(|| format!("create {p:?}"))?`.
+pub trait Context<T> {
+    fn ctx<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T>;
+}
+
+impl<T, E: Into<io::Error>> Context<T> for std::result::Result<T, E> {
+    fn ctx<S: Into<String>>(self, what: impl FnOnce() -> S) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        use tonic::Code;
+        let code = match &e {
+            Error::InvalidArgument(_) => Code::InvalidArgument,
+            Error::NotFound(_) => Code::NotFound,
+            Error::AlreadyExists(_) => Code::AlreadyExists,
+            Error::OutOfRange(_) => Code::OutOfRange,
+            Error::FailedPrecondition(_) => Code::FailedPrecondition,
+            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::Aborted(_) => Code::Aborted,
+            Error::Internal(_) => Code::Internal,
+            Error::Io { source, .. } => match source.raw_os_error() {
+                Some(libc::ENOSPC) | Some(libc::EDQUOT) => Code::ResourceExhausted,
+                _ => Code::Internal,
+            },
+        };
+        tonic::Status::new(code, e.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_space_is_resource_exhausted() {
+        let e = Error::io("write", io::Error::from_raw_os_error(libc::ENOSPC));
+        assert_eq!(
+            tonic::Status::from(e).code(),
+            tonic::Code::ResourceExhausted
+        );
+        let e = Error::io("write", io::Error::from_raw_os_error(libc::EIO));
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+    }
+}

@@ -1,0 +1,417 @@
+//! Mounts: the kernel's mount table is the truth about what is mounted where, so it
+//! is read from /proc/self/mountinfo on every question and never copied.
+//!
+//! Bind mounts use the new mount API (open_tree, mount_setattr, move_mount): the
+//! mount is made read-only before it becomes visible, and the target is opened
+//! without following symlinks, so a planted symlink cannot redirect a mount.
+
+use std::ffi::CString;
+use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+
+use nix::mount::{umount2, MntFlags};
+
+use crate::error::{Context, Error, Result};
+
+/// One line of /proc/self/mountinfo.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    pub dev: (u32, u32),
+    /// The path inside the mounted filesystem that appears at `mount_point`.
+    pub root: PathBuf,
+    pub mount_point: PathBuf,
+    /// Per-mount options (ro/rw, nosuid, ...).
+    pub options: String,
+    pub fs_type: String,
+    pub source: String,
+}
+
+impl MountEntry {
+    pub fn is_readonly(&self) -> bool {
+        self.options.split(',').any(|o| o == "ro")
+    }
+    /// What the mount shows: the same key means the same data.
+    pub fn key(&self) -> MountKey {
+        MountKey {
+            dev: self.dev,
+            root: self.root.clone(),
+        }
+    }
+}
+
+/// Identifies a subtree of a filesystem: a bind mount of it carries the same key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountKey {
+    pub dev: (u32, u32),
+    pub root: PathBuf,
+}
+
+/// Undoes the octal escapes mountinfo uses for space, tab, newline and backslash.
+fn unescape(s: &str) -> PathBuf {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    PathBuf::from(<std::ffi::OsString as std::os::unix::ffi::OsStringExt>::from_vec(out))
+}
+
+/// Parses the text of a mountinfo file.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|line| {
+            let (left, right) = line.split_once(" - ")?;
+            let f: Vec<&str> = left.split(' ').collect();
+            let r: Vec<&str> = right.split(' ').collect();
+            if f.len() < 6 || r.len() < 2 {
+                return None;
+            }
+            let (maj, min) = f[2].split_once(':')?;
+            Some(MountEntry {
+                dev: (maj.parse().ok()?, min.parse().ok()?),
+                root: unescape(f[3]),
+                mount_point: unescape(f[4]),
+                options: f[5].to_string(),
+                fs_type: r[0].to_string(),
+                source: unescape(r[1]).to_string_lossy().into_owned(),
+            })
+        })
+        .collect()
+}
+
+/// The current mount table of this process's mount namespace.
+pub fn mounts() -> Result<Vec<MountEntry>> {
+    let text = fs::read_to_string("/proc/self/mountinfo").ctx(|| "read /proc/self/mountinfo")?;
+    Ok(parse_mountinfo(&text))
+}
+
+/// `path` with its parent resolved, as the kernel writes mount points; the last
+/// component is kept as given (it may be a symlink we must not follow).
+pub fn canonical(path: &Path) -> PathBuf {
+    match (path.parent(), path.file_name()) {
+        (Some(parent), Some(name)) => match fs::canonicalize(parent) {
+            Ok(p) => p.join(name),
+            Err(_) => path.to_path_buf(),
+        },
+        _ => path.to_path_buf(),
+    }
+}
+
+/// The topmost mount at exactly `path`, if any.
+pub fn mount_at(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
+    let path = canonical(path);
+    table.iter().rev().find(|m| m.mount_point == path).cloned()
+}
+
+/// The key of the data a bind mount of `path` would show.
+pub fn key_of(table: &[MountEntry], path: &Path) -> Result<MountKey> {
+    let path = fs::canonicalize(path).ctx(|| format!("resolve {}", path.display()))?;
+    let m = table
+        .iter()
+        .rev()
+        .filter(|m| path.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .ok_or_else(|| Error::Internal(format!("no mount holds {}", path.display())))?;
+    let rel = path.strip_prefix(&m.mount_point).expect("prefix checked");
+    let root = if rel.as_os_str().is_empty() {
+        m.root.clone()
+    } else {
+        m.root.join(rel)
+    };
+    Ok(MountKey { dev: m.dev, root })
+}
+
+/// Every mount that shows the data of `key`.
+pub fn mounts_of<'a>(
+    table: &'a [MountEntry],
+    key: &'a MountKey,
+) -> impl Iterator<Item = &'a MountEntry> {
+    table
+        .iter()
+        .filter(move |m| m.dev == key.dev && m.root == key.root)
+}
+
+/// Mount flags a capability may carry. Flags a bind mount can apply become mount
+/// attributes; the rest are filesystem options, valid only where a filesystem is
+/// mounted (loop volumes).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Flags {
+    pub attr_set: u64,
+    pub attr_clr: u64,
+    /// Options for the filesystem itself (`discard`, `nobarrier`, ...).
+    pub fs_options: Vec<String>,
+}
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const MOUNT_ATTR__ATIME: u64 = 0x70;
+const MOUNT_ATTR_NOATIME: u64 = 0x10;
+const MOUNT_ATTR_STRICTATIME: u64 = 0x20;
+const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
+
+impl Flags {
+    /// Sorts capability mount flags into bind attributes and filesystem options.
+    pub fn parse(flags: &[String]) -> Result<Flags> {
+        let mut f = Flags::default();
+        for flag in flags
+            .iter()
+            .flat_map(|s| s.split(','))
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+        {
+            if flag.len() > 256 || flag.contains('\0') {
+                return Err(Error::InvalidArgument(format!(
+                    "mount flag {:?}... is malformed",
+                    &flag[..flag.len().min(32)]
+                )));
+            }
+            match flag {
+                "ro" => f.attr_set |= MOUNT_ATTR_RDONLY,
+                "rw" | "defaults" | "bind" | "rbind" => {}
+                "nosuid" => f.attr_set |= MOUNT_ATTR_NOSUID,
+                "suid" => f.attr_clr |= MOUNT_ATTR_NOSUID,
+                "nodev" => f.attr_set |= MOUNT_ATTR_NODEV,
+                "dev" => f.attr_clr |= MOUNT_ATTR_NODEV,
+                "noexec" => f.attr_set |= MOUNT_ATTR_NOEXEC,
+                "exec" => f.attr_clr |= MOUNT_ATTR_NOEXEC,
+                "nodiratime" => f.attr_set |= MOUNT_ATTR_NODIRATIME,
+                "noatime" | "strictatime" | "relatime" => {
+                    f.attr_clr |= MOUNT_ATTR__ATIME;
+                    f.attr_set = (f.attr_set & !MOUNT_ATTR__ATIME)
+                        | match flag {
+                            "noatime" => MOUNT_ATTR_NOATIME,
+                            "strictatime" => MOUNT_ATTR_STRICTATIME,
+                            _ => 0,
+                        };
+                }
+                other => f.fs_options.push(other.to_string()),
+            }
+        }
+        Ok(f)
+    }
+
+    pub fn readonly(mut self, ro: bool) -> Self {
+        if ro {
+            self.attr_set |= MOUNT_ATTR_RDONLY;
+        }
+        self
+    }
+
+    pub fn is_readonly(&self) -> bool {
+        self.attr_set & MOUNT_ATTR_RDONLY != 0
+    }
+}
+
+/// Opens `path` as an O_PATH handle, refusing a symlink in the last component.
+pub fn open_nofollow(path: &Path) -> Result<OwnedFd> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidArgument(format!("{} contains a NUL byte", path.display())))?;
+    let fd = unsafe {
+        libc::open(
+            c.as_ptr(),
+            libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return Err(Error::InvalidArgument(format!(
+                "{} is a symlink; localvol does not mount onto symlinks",
+                path.display()
+            )));
+        }
+        return Err(Error::io(format!("open {}", path.display()), e));
+    }
+    // A symlink opened with O_PATH|O_NOFOLLOW succeeds: refuse it here.
+    let owned = unsafe { OwnedFd::from_raw_fd(fd) };
+    let st = nix::sys::stat::fstat(&owned).ctx(|| format!("stat {}", path.display()))?;
+    if st.st_mode & libc::S_IFMT == libc::S_IFLNK {
+        return Err(Error::InvalidArgument(format!(
+            "{} is a symlink; localvol does not mount onto symlinks",
+            path.display()
+        )));
+    }
+    Ok(owned)
+}
+
+fn check(ret: libc::c_long, what: impl FnOnce() -> String) -> Result<libc::c_long> {
+    if ret < 0 {
+        Err(Error::io(what(), io::Error::last_os_error()))
+    } else {
+        Ok(ret)
+    }
+}
+
+#[repr(C)]
+struct MountAttr {
+    attr_set: u64,
+    attr_clr: u64,
+    propagation: u64,
+    userns_fd: u64,
+}
+
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+
+/// Bind-mounts `source` onto `target` (an existing directory, or a file for a block
+/// device), with `flags` applied before the mount becomes visible.
+pub fn bind(source: &Path, target: &Path, flags: &Flags) -> Result<()> {
+    if !flags.fs_options.is_empty() {
+        return Err(Error::InvalidArgument(format!(
+            "mount flags {:?} are filesystem options and cannot apply to a bind mount",
+            flags.fs_options
+        )));
+    }
+    let src = open_nofollow(source)?;
+    let dst = open_nofollow(target)?;
+    let empty = c"";
+    let tree = check(
+        unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                src.as_raw_fd(),
+                empty.as_ptr(),
+                (OPEN_TREE_CLONE
+                    | libc::O_CLOEXEC as libc::c_uint
+                    | libc::AT_EMPTY_PATH as libc::c_uint) as libc::c_uint,
+            )
+        },
+        || format!("clone mount of {}", source.display()),
+    )?;
+    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    if flags.attr_set != 0 || flags.attr_clr != 0 {
+        let attr = MountAttr {
+            attr_set: flags.attr_set,
+            attr_clr: flags.attr_clr,
+            propagation: 0,
+            userns_fd: 0,
+        };
+        check(
+            unsafe {
+                libc::syscall(
+                    libc::SYS_mount_setattr,
+                    tree.as_raw_fd(),
+                    empty.as_ptr(),
+                    libc::AT_EMPTY_PATH as libc::c_uint,
+                    &attr as *const MountAttr,
+                    std::mem::size_of::<MountAttr>(),
+                )
+            },
+            || format!("set mount attributes for {}", target.display()),
+        )?;
+    }
+    check(
+        unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                tree.as_raw_fd(),
+                empty.as_ptr(),
+                dst.as_raw_fd(),
+                empty.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+            )
+        },
+        || format!("mount {} at {}", source.display(), target.display()),
+    )?;
+    Ok(())
+}
+
+/// Unmounts whatever is mounted at `target` (topmost only); not mounted is fine.
+/// A busy mount is reported, never detached lazily under a user.
+pub fn unmount(target: &Path) -> Result<()> {
+    match umount2(target, MntFlags::UMOUNT_NOFOLLOW) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EINVAL) | Err(nix::errno::Errno::ENOENT) => Ok(()),
+        Err(e) => Err(Error::io(format!("unmount {}", target.display()), e)),
+    }
+}
+
+/// Unmounts every mount stacked at `target`.
+pub fn unmount_all(target: &Path) -> Result<()> {
+    for _ in 0..16 {
+        if mount_at(&mounts()?, target).is_none() {
+            return Ok(());
+        }
+        unmount(target)?;
+    }
+    Err(Error::Internal(format!(
+        "{} stays mounted after 16 unmounts",
+        target.display()
+    )))
+}
+
+/// Filesystem usage of the filesystem holding `path`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Usage {
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub available_bytes: u64,
+    pub total_inodes: u64,
+    pub used_inodes: u64,
+    pub available_inodes: u64,
+}
+
+pub fn usage(path: &Path) -> Result<Usage> {
+    let s = nix::sys::statvfs::statvfs(path).ctx(|| format!("statvfs {}", path.display()))?;
+    let frsize = s.fragment_size() as u64;
+    let total = s.blocks() as u64 * frsize;
+    let free = s.blocks_free() as u64 * frsize;
+    Ok(Usage {
+        total_bytes: total,
+        used_bytes: total.saturating_sub(free),
+        available_bytes: s.blocks_available() as u64 * frsize,
+        total_inodes: s.files() as u64,
+        used_inodes: (s.files() as u64).saturating_sub(s.files_free() as u64),
+        available_inodes: s.files_available() as u64,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SAMPLE: &str = "\
+22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw
+40 22 253:0 /var/lib/localvol/volumes/vol-1 /var/lib/kubelet/a\\040b rw,nosuid - ext4 /dev/vda rw
+41 22 7:3 / /mnt/staged ro,relatime - xfs /dev/loop3 rw,attr2
+";
+
+    #[test]
+    fn parses_and_unescapes() {
+        let t = parse_mountinfo(SAMPLE);
+        assert_eq!(t.len(), 3);
+        assert_eq!(t[1].mount_point, PathBuf::from("/var/lib/kubelet/a b"));
+        assert_eq!(t[1].root, PathBuf::from("/var/lib/localvol/volumes/vol-1"));
+        assert_eq!(t[2].dev, (7, 3));
+        assert!(t[2].is_readonly() && !t[1].is_readonly());
+        assert_eq!(t[2].fs_type, "xfs");
+        let key = t[1].key();
+        assert_eq!(mounts_of(&t, &key).count(), 1);
+    }
+
+    #[test]
+    fn flags_sort_into_attributes_and_options() {
+        let f = Flags::parse(&["ro,noexec".into(), "noatime".into(), "discard".into()]).unwrap();
+        assert!(f.is_readonly());
+        assert_eq!(f.attr_set & MOUNT_ATTR_NOEXEC, MOUNT_ATTR_NOEXEC);
+        assert_eq!(f.attr_set & MOUNT_ATTR__ATIME, MOUNT_ATTR_NOATIME);
+        assert_eq!(f.fs_options, vec!["discard".to_string()]);
+        assert!(!Flags::parse(&[]).unwrap().is_readonly());
+    }
+}

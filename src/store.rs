@@ -1,0 +1,299 @@
+//! Records of what was asked: one small JSON file per volume and per snapshot,
+//! written atomically (write, fsync, rename, fsync the directory), so a crash at any
+//! instant leaves either the old record or the new one.
+//!
+//! The records are read once at start-up into an ordered map; after that every call
+//! costs one file write at most, whatever the number of volumes. The kernel's facts
+//! (mounts, loop devices) are never recorded here: they are read from the kernel.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::ops::Bound;
+use std::path::{Path, PathBuf};
+use std::sync::RwLock;
+
+use crate::access::Capability;
+use crate::error::{Context, Result};
+use crate::params::VolumeType;
+
+/// Where a volume's first data came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ContentSource {
+    Snapshot(String),
+    Volume(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    pub readonly: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub id: String,
+    pub name: String,
+    pub volume_type: VolumeType,
+    pub capacity_bytes: u64,
+    /// The StorageClass parameters as given (kept for idempotency checks and status).
+    pub parameters: BTreeMap<String, String>,
+    /// The capabilities the volume was created for.
+    pub capabilities: Vec<Capability>,
+    /// Filesystem of a loop mount volume, fixed at creation.
+    #[serde(default)]
+    pub fs_type: Option<String>,
+    /// Lives on the shared root: every node reaches it, no node topology.
+    #[serde(default)]
+    pub shared: bool,
+    #[serde(default)]
+    pub source: Option<ContentSource>,
+    /// The node whose storage holds the volume (empty when shared).
+    pub node_id: String,
+    pub created_unix: i64,
+    /// Nodes the volume is controller-published to (ControllerPublishVolume).
+    #[serde(default)]
+    pub attachments: BTreeMap<String, Attachment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotRecord {
+    pub id: String,
+    pub name: String,
+    pub source_volume_id: String,
+    pub volume_type: VolumeType,
+    #[serde(default)]
+    pub fs_type: Option<String>,
+    pub size_bytes: u64,
+    #[serde(default)]
+    pub parameters: BTreeMap<String, String>,
+    pub created_unix: i64,
+    #[serde(default)]
+    pub created_nanos: i32,
+}
+
+/// Something stored one file per id.
+pub trait Record: Clone + Serialize + DeserializeOwned {
+    fn id(&self) -> &str;
+}
+
+impl Record for VolumeRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Record for SnapshotRecord {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A directory of records of one kind, mirrored in memory in id order.
+pub struct Table<T: Record> {
+    dir: PathBuf,
+    map: RwLock<BTreeMap<String, T>>,
+}
+
+impl<T: Record> Table<T> {
+    /// Loads every record in `dir`, creating it if needed. Temporary files of writes
+    /// that a crash interrupted are removed: the record they were replacing stands.
+    pub fn open(dir: PathBuf) -> Result<Self> {
+        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        let mut map = BTreeMap::new();
+        for entry in fs::read_dir(&dir).ctx(|| format!("read {}", dir.display()))? {
+            let entry = entry.ctx(|| format!("read {}", dir.display()))?;
+            let path = entry.path();
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.ends_with(".tmp") {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            if !name.ends_with(".json") {
+                continue;
+            }
+            let bytes = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
+            match serde_json::from_slice::<T>(&bytes) {
+                Ok(rec) => {
+                    map.insert(rec.id().to_string(), rec);
+                }
+                Err(e) => tracing::error!(path = %path.display(), error = %e,
+                    "record is unreadable; it is ignored until repaired or removed"),
+            }
+        }
+        Ok(Table {
+            dir,
+            map: RwLock::new(map),
+        })
+    }
+
+    fn path(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.json"))
+    }
+
+    pub fn get(&self, id: &str) -> Option<T> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(id)
+            .cloned()
+    }
+
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Writes the record durably, then makes it visible.
+    pub fn put(&self, rec: &T) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(rec).expect("records serialize");
+        write_atomic(&self.path(rec.id()), &bytes)?;
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rec.id().to_string(), rec.clone());
+        Ok(())
+    }
+
+    /// Removes the record durably; removing an absent record is fine.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let path = self.path(id);
+        match fs::remove_file(&path) {
+            Ok(()) => sync_dir(&self.dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(crate::error::Error::io(
+                    format!("remove {}", path.display()),
+                    e,
+                ))
+            }
+        }
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(id);
+        Ok(())
+    }
+
+    /// Up to `max` records with ids after `after` (all when `max` is 0) that pass
+    /// `keep`, and the id to continue after when more remain.
+    pub fn page(
+        &self,
+        after: Option<&str>,
+        max: usize,
+        keep: impl Fn(&T) -> bool,
+    ) -> (Vec<T>, Option<String>) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        let lower = match after {
+            Some(a) => Bound::Excluded(a.to_string()),
+            None => Bound::Unbounded,
+        };
+        let mut out = Vec::new();
+        for (_, rec) in map
+            .range((lower, Bound::Unbounded))
+            .filter(|(_, r)| keep(r))
+        {
+            if max > 0 && out.len() == max {
+                let last: &T = out.last().expect("max > 0");
+                return (out.clone(), Some(last.id().to_string()));
+            }
+            out.push(rec.clone());
+        }
+        (out, None)
+    }
+
+    /// Every record, in id order.
+    pub fn all(&self) -> Vec<T> {
+        self.map
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+}
+
+/// Replaces `path` with `bytes` so that a crash leaves the old or the new content.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path.parent().expect("record paths have a parent");
+    let tmp = path.with_extension("json.tmp");
+    let mut f = File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
+    f.write_all(bytes)
+        .ctx(|| format!("write {}", tmp.display()))?;
+    f.sync_all().ctx(|| format!("fsync {}", tmp.display()))?;
+    drop(f);
+    fs::rename(&tmp, path).ctx(|| format!("rename {} into place", tmp.display()))?;
+    sync_dir(dir)
+}
+
+/// Makes a directory's entries (a create, rename or unlink) durable.
+pub fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .ctx(|| format!("fsync directory {}", dir.display()))
+}
+
+/// All records of the driver.
+pub struct Store {
+    pub volumes: Table<VolumeRecord>,
+    pub snapshots: Table<SnapshotRecord>,
+}
+
+impl Store {
+    pub fn open(state_dir: &Path) -> Result<Self> {
+        Ok(Store {
+            volumes: Table::open(state_dir.join("volumes"))?,
+            snapshots: Table::open(state_dir.join("snapshots"))?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn snap(id: &str) -> SnapshotRecord {
+        SnapshotRecord {
+            id: id.into(),
+            name: format!("n-{id}"),
+            source_volume_id: "v".into(),
+            volume_type: VolumeType::Dir,
+            fs_type: None,
+            size_bytes: 1,
+            parameters: BTreeMap::new(),
+            created_unix: 0,
+            created_nanos: 0,
+        }
+    }
+
+    #[test]
+    fn records_survive_reopen_and_page_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let t: Table<SnapshotRecord> = Table::open(dir.path().join("s")).unwrap();
+        for id in ["c", "a", "b", "d"] {
+            t.put(&snap(id)).unwrap();
+        }
+        t.remove("d").unwrap();
+        t.remove("never-was").unwrap();
+        std::fs::write(dir.path().join("s/x.json.tmp"), b"{half").unwrap();
+        let t: Table<SnapshotRecord> = Table::open(dir.path().join("s")).unwrap();
+        assert_eq!(t.len(), 3);
+        assert!(!dir.path().join("s/x.json.tmp").exists());
+        let (p1, next) = t.page(None, 2, |_| true);
+        assert_eq!(
+            p1.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(next.as_deref(), Some("b"));
+        let (p2, next) = t.page(next.as_deref(), 2, |_| true);
+        assert_eq!(p2.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["c"]);
+        assert_eq!(next, None);
+        let (all, next) = t.page(None, 0, |r| r.id != "b");
+        assert_eq!(all.len(), 2);
+        assert_eq!(next, None);
+    }
+}

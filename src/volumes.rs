@@ -1,0 +1,565 @@
+//! The domain: what each volume operation does, in terms of records (store), data
+//! (backend), mounts and access rules. Nothing here knows of gRPC; the `csi` edge
+//! converts requests into these calls and errors into statuses.
+//!
+//! Every operation that changes something takes the volume's lock, so calls on one
+//! volume are serialized while calls on different volumes run in parallel.
+//! Creation makes the data first and writes the record last: a crash before the
+//! record leaves unreported leftovers that the retry (same name, same id) replaces
+//! and start-up removes; deletion removes the record first, then the data.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::access::{self, Capability, Offer};
+use crate::backend::{dir, Layout};
+use crate::error::{Error, Result};
+use crate::ids::{self, Kind};
+use crate::locks::{KeyGuard, KeyLocks};
+use crate::mount;
+use crate::params::{self, VolumeType};
+use crate::store::{ContentSource, Store, VolumeRecord};
+
+/// Size given to a volume whose request names none.
+pub const DEFAULT_CAPACITY: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub root: PathBuf,
+    pub shared_root: Option<PathBuf>,
+    pub node_id: String,
+    pub driver_name: String,
+}
+
+impl Config {
+    /// The topology key whose value is this node's id.
+    pub fn topology_key(&self) -> String {
+        format!("topology.{}/node", self.driver_name)
+    }
+}
+
+/// A topology segment, as in CSI: key -> value.
+pub type Segment = BTreeMap<String, String>;
+
+#[derive(Debug, Clone, Default)]
+pub struct CreateRequest {
+    pub name: String,
+    pub required_bytes: i64,
+    pub limit_bytes: i64,
+    pub capabilities: Vec<Capability>,
+    pub parameters: BTreeMap<String, String>,
+    pub source: Option<ContentSource>,
+    pub requisite: Vec<Segment>,
+    pub preferred: Vec<Segment>,
+}
+
+/// The health of a volume as the system shows it now.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Condition {
+    pub abnormal: bool,
+    pub message: String,
+}
+
+impl Condition {
+    pub fn ok() -> Self {
+        Condition {
+            abnormal: false,
+            message: "volume is healthy".into(),
+        }
+    }
+    pub fn abnormal(message: impl Into<String>) -> Self {
+        Condition {
+            abnormal: true,
+            message: message.into(),
+        }
+    }
+}
+
+pub struct Driver {
+    pub cfg: Config,
+    pub layout: Layout,
+    pub store: Store,
+    pub locks: KeyLocks,
+}
+
+pub fn now_unix() -> (i64, i32) {
+    let d = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default();
+    (d.as_secs() as i64, d.subsec_nanos() as i32)
+}
+
+/// The capacity to give for a range: the request rounded up to a MiB, within the
+/// limit. An impossible range is OUT_OF_RANGE.
+pub fn choose_capacity(required: i64, limit: i64) -> Result<u64> {
+    if required < 0 || limit < 0 {
+        return Err(Error::InvalidArgument(
+            "capacity_range values must not be negative".into(),
+        ));
+    }
+    let (required, limit) = (required as u64, limit as u64);
+    if limit > 0 && limit < required {
+        return Err(Error::OutOfRange(format!(
+            "capacity_range is impossible: limit_bytes {limit} is below required_bytes {required}"
+        )));
+    }
+    let wanted = if required == 0 {
+        DEFAULT_CAPACITY
+    } else {
+        required
+    };
+    let mut size = wanted.div_ceil(MIB) * MIB;
+    if limit > 0 && size > limit {
+        // Round down to what a block device can hold, but never below the request.
+        size = (limit / 4096) * 4096;
+        if size < required || size == 0 {
+            return Err(Error::OutOfRange(format!(
+                "no volume size fits between required_bytes {required} and limit_bytes {limit} \
+                 (sizes are whole 4 KiB blocks)"
+            )));
+        }
+    }
+    Ok(size)
+}
+
+impl Driver {
+    /// Opens the driver's root: creates its layout, loads the records and removes
+    /// the leftovers of creations and deletions that a crash interrupted.
+    pub fn open(cfg: Config) -> Result<Driver> {
+        let layout = Layout {
+            root: cfg.root.clone(),
+            shared_root: cfg.shared_root.clone(),
+        };
+        for d in [
+            layout.root.clone(),
+            layout.volumes_dir(false),
+            layout.snapshots_dir(),
+        ] {
+            fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+        }
+        if layout.shared_root.is_some() {
+            let d = layout.volumes_dir(true);
+            fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+        }
+        let store = Store::open(&layout.state_dir())?;
+        let driver = Driver {
+            cfg,
+            layout,
+            store,
+            locks: KeyLocks::default(),
+        };
+        driver.remove_leftovers()?;
+        Ok(driver)
+    }
+
+    /// Data under volumes/ with no record was never reported created (or was being
+    /// deleted): remove it, unless something still has it mounted.
+    fn remove_leftovers(&self) -> Result<()> {
+        let table = mount::mounts()?;
+        let mut dirs = vec![self.layout.volumes_dir(false)];
+        if self.layout.shared_root.is_some() {
+            dirs.push(self.layout.volumes_dir(true));
+        }
+        for d in dirs {
+            let Ok(entries) = fs::read_dir(&d) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let id = name.strip_suffix(".img").unwrap_or(&name);
+                if !ids::is_valid_id(Kind::Volume, id) || self.store.volumes.get(id).is_some() {
+                    continue;
+                }
+                let path = entry.path();
+                let in_use = mount::key_of(&table, &path)
+                    .map(|k| mount::mounts_of(&table, &k).any(|m| m.mount_point != path))
+                    .unwrap_or(false);
+                if in_use {
+                    tracing::warn!(path = %path.display(), "unrecorded volume data is mounted; leaving it");
+                    continue;
+                }
+                tracing::info!(path = %path.display(), "removing data of an interrupted create or delete");
+                dir::remove(&path)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes the lock of a volume (or of a request name's volume).
+    pub fn lock(&self, id: &str) -> Result<KeyGuard> {
+        self.locks.lock(id)
+    }
+
+    /// Whether the root is usable: exists, is a directory, is writable.
+    pub fn probe(&self) -> bool {
+        nix::unistd::access(&self.layout.root, nix::unistd::AccessFlags::W_OK).is_ok()
+            && self.layout.state_dir().is_dir()
+    }
+
+    pub fn this_node_segment(&self) -> Segment {
+        BTreeMap::from([(self.cfg.topology_key(), self.cfg.node_id.clone())])
+    }
+
+    /// The topology a volume is reachable from: this node, or everywhere if shared.
+    pub fn topology_of(&self, rec: &VolumeRecord) -> Vec<Segment> {
+        if rec.shared {
+            vec![]
+        } else {
+            vec![BTreeMap::from([(
+                self.cfg.topology_key(),
+                rec.node_id.clone(),
+            )])]
+        }
+    }
+
+    fn matches_this_node(&self, seg: &Segment) -> bool {
+        seg.get(&self.cfg.topology_key()) == Some(&self.cfg.node_id)
+    }
+
+    pub fn offer_of(rec: &VolumeRecord) -> Offer {
+        Offer {
+            block: rec.volume_type == VolumeType::Loop,
+            multi_node: rec.shared,
+        }
+    }
+
+    pub fn data_path(&self, rec: &VolumeRecord) -> PathBuf {
+        self.layout
+            .volume_data(&rec.id, rec.volume_type, rec.shared)
+    }
+
+    /// Looks up a volume by id; a malformed or unknown id is NOT_FOUND.
+    pub fn volume(&self, id: &str) -> Result<VolumeRecord> {
+        ids::check_id(Kind::Volume, id)?;
+        self.store
+            .volumes
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
+    }
+
+    /// Checks that `caps` can all be served by a volume offering `offer`.
+    fn check_capabilities(offer: Offer, caps: &[Capability]) -> Result<()> {
+        for cap in caps {
+            access::check_supported(offer, cap).map_err(Error::InvalidArgument)?;
+        }
+        Ok(())
+    }
+
+    /// Checks a requested fs type against the volume type.
+    fn fs_type_for(p: &params::VolumeParams, caps: &[Capability]) -> Result<Option<String>> {
+        if p.volume_type != VolumeType::Loop {
+            return Ok(None);
+        }
+        let mut fs = p.fs_type.clone();
+        for cap in caps.iter().filter(|c| !c.is_block()) {
+            let want = cap.fs_type();
+            if want.is_empty() {
+                continue;
+            }
+            params::check_fs_type(want)?;
+            match &fs {
+                Some(f) if f != want => {
+                    return Err(Error::InvalidArgument(format!(
+                        "capabilities ask for fsType {want} but the volume is {f}"
+                    )))
+                }
+                _ => fs = Some(want.to_string()),
+            }
+        }
+        Ok(Some(fs.unwrap_or_else(|| "ext4".into())))
+    }
+
+    pub fn create_volume(&self, req: CreateRequest) -> Result<VolumeRecord> {
+        ids::check_name(&req.name)?;
+        if req.capabilities.is_empty() {
+            return Err(Error::InvalidArgument(
+                "volume_capabilities are required".into(),
+            ));
+        }
+        let p = params::parse(&req.parameters)?;
+        if p.shared && self.layout.shared_root.is_none() {
+            return Err(Error::InvalidArgument(
+                "parameter shared: \"true\" needs the driver to run with --shared-root".into(),
+            ));
+        }
+        let offer = Offer {
+            block: p.volume_type == VolumeType::Loop,
+            multi_node: p.shared,
+        };
+        Self::check_capabilities(offer, &req.capabilities)?;
+        let fs_type = Self::fs_type_for(&p, &req.capabilities)?;
+        let capacity = choose_capacity(req.required_bytes, req.limit_bytes)?;
+        if !p.shared {
+            self.check_topology(&req)?;
+        }
+
+        let id = ids::id_for_name(Kind::Volume, &req.name);
+        let _guard = self.lock(&id)?;
+        if let Some(existing) = self.store.volumes.get(&id) {
+            return self.check_same_volume(existing, &req, &p, fs_type.as_deref());
+        }
+        if let Some(src) = &req.source {
+            return Err(Error::InvalidArgument(format!(
+                "volume content source {src:?} is not supported by this driver version"
+            )));
+        }
+        if p.enforce_size {
+            return Err(Error::FailedPrecondition(
+                "enforceSize is \"true\" but the driver root's filesystem cannot enforce a size \
+                 limit on this volume type; use type: loop or a btrfs root"
+                    .into(),
+            ));
+        }
+        let (secs, _) = now_unix();
+        let rec = VolumeRecord {
+            id: id.clone(),
+            name: req.name.clone(),
+            volume_type: p.volume_type,
+            capacity_bytes: capacity,
+            parameters: req.parameters.clone(),
+            capabilities: req.capabilities.clone(),
+            fs_type,
+            shared: p.shared,
+            source: None,
+            node_id: if p.shared {
+                String::new()
+            } else {
+                self.cfg.node_id.clone()
+            },
+            created_unix: secs,
+            attachments: BTreeMap::new(),
+        };
+        let data = self.data_path(&rec);
+        match rec.volume_type {
+            VolumeType::Dir => dir::create(&data)?,
+            VolumeType::Loop => {
+                return Err(Error::InvalidArgument(
+                    "type: loop is not supported by this driver version".into(),
+                ))
+            }
+        }
+        self.store.volumes.put(&rec)?;
+        tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
+        Ok(rec)
+    }
+
+    /// Refuses a requested topology that does not include this node.
+    fn check_topology(&self, req: &CreateRequest) -> Result<()> {
+        let here = |segs: &[Segment]| segs.iter().any(|s| self.matches_this_node(s));
+        if !req.requisite.is_empty() && !here(&req.requisite) {
+            return Err(Error::ResourceExhausted(format!(
+                "requisite topology does not include this node ({}={}); a localvol volume lives \
+                 on the node whose driver creates it",
+                self.cfg.topology_key(),
+                self.cfg.node_id
+            )));
+        }
+        if req.requisite.is_empty() && !req.preferred.is_empty() && !here(&req.preferred) {
+            return Err(Error::ResourceExhausted(format!(
+                "preferred topology does not include this node ({}={})",
+                self.cfg.topology_key(),
+                self.cfg.node_id
+            )));
+        }
+        Ok(())
+    }
+
+    /// A CreateVolume retry: the same volume back if the arguments agree.
+    fn check_same_volume(
+        &self,
+        existing: VolumeRecord,
+        req: &CreateRequest,
+        p: &params::VolumeParams,
+        fs_type: Option<&str>,
+    ) -> Result<VolumeRecord> {
+        let conflict = |what: &str| {
+            Err(Error::AlreadyExists(format!(
+                "volume {:?} already exists ({}) with a different {what}",
+                req.name, existing.id
+            )))
+        };
+        let cap = existing.capacity_bytes;
+        if (req.required_bytes as u64) > cap
+            || (req.limit_bytes > 0 && (req.limit_bytes as u64) < cap)
+        {
+            return conflict("capacity");
+        }
+        if existing.parameters != req.parameters || existing.volume_type != p.volume_type {
+            return conflict("set of parameters");
+        }
+        if existing.source != req.source {
+            return conflict("content source");
+        }
+        if p.volume_type == VolumeType::Loop && existing.fs_type.as_deref() != fs_type {
+            return conflict("filesystem type");
+        }
+        Self::check_capabilities(Self::offer_of(&existing), &req.capabilities)?;
+        Ok(existing)
+    }
+
+    pub fn delete_volume(&self, id: &str) -> Result<()> {
+        if id.is_empty() {
+            return Err(Error::InvalidArgument("volume_id is required".into()));
+        }
+        if !ids::is_valid_id(Kind::Volume, id) {
+            // Nothing of ours can have that id: already deleted, as far as we know.
+            return Ok(());
+        }
+        let _guard = self.lock(id)?;
+        let Some(rec) = self.store.volumes.get(id) else {
+            return Ok(());
+        };
+        if !rec.attachments.is_empty() {
+            let nodes: Vec<_> = rec.attachments.keys().cloned().collect();
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still published to node(s) {nodes:?}; unpublish it first"
+            )));
+        }
+        let mounts = self.mounts_of_volume(&rec)?;
+        if let Some(m) = mounts.first() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is still mounted at {}; unpublish and unstage it first",
+                m.mount_point.display()
+            )));
+        }
+        self.store.volumes.remove(id)?;
+        let data = self.data_path(&rec);
+        match rec.volume_type {
+            VolumeType::Dir | VolumeType::Loop => dir::remove(&data)?,
+        }
+        tracing::info!(volume = %id, "volume deleted");
+        Ok(())
+    }
+
+    /// Every mount on this node that shows the volume's data.
+    pub fn mounts_of_volume(&self, rec: &VolumeRecord) -> Result<Vec<mount::MountEntry>> {
+        let table = mount::mounts()?;
+        let data = self.data_path(&rec);
+        if !data.exists() {
+            return Ok(vec![]);
+        }
+        let key = mount::key_of(&table, &data)?;
+        Ok(mount::mounts_of(&table, &key).cloned().collect())
+    }
+
+    /// Checks that each capability can be served; returns those confirmed.
+    pub fn validate_capabilities(
+        &self,
+        id: &str,
+        caps: &[Capability],
+    ) -> Result<std::result::Result<(), String>> {
+        let rec = self.volume(id)?;
+        for cap in caps {
+            if let Err(why) = access::check_supported(Self::offer_of(&rec), cap) {
+                return Ok(Err(why));
+            }
+            if rec.volume_type == VolumeType::Loop && !cap.is_block() {
+                let fs = cap.fs_type();
+                if !fs.is_empty() && Some(fs) != rec.fs_type.as_deref() {
+                    return Ok(Err(format!(
+                        "volume holds {} but {fs} was asked",
+                        rec.fs_type.as_deref().unwrap_or("no filesystem")
+                    )));
+                }
+            }
+        }
+        Ok(Ok(()))
+    }
+
+    /// One page of volumes after `starting_token`; a token we did not hand out is
+    /// ABORTED, as the spec says.
+    pub fn list_volumes(
+        &self,
+        starting_token: &str,
+        max: i32,
+    ) -> Result<(Vec<VolumeRecord>, Option<String>)> {
+        if max < 0 {
+            return Err(Error::InvalidArgument(
+                "max_entries must not be negative".into(),
+            ));
+        }
+        let after = self.check_token(Kind::Volume, starting_token)?;
+        Ok(self.store.volumes.page(after, max as usize, |_| true))
+    }
+
+    pub fn check_token<'a>(&self, kind: Kind, token: &'a str) -> Result<Option<&'a str>> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        if !ids::is_valid_id(kind, token) {
+            return Err(Error::Aborted(format!(
+                "starting_token {token:?} was not issued by this driver; start again without one"
+            )));
+        }
+        Ok(Some(token))
+    }
+
+    /// Free bytes for new volumes on this node (0 for a topology elsewhere).
+    pub fn capacity(
+        &self,
+        segment: Option<&Segment>,
+        caps: &[Capability],
+        params: &BTreeMap<String, String>,
+    ) -> Result<u64> {
+        let p = params::parse(params)?;
+        if let Some(seg) = segment {
+            if !p.shared && !seg.is_empty() && !self.matches_this_node(seg) {
+                return Ok(0);
+            }
+        }
+        let offer = Offer {
+            block: p.volume_type == VolumeType::Loop,
+            multi_node: p.shared,
+        };
+        if caps
+            .iter()
+            .any(|c| access::check_supported(offer, c).is_err())
+        {
+            return Ok(0);
+        }
+        let base = self.layout.volumes_dir(p.shared);
+        Ok(mount::usage(&base)?.available_bytes)
+    }
+
+    /// The condition of a volume's data as the system shows it.
+    pub fn condition(&self, rec: &VolumeRecord) -> Condition {
+        let data = self.data_path(rec);
+        match fs::symlink_metadata(&data) {
+            Ok(m) if m.is_dir() == (rec.volume_type == VolumeType::Dir) => Condition::ok(),
+            Ok(_) => Condition::abnormal(format!(
+                "volume data {} has the wrong file type",
+                data.display()
+            )),
+            Err(e) => Condition::abnormal(format!(
+                "volume data {} is unavailable: {e}",
+                data.display()
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_rounds_up_within_limit() {
+        assert_eq!(choose_capacity(0, 0).unwrap(), DEFAULT_CAPACITY);
+        assert_eq!(choose_capacity(1, 0).unwrap(), MIB);
+        assert_eq!(choose_capacity(MIB as i64 + 1, 0).unwrap(), 2 * MIB);
+        assert_eq!(choose_capacity(1000, 8192).unwrap(), 8192);
+        assert_eq!(choose_capacity(0, 4 * MIB as i64).unwrap(), 4 * MIB);
+        assert!(matches!(choose_capacity(10, 5), Err(Error::OutOfRange(_))));
+        assert!(matches!(
+            choose_capacity(5000, 6000),
+            Err(Error::OutOfRange(_))
+        ));
+        assert!(matches!(
+            choose_capacity(-1, 0),
+            Err(Error::InvalidArgument(_))
+        ));
+    }
+}

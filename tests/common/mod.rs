@@ -1,0 +1,400 @@
+//! Test harness: starts the real `localvol` binary on a temporary root and socket,
+//! connects real gRPC clients, and cleans up on drop — kills the driver, unmounts
+//! everything below the test directory and detaches loop devices whose backing
+//! file is there — also when the test fails.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+use tower::service_fn;
+
+use localvol::proto::controller_client::ControllerClient;
+use localvol::proto::identity_client::IdentityClient;
+use localvol::proto::node_client::NodeClient;
+use localvol::proto::volume_capability::{
+    access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+};
+use localvol::proto::*;
+
+pub const NODE: &str = "test-node";
+pub const DRIVER: &str = "localvol.csi.io";
+pub const TOPOLOGY_KEY: &str = "topology.localvol.csi.io/node";
+pub const MIB: i64 = 1 << 20;
+
+pub struct Clients {
+    pub identity: IdentityClient<Channel>,
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+}
+
+/// A running driver on its own temporary directory.
+pub struct Driver {
+    child: Option<Child>,
+    pub dir: tempfile::TempDir,
+    pub root: PathBuf,
+    pub socket: PathBuf,
+    pub extra_args: Vec<String>,
+    pub envs: Vec<(String, String)>,
+}
+
+pub fn binary() -> &'static str {
+    env!("CARGO_BIN_EXE_localvol")
+}
+
+impl Driver {
+    pub async fn start() -> Driver {
+        Driver::start_with(vec![], None).await
+    }
+
+    /// Starts the driver with extra flags; `root` overrides the driver root (for a
+    /// root on a special filesystem made by the test).
+    pub async fn start_with(extra_args: Vec<String>, root: Option<PathBuf>) -> Driver {
+        let dir = tempfile::Builder::new()
+            .prefix("localvol-test-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let root = root.unwrap_or_else(|| dir.path().join("root"));
+        let socket = dir.path().join("csi.sock");
+        let mut d = Driver {
+            child: None,
+            dir,
+            root,
+            socket,
+            extra_args,
+            envs: vec![],
+        };
+        d.spawn().await;
+        d
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    pub async fn spawn(&mut self) {
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.path().join("driver.log"))
+            .unwrap();
+        let mut cmd = Command::new(binary());
+        cmd.arg("serve")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", self.socket.display()))
+            .arg("--node-id")
+            .arg(NODE)
+            .arg("--root")
+            .arg(&self.root)
+            .args(&self.extra_args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log);
+        for (k, v) in &self.envs {
+            cmd.env(k, v);
+        }
+        self.child = Some(cmd.spawn().expect("start localvol"));
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists()
+            || std::os::unix::net::UnixStream::connect(&self.socket).is_err()
+        {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("localvol exited early ({status}):\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "localvol did not start:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("driver.log")).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().unwrap().id()
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait; returns the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let mut c = self.child.take().expect("driver running");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(c.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        c.wait().unwrap()
+    }
+
+    pub async fn restart_after_kill9(&mut self) {
+        self.kill9();
+        self.spawn().await;
+    }
+
+    pub async fn clients(&self) -> Clients {
+        let channel = connect(&self.socket).await;
+        Clients {
+            identity: IdentityClient::new(channel.clone()),
+            controller: ControllerClient::new(channel.clone()),
+            node: NodeClient::new(channel),
+        }
+    }
+}
+
+pub async fn connect(socket: &Path) -> Channel {
+    let socket = socket.to_path_buf();
+    Endpoint::try_from("http://localvol.invalid")
+        .unwrap()
+        .connect_with_connector(service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .expect("connect to localvol")
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.kill9();
+        cleanup_below(self.dir.path());
+        if self.root.starts_with(self.dir.path()) {
+            return;
+        }
+        cleanup_below(&self.root);
+    }
+}
+
+/// Unmounts everything mounted below `dir` (deepest first) and detaches every loop
+/// device whose backing file is below it.
+pub fn cleanup_below(dir: &Path) {
+    let dir = std::fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
+    for _ in 0..4 {
+        let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let mut points: Vec<PathBuf> = localvol::mount::parse_mountinfo(&text)
+            .into_iter()
+            .map(|m| m.mount_point)
+            .filter(|p| p.starts_with(&dir) && p != &dir)
+            .collect();
+        if points.is_empty() {
+            break;
+        }
+        points.sort_by_key(|p| std::cmp::Reverse(p.as_os_str().len()));
+        for p in points {
+            let _ = nix::mount::umount2(&p, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    detach_loops_below(&dir);
+}
+
+/// Loop devices (name, backing file) as sysfs shows them.
+pub fn loop_devices() -> Vec<(String, PathBuf)> {
+    let mut out = vec![];
+    if let Ok(entries) = std::fs::read_dir("/sys/block") {
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !name.starts_with("loop") {
+                continue;
+            }
+            if let Ok(b) = std::fs::read_to_string(e.path().join("loop/backing_file")) {
+                out.push((
+                    name,
+                    PathBuf::from(b.trim_end().trim_end_matches(" (deleted)")),
+                ));
+            }
+        }
+    }
+    out
+}
+
+pub fn detach_loops_below(dir: &Path) {
+    for (name, backing) in loop_devices() {
+        if backing.starts_with(dir) {
+            if let Ok(f) = std::fs::File::open(format!("/dev/{name}")) {
+                use std::os::fd::AsRawFd;
+                unsafe {
+                    libc::ioctl(f.as_raw_fd(), 0x4C01 /* LOOP_CLR_FD */)
+                };
+            }
+        }
+    }
+}
+
+// ----- request builders -----
+
+pub fn mount_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume::default())),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn mount_cap_fs(mode: Mode, fs: &str, flags: &[&str]) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: fs.into(),
+            mount_flags: flags.iter().map(|s| s.to_string()).collect(),
+            volume_mount_group: String::new(),
+        })),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn block_cap(mode: Mode) -> VolumeCapability {
+    VolumeCapability {
+        access_type: Some(AccessType::Block(BlockVolume {})),
+        access_mode: Some(AccessMode { mode: mode as i32 }),
+    }
+}
+
+pub fn rwo() -> VolumeCapability {
+    mount_cap(Mode::SingleNodeWriter)
+}
+
+pub fn params(kv: &[(&str, &str)]) -> HashMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub fn create_req(
+    name: &str,
+    bytes: i64,
+    kv: &[(&str, &str)],
+    cap: VolumeCapability,
+) -> CreateVolumeRequest {
+    CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: bytes,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![cap],
+        parameters: params(kv),
+        ..Default::default()
+    }
+}
+
+impl Clients {
+    pub async fn create(
+        &mut self,
+        name: &str,
+        bytes: i64,
+        kv: &[(&str, &str)],
+        cap: VolumeCapability,
+    ) -> Volume {
+        self.controller
+            .create_volume(create_req(name, bytes, kv, cap))
+            .await
+            .unwrap_or_else(|s| panic!("CreateVolume {name}: {s:?}"))
+            .into_inner()
+            .volume
+            .unwrap()
+    }
+
+    pub async fn stage(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        cap: VolumeCapability,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                volume_capability: Some(cap),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn unstage(&mut self, id: &str, staging: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unstage_volume(NodeUnstageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn publish(
+        &mut self,
+        id: &str,
+        staging: &Path,
+        target: &Path,
+        cap: VolumeCapability,
+        readonly: bool,
+    ) -> Result<(), tonic::Status> {
+        self.node
+            .node_publish_volume(NodePublishVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                target_path: target.display().to_string(),
+                volume_capability: Some(cap),
+                readonly,
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn unpublish(&mut self, id: &str, target: &Path) -> Result<(), tonic::Status> {
+        self.node
+            .node_unpublish_volume(NodeUnpublishVolumeRequest {
+                volume_id: id.into(),
+                target_path: target.display().to_string(),
+            })
+            .await
+            .map(|_| ())
+    }
+
+    pub async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.controller
+            .delete_volume(DeleteVolumeRequest {
+                volume_id: id.into(),
+                secrets: Default::default(),
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Asserts a call failed with `code`, printing the message either way.
+#[track_caller]
+pub fn assert_code<T: std::fmt::Debug>(r: Result<T, tonic::Status>, code: tonic::Code) {
+    match r {
+        Ok(v) => panic!("expected {code:?}, got OK: {v:?}"),
+        Err(s) => assert_eq!(s.code(), code, "message: {}", s.message()),
+    }
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    localvol::mount::parse_mountinfo(&text)
+        .iter()
+        .any(|m| m.mount_point == path)
+}
+
+pub fn need_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}

@@ -1,0 +1,487 @@
+//! The CSI spec's MUST rules, RPC by RPC, against the real binary: required fields,
+//! idempotency, NOT_FOUND and ALREADY_EXISTS cases, pagination, capability checks.
+
+mod common;
+
+use common::*;
+use localvol::proto::volume_capability::access_mode::Mode;
+use localvol::proto::*;
+use tonic::Code;
+
+#[tokio::test]
+async fn identity() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let info = c
+        .identity
+        .get_plugin_info(GetPluginInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.name, DRIVER);
+    assert_eq!(info.vendor_version, env!("CARGO_PKG_VERSION"));
+    let caps = c
+        .identity
+        .get_plugin_capabilities(GetPluginCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    use plugin_capability::service::Type;
+    let types: Vec<i32> = caps
+        .capabilities
+        .iter()
+        .filter_map(|c| match &c.r#type {
+            Some(plugin_capability::Type::Service(s)) => Some(s.r#type),
+            _ => None,
+        })
+        .collect();
+    assert!(types.contains(&(Type::ControllerService as i32)));
+    assert!(types.contains(&(Type::VolumeAccessibilityConstraints as i32)));
+    assert_eq!(
+        c.identity
+            .probe(ProbeRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready,
+        Some(true)
+    );
+}
+
+#[tokio::test]
+async fn create_volume_rules() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let ctl = &mut c.controller;
+
+    // Required fields.
+    assert_code(
+        ctl.create_volume(create_req("", MIB, &[], rwo())).await,
+        Code::InvalidArgument,
+    );
+    let mut no_caps = create_req("pvc-a", MIB, &[], rwo());
+    no_caps.volume_capabilities.clear();
+    assert_code(ctl.create_volume(no_caps).await, Code::InvalidArgument);
+    let mut no_mode = create_req("pvc-a", MIB, &[], rwo());
+    no_mode.volume_capabilities[0].access_mode = None;
+    assert_code(ctl.create_volume(no_mode).await, Code::InvalidArgument);
+    let mut no_type = create_req("pvc-a", MIB, &[], rwo());
+    no_type.volume_capabilities[0].access_type = None;
+    assert_code(ctl.create_volume(no_type).await, Code::InvalidArgument);
+
+    // Parameters are validated and named.
+    let err = ctl
+        .create_volume(create_req("pvc-a", MIB, &[("tpye", "dir")], rwo()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().contains("tpye"), "{}", err.message());
+    assert_code(
+        ctl.create_volume(create_req("pvc-a", MIB, &[("type", "nfs")], rwo()))
+            .await,
+        Code::InvalidArgument,
+    );
+
+    // Capacity ranges.
+    let mut bad = create_req("pvc-a", 10 * MIB, &[], rwo());
+    bad.capacity_range = Some(CapacityRange {
+        required_bytes: 10 * MIB,
+        limit_bytes: MIB,
+    });
+    assert_code(ctl.create_volume(bad).await, Code::OutOfRange);
+    let mut neg = create_req("pvc-a", -1, &[], rwo());
+    neg.capacity_range = Some(CapacityRange {
+        required_bytes: -1,
+        limit_bytes: 0,
+    });
+    assert_code(ctl.create_volume(neg).await, Code::InvalidArgument);
+
+    // Multi-node modes and block access are refused on a node-local directory volume.
+    assert_code(
+        ctl.create_volume(create_req(
+            "pvc-a",
+            MIB,
+            &[],
+            mount_cap(Mode::MultiNodeMultiWriter),
+        ))
+        .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        ctl.create_volume(create_req(
+            "pvc-a",
+            MIB,
+            &[],
+            block_cap(Mode::SingleNodeWriter),
+        ))
+        .await,
+        Code::InvalidArgument,
+    );
+
+    // Idempotent by name; Kubernetes' own keys are accepted.
+    let kv = [
+        ("csi.storage.k8s.io/pvc/name", "www-web-0"),
+        ("csi.storage.k8s.io/pvc/namespace", "default"),
+    ];
+    let v1 = ctl
+        .create_volume(create_req("pvc-a", 3 * MIB, &kv, rwo()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    let v2 = ctl
+        .create_volume(create_req("pvc-a", 3 * MIB, &kv, rwo()))
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+    assert_eq!(v1, v2);
+    // Same name, incompatible size or parameters: ALREADY_EXISTS.
+    assert_code(
+        ctl.create_volume(create_req("pvc-a", 30 * MIB, &kv, rwo()))
+            .await,
+        Code::AlreadyExists,
+    );
+    assert_code(
+        ctl.create_volume(create_req("pvc-a", 3 * MIB, &[], rwo()))
+            .await,
+        Code::AlreadyExists,
+    );
+
+    // Topology: a requisite naming another node is refused; this node is accepted.
+    let topo = |node: &str| Topology {
+        segments: [(TOPOLOGY_KEY.to_string(), node.to_string())].into(),
+    };
+    let mut other = create_req("pvc-b", MIB, &[], rwo());
+    other.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topo("elsewhere")],
+        preferred: vec![],
+    });
+    assert_code(ctl.create_volume(other).await, Code::ResourceExhausted);
+    let mut here = create_req("pvc-b", MIB, &[], rwo());
+    here.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topo("elsewhere"), topo(NODE)],
+        preferred: vec![topo(NODE)],
+    });
+    ctl.create_volume(here).await.unwrap();
+
+    // A content source this version cannot restore from is refused, not ignored.
+    let mut from_snap = create_req("pvc-c", MIB, &[], rwo());
+    from_snap.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: "snap-00000000000000000000000000000000".into(),
+            },
+        )),
+    });
+    let code = ctl.create_volume(from_snap).await.unwrap_err().code();
+    assert!(
+        matches!(code, Code::NotFound | Code::InvalidArgument),
+        "{code:?}"
+    );
+}
+
+#[tokio::test]
+async fn delete_validate_get_rules() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    assert_code(c.delete("").await, Code::InvalidArgument);
+    c.delete("vol-00000000000000000000000000000000")
+        .await
+        .unwrap(); // unknown: success
+    c.delete("../../etc").await.unwrap(); // cannot be ours: success, touches nothing
+
+    let v = c.create("pvc-v", MIB, &[], rwo()).await;
+    let ctl = &mut c.controller;
+    let validate = |id: &str, caps: Vec<VolumeCapability>| ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: caps,
+        ..Default::default()
+    };
+    assert_code(
+        ctl.validate_volume_capabilities(validate("", vec![rwo()]))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        ctl.validate_volume_capabilities(validate(&v.volume_id, vec![]))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        ctl.validate_volume_capabilities(validate("vol-0123", vec![rwo()]))
+            .await,
+        Code::NotFound,
+    );
+    let ok = ctl
+        .validate_volume_capabilities(validate(&v.volume_id, vec![rwo()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.confirmed.is_some());
+    let no = ctl
+        .validate_volume_capabilities(validate(
+            &v.volume_id,
+            vec![mount_cap(Mode::MultiNodeMultiWriter)],
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(no.confirmed.is_none() && !no.message.is_empty());
+
+    let get = |id: &str| ControllerGetVolumeRequest {
+        volume_id: id.into(),
+    };
+    assert_code(
+        ctl.controller_get_volume(get("")).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        ctl.controller_get_volume(get("vol-00000000000000000000000000000000"))
+            .await,
+        Code::NotFound,
+    );
+    let got = ctl
+        .controller_get_volume(get(&v.volume_id))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap(), v);
+    assert!(!got.status.unwrap().volume_condition.unwrap().abnormal);
+
+    // Data removed behind the driver's back: the condition says so.
+    std::fs::remove_dir_all(d.root.join("volumes").join(&v.volume_id)).unwrap();
+    let got = ctl
+        .controller_get_volume(get(&v.volume_id))
+        .await
+        .unwrap()
+        .into_inner();
+    let cond = got.status.unwrap().volume_condition.unwrap();
+    assert!(cond.abnormal, "{cond:?}");
+}
+
+#[tokio::test]
+async fn list_volumes_paginates() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let mut want = vec![];
+    for i in 0..7 {
+        want.push(
+            c.create(&format!("pvc-list-{i}"), MIB, &[], rwo())
+                .await
+                .volume_id,
+        );
+    }
+    want.sort();
+    let mut got = vec![];
+    let mut token = String::new();
+    loop {
+        let page = c
+            .controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: 3,
+                starting_token: token.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 3);
+        got.extend(
+            page.entries
+                .iter()
+                .map(|e| e.volume.as_ref().unwrap().volume_id.clone()),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    assert_eq!(got, want);
+    // A token for a volume deleted in between still continues.
+    c.delete(&want[2]).await.unwrap();
+    let page = c
+        .controller
+        .list_volumes(ListVolumesRequest {
+            max_entries: 2,
+            starting_token: want[2].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(page.entries[0].volume.as_ref().unwrap().volume_id, want[3]);
+    assert_code(
+        c.controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: 1,
+                starting_token: "garbage".into(),
+            })
+            .await,
+        Code::Aborted,
+    );
+    assert_code(
+        c.controller
+            .list_volumes(ListVolumesRequest {
+                max_entries: -1,
+                starting_token: String::new(),
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+}
+
+#[tokio::test]
+async fn capacity_and_node_info() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = |topo: Option<&str>| GetCapacityRequest {
+        volume_capabilities: vec![rwo()],
+        parameters: Default::default(),
+        accessible_topology: topo.map(|n| Topology {
+            segments: [(TOPOLOGY_KEY.to_string(), n.to_string())].into(),
+        }),
+    };
+    let here = c
+        .controller
+        .get_capacity(cap(Some(NODE)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(here.available_capacity > 0);
+    let none = c
+        .controller
+        .get_capacity(cap(None))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.available_capacity > 0);
+    let elsewhere = c
+        .controller
+        .get_capacity(cap(Some("other")))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(elsewhere.available_capacity, 0);
+    let mut bad = cap(None);
+    bad.parameters = params(&[("bogus", "1")]);
+    assert_code(c.controller.get_capacity(bad).await, Code::InvalidArgument);
+
+    let info = c
+        .node
+        .node_get_info(NodeGetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.node_id, NODE);
+    assert_eq!(
+        info.accessible_topology.unwrap().segments[TOPOLOGY_KEY],
+        NODE
+    );
+    let caps = c
+        .node
+        .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!caps.capabilities.is_empty());
+    let caps = c
+        .controller
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!caps.capabilities.is_empty());
+}
+
+#[tokio::test]
+async fn node_rules() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let v = c.create("pvc-node", MIB, &[], rwo()).await;
+    let id = v.volume_id.as_str();
+    let staging = d.path("staging");
+    let target = d.path("target");
+    std::fs::create_dir_all(&staging).unwrap();
+
+    // Required fields.
+    assert_code(c.stage("", &staging, rwo()).await, Code::InvalidArgument);
+    assert_code(
+        c.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                volume_capability: Some(rwo()),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.node
+            .node_stage_volume(NodeStageVolumeRequest {
+                volume_id: id.into(),
+                staging_target_path: staging.display().to_string(),
+                ..Default::default()
+            })
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.stage(id, std::path::Path::new("relative/path"), rwo())
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.publish("", &staging, &target, rwo(), false).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.unpublish(id, std::path::Path::new("")).await,
+        Code::InvalidArgument,
+    );
+    assert_code(c.unstage("", &staging).await, Code::InvalidArgument);
+
+    // Unknown volumes.
+    let ghost = "vol-00000000000000000000000000000000";
+    assert_code(c.stage(ghost, &staging, rwo()).await, Code::NotFound);
+    assert_code(
+        c.publish(ghost, &staging, &target, rwo(), false).await,
+        Code::NotFound,
+    );
+    assert_code(c.unpublish(ghost, &target).await, Code::NotFound);
+    assert_code(c.unstage(ghost, &staging).await, Code::NotFound);
+
+    // Publish before stage is a precondition failure.
+    assert_code(
+        c.publish(id, &staging, &target, rwo(), false).await,
+        Code::FailedPrecondition,
+    );
+    // Unpublish / unstage of something not mounted: OK.
+    c.unpublish(id, &target).await.unwrap();
+    c.unstage(id, &staging).await.unwrap();
+
+    // Stats: required fields, unknown path.
+    let stats = |vid: &str, p: &str| NodeGetVolumeStatsRequest {
+        volume_id: vid.into(),
+        volume_path: p.into(),
+        staging_target_path: String::new(),
+    };
+    assert_code(
+        c.node.node_get_volume_stats(stats("", "/tmp")).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.node.node_get_volume_stats(stats(id, "")).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.node
+            .node_get_volume_stats(stats(id, "/nonexistent/path/x"))
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        c.node.node_get_volume_stats(stats(ghost, "/tmp")).await,
+        Code::NotFound,
+    );
+}

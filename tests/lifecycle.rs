@@ -1,0 +1,260 @@
+//! Directory volumes end to end through the real binary: real bind mounts, real
+//! data, read-only that really refuses writes, SIGKILL and restart.
+
+mod common;
+
+use common::*;
+use localvol::proto::volume_capability::access_mode::Mode;
+use localvol::proto::*;
+use std::fs;
+use tonic::Code;
+
+#[tokio::test]
+async fn dir_volume_full_cycle_with_real_data() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let vol = c
+        .create("pvc-cycle", 64 * MIB, &[("type", "dir")], rwo())
+        .await;
+    assert_eq!(vol.capacity_bytes, 64 * MIB);
+    assert_eq!(vol.accessible_topology[0].segments[TOPOLOGY_KEY], NODE);
+
+    let staging = d.path("kubelet/staging/pv1/globalmount");
+    fs::create_dir_all(&staging).unwrap();
+    let target = d.path("kubelet/pods/p1/volumes/pv1/mount");
+    fs::create_dir_all(target.parent().unwrap()).unwrap();
+
+    c.stage(&vol.volume_id, &staging, rwo()).await.unwrap();
+    c.stage(&vol.volume_id, &staging, rwo()).await.unwrap(); // idempotent
+    assert!(is_mounted(&staging));
+    c.publish(&vol.volume_id, &staging, &target, rwo(), false)
+        .await
+        .unwrap();
+    c.publish(&vol.volume_id, &staging, &target, rwo(), false)
+        .await
+        .unwrap(); // idempotent
+    assert!(is_mounted(&target));
+
+    fs::write(target.join("hello.txt"), b"written by pod 1").unwrap();
+    // The same data is visible in a second pod's read-only mount, which refuses writes.
+    let ro_target = d.path("kubelet/pods/p2/volumes/pv1/mount");
+    fs::create_dir_all(ro_target.parent().unwrap()).unwrap();
+    c.publish(&vol.volume_id, &staging, &ro_target, rwo(), true)
+        .await
+        .unwrap();
+    assert_eq!(
+        fs::read(ro_target.join("hello.txt")).unwrap(),
+        b"written by pod 1"
+    );
+    let err = fs::write(ro_target.join("nope"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    // The same target asked read-write: ALREADY_EXISTS.
+    assert_code(
+        c.publish(&vol.volume_id, &staging, &ro_target, rwo(), false)
+            .await,
+        Code::AlreadyExists,
+    );
+
+    // Stats of a published path.
+    let stats = c
+        .node
+        .node_get_volume_stats(NodeGetVolumeStatsRequest {
+            volume_id: vol.volume_id.clone(),
+            volume_path: target.display().to_string(),
+            staging_target_path: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stats.usage.len(), 2);
+    assert!(stats.usage[0].total > 0);
+    assert!(!stats.volume_condition.unwrap().abnormal);
+
+    // Deleting a mounted volume is refused.
+    assert_code(c.delete(&vol.volume_id).await, Code::FailedPrecondition);
+
+    for t in [&target, &ro_target] {
+        c.unpublish(&vol.volume_id, t).await.unwrap();
+        c.unpublish(&vol.volume_id, t).await.unwrap(); // idempotent
+        assert!(!is_mounted(t) && !t.exists());
+    }
+    c.unstage(&vol.volume_id, &staging).await.unwrap();
+    c.unstage(&vol.volume_id, &staging).await.unwrap();
+    assert!(!is_mounted(&staging));
+
+    // Restage: data still there.
+    c.stage(&vol.volume_id, &staging, rwo()).await.unwrap();
+    assert_eq!(
+        fs::read(staging.join("hello.txt")).unwrap(),
+        b"written by pod 1"
+    );
+    c.unstage(&vol.volume_id, &staging).await.unwrap();
+
+    let data = d.root.join("volumes").join(&vol.volume_id);
+    assert!(data.is_dir());
+    c.delete(&vol.volume_id).await.unwrap();
+    c.delete(&vol.volume_id).await.unwrap();
+    assert!(!data.exists(), "data removed");
+}
+
+#[tokio::test]
+async fn sigkill_and_restart_keep_volumes_mounts_and_data() {
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let mut vols = vec![];
+    for i in 0..3 {
+        vols.push(c.create(&format!("pvc-restart-{i}"), MIB, &[], rwo()).await);
+    }
+    let staging = d.path("staging");
+    let target = d.path("target");
+    fs::create_dir_all(&staging).unwrap();
+    let v0 = vols[0].volume_id.clone();
+    c.stage(&v0, &staging, rwo()).await.unwrap();
+    c.publish(&v0, &staging, &target, rwo(), false)
+        .await
+        .unwrap();
+    fs::write(target.join("data"), b"before the crash").unwrap();
+
+    d.restart_after_kill9().await;
+    let mut c = d.clients().await;
+
+    let listed = c
+        .controller
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut ids: Vec<_> = listed
+        .entries
+        .iter()
+        .map(|e| e.volume.as_ref().unwrap().volume_id.clone())
+        .collect();
+    ids.sort();
+    let mut want: Vec<_> = vols.iter().map(|v| v.volume_id.clone()).collect();
+    want.sort();
+    assert_eq!(ids, want);
+
+    // The mounts survived the driver; the restarted driver knows them from the kernel.
+    assert_eq!(fs::read(target.join("data")).unwrap(), b"before the crash");
+    c.publish(&v0, &staging, &target, rwo(), false)
+        .await
+        .unwrap();
+    c.unpublish(&v0, &target).await.unwrap();
+    c.unstage(&v0, &staging).await.unwrap();
+    assert!(!is_mounted(&target) && !is_mounted(&staging));
+
+    // Data intact after restage; all deletes work.
+    c.stage(&v0, &staging, rwo()).await.unwrap();
+    assert_eq!(fs::read(staging.join("data")).unwrap(), b"before the crash");
+    c.unstage(&v0, &staging).await.unwrap();
+    for v in &vols {
+        c.delete(&v.volume_id).await.unwrap();
+    }
+    let listed = c
+        .controller
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(listed.entries.is_empty());
+}
+
+#[tokio::test]
+async fn sigterm_stops_cleanly_and_removes_the_socket() {
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    c.create("pvc-term", MIB, &[], rwo()).await;
+    let status = d.terminate();
+    assert!(status.success(), "{status}");
+    assert!(!d.socket.exists());
+    // A stale socket file left by a crash is replaced on the next start.
+    let _stale = std::os::unix::net::UnixListener::bind(&d.socket).unwrap();
+    drop(_stale);
+    d.spawn().await;
+    let mut c = d.clients().await;
+    let probe = c
+        .identity
+        .probe(ProbeRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(probe.ready, Some(true));
+}
+
+#[tokio::test]
+async fn interrupted_create_leftovers_are_removed_at_start() {
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let kept = c.create("pvc-kept", MIB, &[], rwo()).await;
+    d.kill9();
+    // Data without a record: what a crash between "make data" and "write record" leaves.
+    let orphan = d.root.join("volumes").join(localvol::ids::id_for_name(
+        localvol::ids::Kind::Volume,
+        "pvc-orphan",
+    ));
+    fs::create_dir_all(orphan.join("sub")).unwrap();
+    fs::write(orphan.join("sub/f"), b"x").unwrap();
+    // Something that is not ours is never touched.
+    let foreign = d.root.join("volumes").join("not-a-volume");
+    fs::create_dir_all(&foreign).unwrap();
+    d.spawn().await;
+    assert!(!orphan.exists(), "orphan removed at start-up");
+    assert!(foreign.exists(), "foreign entry left alone");
+    assert!(d.root.join("volumes").join(&kept.volume_id).exists());
+    // Retrying the interrupted create works.
+    let mut c = d.clients().await;
+    let v = c.create("pvc-orphan", MIB, &[], rwo()).await;
+    assert!(d.root.join("volumes").join(&v.volume_id).is_dir());
+}
+
+#[tokio::test]
+async fn mount_flags_apply_and_symlink_targets_are_refused() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let vol = c.create("pvc-flags", MIB, &[], rwo()).await;
+    let staging = d.path("staging");
+    fs::create_dir_all(&staging).unwrap();
+    c.stage(&vol.volume_id, &staging, rwo()).await.unwrap();
+
+    let target = d.path("t-noexec");
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "", &["noexec", "nosuid"]);
+    c.publish(&vol.volume_id, &staging, &target, cap, false)
+        .await
+        .unwrap();
+    let text = fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let m = localvol::mount::parse_mountinfo(&text)
+        .into_iter()
+        .rev()
+        .find(|m| m.mount_point == target)
+        .unwrap();
+    assert!(
+        m.options.contains("noexec") && m.options.contains("nosuid"),
+        "{}",
+        m.options
+    );
+    c.unpublish(&vol.volume_id, &target).await.unwrap();
+
+    // A filesystem option on a directory volume is refused.
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "", &["discard"]);
+    assert_code(
+        c.publish(&vol.volume_id, &staging, &target, cap, false)
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(!is_mounted(&target));
+
+    // A symlink planted at the target must not redirect the mount.
+    let outside = d.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("canary"), b"alive").unwrap();
+    let link = d.path("t-link");
+    std::os::unix::fs::symlink(&outside, &link).unwrap();
+    assert_code(
+        c.publish(&vol.volume_id, &staging, &link, rwo(), false)
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(!is_mounted(&outside));
+    assert_eq!(fs::read(outside.join("canary")).unwrap(), b"alive");
+    c.unstage(&vol.volume_id, &staging).await.unwrap();
+}
