@@ -5,6 +5,7 @@
 //! it is made of: `store` (records), `backend` (where data lives), `mount`, `access`.
 
 pub mod access;
+pub mod attach;
 pub mod backend;
 pub mod csi;
 pub mod error;

@@ -7,6 +7,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::access::{self, Capability};
+use crate::attach::publish_rules;
 use crate::error::{Context, Error, Result};
 use crate::mount::{self, Flags, MountEntry, MountKey, Usage};
 use crate::params::VolumeType;
@@ -33,19 +34,16 @@ impl Driver {
         Ok(Some(mount::key_of(table, &data)?))
     }
 
-    fn check_capability(rec: &VolumeRecord, cap: &Capability) -> Result<()> {
-        access::check_supported(Self::offer_of(rec), cap).map_err(Error::InvalidArgument)
-    }
 
     pub fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
         let rec = self.volume(id)?;
-        Self::check_capability(&rec, cap)?;
+        let rules = publish_rules(&rec, cap, false)?;
         let _guard = self.lock(id)?;
         let table = mount::mounts()?;
         let key = self.volume_key(&rec, &table)?.ok_or_else(|| {
             Error::FailedPrecondition(format!("volume {id}'s data is missing from this node"))
         })?;
-        let ro = access::effective_readonly(cap.mode, false);
+        let ro = rules.readonly;
         if let Some(m) = mount::mount_at(&table, staging) {
             if m.key() == key {
                 return Ok(());
@@ -103,7 +101,7 @@ impl Driver {
 
     pub fn publish(&self, req: &PublishRequest) -> Result<()> {
         let rec = self.volume(&req.volume_id)?;
-        Self::check_capability(&rec, &req.capability)?;
+        let rules = publish_rules(&rec, &req.capability, req.readonly)?;
         let _guard = self.lock(&rec.id)?;
         let table = mount::mounts()?;
         let key = self.volume_key(&rec, &table)?.ok_or_else(|| {
@@ -122,7 +120,9 @@ impl Driver {
                 )))
             }
         }
-        let ro = access::effective_readonly(req.capability.mode, req.readonly);
+        // Attached read-only to this node by the controller: read-only here too.
+        let ro = rules.readonly
+            || rec.attachments.get(&self.cfg.node_id).is_some_and(|a| a.readonly);
         let target = mount::canonical(&req.target_path);
         if let Some(m) = mount::mount_at(&table, &target) {
             if m.key() == key && m.is_readonly() == ro {
@@ -148,7 +148,7 @@ impl Driver {
             .filter(|m| m.mount_point != staging && m.mount_point != target)
             .map(|m| m.mount_point.display().to_string())
             .collect();
-        access::check_node_publish(req.capability.mode, &others)
+        access::check_node_publish(rules.single_publisher, &others)
             .map_err(Error::FailedPrecondition)?;
 
         if req.capability.is_block() {

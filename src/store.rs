@@ -206,6 +206,18 @@ impl<T: Record> Table<T> {
         (out, None)
     }
 
+    /// Reads one record again from disk (another node may have written it, on a
+    /// shared root), updating the in-memory copy.
+    pub fn reload(&self, id: &str) -> Option<T> {
+        let fresh = fs::read(self.path(id)).ok().and_then(|b| serde_json::from_slice::<T>(&b).ok());
+        let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
+        match &fresh {
+            Some(rec) => map.insert(id.to_string(), rec.clone()),
+            None => map.remove(id),
+        };
+        fresh
+    }
+
     /// Every record, in id order.
     pub fn all(&self) -> Vec<T> {
         self.map
@@ -241,14 +253,61 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 pub struct Store {
     pub volumes: Table<VolumeRecord>,
     pub snapshots: Table<SnapshotRecord>,
+    /// Records of shared volumes, on the shared root where every node reads them.
+    pub shared_volumes: Option<Table<VolumeRecord>>,
 }
 
 impl Store {
-    pub fn open(state_dir: &Path) -> Result<Self> {
+    pub fn open(state_dir: &Path, shared_state_dir: Option<&Path>) -> Result<Self> {
         Ok(Store {
             volumes: Table::open(state_dir.join("volumes"))?,
             snapshots: Table::open(state_dir.join("snapshots"))?,
+            shared_volumes: match shared_state_dir {
+                Some(d) => Some(Table::open(d.join("volumes"))?),
+                None => None,
+            },
         })
+    }
+
+    /// A volume's record: local first, then the shared root read afresh, since
+    /// another node may have created or changed it.
+    pub fn volume(&self, id: &str) -> Option<VolumeRecord> {
+        self.volumes
+            .get(id)
+            .or_else(|| self.shared_volumes.as_ref().and_then(|t| t.reload(id)))
+    }
+
+    fn table_for(&self, rec: &VolumeRecord) -> &Table<VolumeRecord> {
+        match (&self.shared_volumes, rec.shared) {
+            (Some(t), true) => t,
+            _ => &self.volumes,
+        }
+    }
+
+    pub fn put_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        self.table_for(rec).put(rec)
+    }
+
+    pub fn remove_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        self.table_for(rec).remove(&rec.id)
+    }
+
+    /// One page of volumes, local and shared merged in id order.
+    pub fn page_volumes(&self, after: Option<&str>, max: usize) -> (Vec<VolumeRecord>, Option<String>) {
+        let Some(shared) = &self.shared_volumes else {
+            return self.volumes.page(after, max, |_| true);
+        };
+        let take = if max == 0 { 0 } else { max + 1 };
+        let (mut all, _) = self.volumes.page(after, take, |_| true);
+        all.extend(shared.page(after, take, |_| true).0);
+        all.sort_by(|a, b| a.id.cmp(&b.id));
+        all.dedup_by(|a, b| a.id == b.id);
+        if max > 0 && all.len() > max {
+            all.truncate(max);
+            let next = all.last().map(|r| r.id.clone());
+            return (all, next);
+        }
+        (all, None)
     }
 }
 

@@ -144,7 +144,8 @@ impl Driver {
             let d = layout.volumes_dir(true);
             fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
         }
-        let store = Store::open(&layout.state_dir())?;
+        let shared_state = layout.shared_root.as_ref().map(|r| r.join("state"));
+        let store = Store::open(&layout.state_dir(), shared_state.as_deref())?;
         let driver = Driver {
             cfg,
             layout,
@@ -159,18 +160,16 @@ impl Driver {
     /// deleted): remove it, unless something still has it mounted.
     fn remove_leftovers(&self) -> Result<()> {
         let table = mount::mounts()?;
-        let mut dirs = vec![self.layout.volumes_dir(false)];
-        if self.layout.shared_root.is_some() {
-            dirs.push(self.layout.volumes_dir(true));
-        }
-        for d in dirs {
+        // Only this node's root: on a shared root, data without a record may be
+        // another node's create in progress.
+        for d in [self.layout.volumes_dir(false)] {
             let Ok(entries) = fs::read_dir(&d) else {
                 continue;
             };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let id = name.strip_suffix(".img").unwrap_or(&name);
-                if !ids::is_valid_id(Kind::Volume, id) || self.store.volumes.get(id).is_some() {
+                if !ids::is_valid_id(Kind::Volume, id) || self.store.volume(id).is_some() {
                     continue;
                 }
                 let path = entry.path();
@@ -235,8 +234,7 @@ impl Driver {
     pub fn volume(&self, id: &str) -> Result<VolumeRecord> {
         ids::check_id(Kind::Volume, id)?;
         self.store
-            .volumes
-            .get(id)
+            .volume(id)
             .ok_or_else(|| Error::NotFound(format!("volume {id} does not exist")))
     }
 
@@ -298,7 +296,7 @@ impl Driver {
 
         let id = ids::id_for_name(Kind::Volume, &req.name);
         let _guard = self.lock(&id)?;
-        if let Some(existing) = self.store.volumes.get(&id) {
+        if let Some(existing) = self.store.volume(&id) {
             return self.check_same_volume(existing, &req, &p, fs_type.as_deref());
         }
         if let Some(src) = &req.source {
@@ -341,7 +339,7 @@ impl Driver {
                 ))
             }
         }
-        self.store.volumes.put(&rec)?;
+        self.store.put_volume(&rec)?;
         tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
         Ok(rec)
     }
@@ -409,7 +407,7 @@ impl Driver {
             return Ok(());
         }
         let _guard = self.lock(id)?;
-        let Some(rec) = self.store.volumes.get(id) else {
+        let Some(rec) = self.store.volume(id) else {
             return Ok(());
         };
         if !rec.attachments.is_empty() {
@@ -425,7 +423,7 @@ impl Driver {
                 m.mount_point.display()
             )));
         }
-        self.store.volumes.remove(id)?;
+        self.store.remove_volume(&rec)?;
         let data = self.data_path(&rec);
         match rec.volume_type {
             VolumeType::Dir | VolumeType::Loop => dir::remove(&data)?,
@@ -482,7 +480,7 @@ impl Driver {
             ));
         }
         let after = self.check_token(Kind::Volume, starting_token)?;
-        Ok(self.store.volumes.page(after, max as usize, |_| true))
+        Ok(self.store.page_volumes(after, max as usize))
     }
 
     pub fn check_token<'a>(&self, kind: Kind, token: &'a str) -> Result<Option<&'a str>> {

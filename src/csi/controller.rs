@@ -20,6 +20,10 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::GetCapacity,
     rpc::Type::GetVolume,
     rpc::Type::VolumeCondition,
+    rpc::Type::PublishUnpublishVolume,
+    rpc::Type::PublishReadonly,
+    rpc::Type::ListVolumesPublishedNodes,
+    rpc::Type::SingleNodeMultiWriter,
 ];
 
 pub fn volume_to_proto(driver: &Driver, rec: &VolumeRecord) -> Volume {
@@ -128,20 +132,34 @@ impl Controller for ControllerService {
 
     async fn controller_publish_volume(
         &self,
-        _: Request<ControllerPublishVolumeRequest>,
+        request: Request<ControllerPublishVolumeRequest>,
     ) -> Result<Response<ControllerPublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerPublishVolume is not offered by this driver",
-        ))
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        required("node_id", &r.node_id)?;
+        let cap = super::required_capability(&r.volume_capability)?;
+        let driver = self.driver.clone();
+        run("ControllerPublishVolume", &id.clone(), move || {
+            driver.controller_publish(&id, &r.node_id, &cap, r.readonly)?;
+            Ok(Response::new(ControllerPublishVolumeResponse {
+                publish_context: Default::default(),
+            }))
+        })
+        .await
     }
 
     async fn controller_unpublish_volume(
         &self,
-        _: Request<ControllerUnpublishVolumeRequest>,
+        request: Request<ControllerUnpublishVolumeRequest>,
     ) -> Result<Response<ControllerUnpublishVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerUnpublishVolume is not offered by this driver",
-        ))
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        let driver = self.driver.clone();
+        run("ControllerUnpublishVolume", &id.clone(), move || {
+            driver.controller_unpublish(&id, &r.node_id)?;
+            Ok(Response::new(ControllerUnpublishVolumeResponse {}))
+        })
+        .await
     }
 
     async fn validate_volume_capabilities(

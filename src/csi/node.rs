@@ -17,6 +17,7 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::StageUnstageVolume,
     rpc::Type::GetVolumeStats,
     rpc::Type::VolumeCondition,
+    rpc::Type::SingleNodeMultiWriter,
 ];
 
 #[tonic::async_trait]

@@ -40,6 +40,8 @@ pub struct Driver {
     pub socket: PathBuf,
     pub extra_args: Vec<String>,
     pub envs: Vec<(String, String)>,
+    /// The node id the driver runs as (NODE unless a test plays a second node).
+    pub node_id: String,
 }
 
 pub fn binary() -> &'static str {
@@ -54,6 +56,11 @@ impl Driver {
     /// Starts the driver with extra flags; `root` overrides the driver root (for a
     /// root on a special filesystem made by the test).
     pub async fn start_with(extra_args: Vec<String>, root: Option<PathBuf>) -> Driver {
+        Driver::start_as(NODE, extra_args, root).await
+    }
+
+    /// Starts a driver that plays node `node_id`.
+    pub async fn start_as(node_id: &str, extra_args: Vec<String>, root: Option<PathBuf>) -> Driver {
         let dir = tempfile::Builder::new()
             .prefix("localvol-test-")
             .tempdir_in("/tmp")
@@ -67,6 +74,7 @@ impl Driver {
             socket,
             extra_args,
             envs: vec![],
+            node_id: node_id.to_string(),
         };
         d.spawn().await;
         d
@@ -87,7 +95,7 @@ impl Driver {
             .arg("--endpoint")
             .arg(format!("unix://{}", self.socket.display()))
             .arg("--node-id")
-            .arg(NODE)
+            .arg(&self.node_id)
             .arg("--root")
             .arg(&self.root)
             .args(&self.extra_args)
