@@ -46,6 +46,12 @@ impl Driver {
     pub fn controller_publish(&self, id: &str, node: &str, cap: &Capability, readonly: bool) -> Result<()> {
         let mut rec = self.volume(id)?;
         if !rec.shared && node != rec.node_id {
+            if let Some(other) = rec.attachments.keys().next() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is published to node {other:?}; it lives there and cannot be \
+                     published to node {node:?}"
+                )));
+            }
             return Err(Error::NotFound(format!(
                 "node {node:?} cannot reach volume {id}: it lives on node {:?}",
                 rec.node_id

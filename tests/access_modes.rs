@@ -90,6 +90,8 @@ async fn node_local_volumes_refuse_multi_node_modes() {
     controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, false).await.unwrap();
     controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, false).await.unwrap();
     assert_code(controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, true).await, Code::AlreadyExists);
+    // Published on its node, a second node is told it is published elsewhere.
+    assert_code(controller_publish(&mut c, &rwo.volume_id, "node-b", Mode::SingleNodeWriter, false).await, Code::FailedPrecondition);
     // Published volumes are listed with their node, and cannot be deleted.
     let got = c
         .controller
