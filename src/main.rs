@@ -48,6 +48,10 @@ enum Command {
         /// volumes with StorageClass parameter shared: "true".
         #[arg(long)]
         shared_root: Option<PathBuf>,
+        /// On a btrfs root with quotas off, turn them on so that directory volumes
+        /// get size limits (qgroup accounting costs some write speed).
+        #[arg(long)]
+        enable_btrfs_quota: bool,
         /// Log format; the level comes from RUST_LOG (default info).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -86,6 +90,7 @@ fn main() -> ExitCode {
             driver_name,
             root,
             shared_root,
+            enable_btrfs_quota,
             log_format,
         } => {
             init_logging(log_format);
@@ -108,6 +113,7 @@ fn main() -> ExitCode {
                 shared_root,
                 node_id,
                 driver_name,
+                enable_btrfs_quota,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

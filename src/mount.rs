@@ -27,6 +27,8 @@ pub struct MountEntry {
     pub options: String,
     pub fs_type: String,
     pub source: String,
+    /// Options of the filesystem itself (prjquota, ...).
+    pub super_options: String,
 }
 
 impl MountEntry {
@@ -87,6 +89,7 @@ pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
                 options: f[5].to_string(),
                 fs_type: r[0].to_string(),
                 source: unescape(r[1]).to_string_lossy().into_owned(),
+                super_options: r.get(2).unwrap_or(&"").to_string(),
             })
         })
         .collect()

@@ -6,10 +6,15 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use std::os::unix::fs::OpenOptionsExt;
+
 use crate::access::{self, Capability};
 use crate::attach::publish_rules;
+use crate::backend::{btrfs, DirLimits};
 use crate::error::{Context, Error, Result};
-use crate::mount::{self, Flags, MountEntry, MountKey, Usage};
+use crate::filesystem::{self, Content};
+use crate::loopdev;
+use crate::mount::{self, Flags, MountEntry, Usage};
 use crate::params::VolumeType;
 use crate::store::VolumeRecord;
 use crate::volumes::{Condition, Driver};
@@ -24,28 +29,26 @@ pub struct PublishRequest {
 }
 
 impl Driver {
-    /// The key that every mount of this volume's data carries on this node, or None
-    /// when the volume is not reachable as a mount source right now.
-    fn volume_key(&self, rec: &VolumeRecord, table: &[MountEntry]) -> Result<Option<MountKey>> {
-        let data = self.data_path(rec);
-        if !data.exists() {
-            return Ok(None);
-        }
-        Ok(Some(mount::key_of(table, &data)?))
+    /// Whether `m` shows this volume's data (its directory, its loop filesystem, or
+    /// its loop device node).
+    fn is_ours(&self, rec: &VolumeRecord, table: &[MountEntry], m: &MountEntry) -> Result<bool> {
+        Ok(self.volume_keys(rec, table)?.contains(&m.key()))
     }
-
 
     pub fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
         let rec = self.volume(id)?;
         let rules = publish_rules(&rec, cap, false)?;
         let _guard = self.lock(id)?;
+        let data = self.data_path(&rec);
+        if fs::symlink_metadata(&data).is_err() {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id}'s data {} is missing from this node",
+                data.display()
+            )));
+        }
         let table = mount::mounts()?;
-        let key = self.volume_key(&rec, &table)?.ok_or_else(|| {
-            Error::FailedPrecondition(format!("volume {id}'s data is missing from this node"))
-        })?;
-        let ro = rules.readonly;
         if let Some(m) = mount::mount_at(&table, staging) {
-            if m.key() == key {
+            if self.is_ours(&rec, &table, &m)? {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
@@ -54,26 +57,99 @@ impl Driver {
                 m.source
             )));
         }
+        let flags = Flags::parse(cap.mount_flags())?.readonly(rules.readonly);
         match rec.volume_type {
             VolumeType::Dir => {
                 fs::create_dir_all(staging).ctx(|| format!("create {}", staging.display()))?;
-                let flags = Flags::parse(cap.mount_flags())?.readonly(ro);
-                mount::bind(&self.data_path(&rec), staging, &flags)?;
+                mount::bind(&data, staging, &flags)?;
             }
             VolumeType::Loop => {
-                return Err(Error::InvalidArgument(
-                    "loop volumes are not supported yet".into(),
-                ))
+                let dev = loopdev::attach(&data)?;
+                fs::create_dir_all(staging).ctx(|| format!("create {}", staging.display()))?;
+                if !cap.is_block() {
+                    let fs_type = self.filesystem_for(&rec, cap)?;
+                    self.prepare_filesystem(&rec, &dev, &fs_type)?;
+                    // A volume restored or expanded while not staged holds a smaller
+                    // filesystem than its device: grow it (ext4 before mounting, xfs
+                    // only can once mounted).
+                    let smaller = !rules.readonly && self.fs_smaller_than_device(&dev, &fs_type)?;
+                    if smaller && fs_type == "ext4" {
+                        filesystem::grow_offline(&dev.path())?;
+                    }
+                    filesystem::mount(&dev.path(), staging, &fs_type, &flags)?;
+                    if smaller && fs_type == "xfs" {
+                        filesystem::grow(&dev.path(), staging, &fs_type)?;
+                    }
+                }
             }
         }
         tracing::info!(volume = %id, staging = %staging.display(), "volume staged");
         Ok(())
     }
 
+    /// The filesystem a loop mount volume holds: the record's, which a capability
+    /// may repeat but not contradict.
+    fn filesystem_for(&self, rec: &VolumeRecord, cap: &Capability) -> Result<String> {
+        let fs_type = rec.fs_type.clone().unwrap_or_else(|| "ext4".into());
+        let asked = cap.fs_type();
+        if !asked.is_empty() && asked != fs_type {
+            return Err(Error::InvalidArgument(format!(
+                "volume {} holds {fs_type}; the capability asks for {asked}",
+                rec.id
+            )));
+        }
+        Ok(fs_type)
+    }
+
+    /// Formats the device only when it holds nothing: data is never formatted over.
+    fn prepare_filesystem(
+        &self,
+        rec: &VolumeRecord,
+        dev: &loopdev::LoopDevice,
+        fs_type: &str,
+    ) -> Result<()> {
+        match filesystem::probe(&dev.path())? {
+            Content::Empty => filesystem::format(&dev.path(), fs_type),
+            Content::Filesystem(f) if f == fs_type => Ok(()),
+            Content::Filesystem(f) => Err(Error::FailedPrecondition(format!(
+                "volume {} holds a {f} filesystem, not {fs_type}; refusing to format it",
+                rec.id
+            ))),
+            Content::Other(what) => Err(Error::FailedPrecondition(format!(
+                "volume {} holds {what}, not a filesystem; refusing to format it",
+                rec.id
+            ))),
+        }
+    }
+
+    fn fs_smaller_than_device(&self, dev: &loopdev::LoopDevice, fs_type: &str) -> Result<bool> {
+        let device = dev.size_bytes()?;
+        Ok(filesystem::size_of(&dev.path(), fs_type)?
+            // Filesystems round down to their allocation groups: a MiB is noise.
+            .is_some_and(|fs| fs + (1 << 20) < device))
+    }
+
     pub fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
         let rec = self.volume(id)?;
         let _guard = self.lock(id)?;
+        if rec.volume_type == VolumeType::Loop {
+            let staging = mount::canonical(staging);
+            let published: Vec<_> = self
+                .mounts_of_volume(&rec)?
+                .into_iter()
+                .filter(|m| m.mount_point != staging)
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            if !published.is_empty() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id} is still published at {published:?}; unpublish it first"
+                )));
+            }
+        }
         self.unmount_volume_at(&rec, staging)?;
+        if rec.volume_type == VolumeType::Loop {
+            loopdev::detach(&self.data_path(&rec))?;
+        }
         tracing::info!(volume = %id, staging = %staging.display(), "volume unstaged");
         Ok(())
     }
@@ -85,15 +161,16 @@ impl Driver {
         let Some(m) = mount::mount_at(&table, path) else {
             return Ok(false);
         };
-        if let Some(key) = self.volume_key(rec, &table)? {
-            if m.key() != key {
-                return Err(Error::FailedPrecondition(format!(
-                    "{} holds a mount of {}, not of volume {}; leaving it",
-                    path.display(),
-                    m.source,
-                    rec.id
-                )));
-            }
+        let keys = self.volume_keys(rec, &table)?;
+        // With the volume's data gone there is no key to compare: unmount anyway,
+        // the kubelet asked for this path to be freed.
+        if !keys.is_empty() && !keys.contains(&m.key()) {
+            return Err(Error::FailedPrecondition(format!(
+                "{} holds a mount of {}, not of volume {}; leaving it",
+                path.display(),
+                m.source,
+                rec.id
+            )));
         }
         mount::unmount_all(path)?;
         Ok(true)
@@ -104,37 +181,46 @@ impl Driver {
         let rules = publish_rules(&rec, &req.capability, req.readonly)?;
         let _guard = self.lock(&rec.id)?;
         let table = mount::mounts()?;
-        let key = self.volume_key(&rec, &table)?.ok_or_else(|| {
+        let keys = self.volume_keys(&rec, &table)?;
+        let not_staged = || {
             Error::FailedPrecondition(format!(
-                "volume {}'s data is missing from this node",
-                rec.id
+                "volume {} is not staged at {}; call NodeStageVolume first",
+                rec.id,
+                req.staging_path.display()
             ))
-        })?;
-        match mount::mount_at(&table, &req.staging_path) {
-            Some(m) if m.key() == key => {}
-            _ => {
-                return Err(Error::FailedPrecondition(format!(
-                    "volume {} is not staged at {}; call NodeStageVolume first",
-                    rec.id,
-                    req.staging_path.display()
-                )))
-            }
+        };
+        if keys.is_empty() {
+            return Err(not_staged());
         }
+        let block = req.capability.is_block();
+        // A block volume is staged by attaching its device; a mount volume by a mount.
+        let source = if block {
+            self.loop_device(&rec).ok_or_else(not_staged)?.path()
+        } else {
+            match mount::mount_at(&table, &req.staging_path) {
+                Some(m) if keys.contains(&m.key()) => req.staging_path.clone(),
+                _ => return Err(not_staged()),
+            }
+        };
         // Attached read-only to this node by the controller: read-only here too.
         let ro = rules.readonly
-            || rec.attachments.get(&self.cfg.node_id).is_some_and(|a| a.readonly);
+            || rec
+                .attachments
+                .get(&self.cfg.node_id)
+                .is_some_and(|a| a.readonly);
         let target = mount::canonical(&req.target_path);
         if let Some(m) = mount::mount_at(&table, &target) {
-            if m.key() == key && m.is_readonly() == ro {
+            let ours = keys.contains(&m.key());
+            if ours && m.is_readonly() == ro {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
-                "target {} is already mounted ({}{}) differently from this request",
+                "target {} is already mounted ({}, {}) differently from this request",
                 target.display(),
-                if m.key() == key {
-                    "this volume, "
+                if ours {
+                    "this volume"
                 } else {
-                    "another volume, "
+                    "another volume"
                 },
                 if m.is_readonly() {
                     "read-only"
@@ -144,34 +230,24 @@ impl Driver {
             )));
         }
         let staging = mount::canonical(&req.staging_path);
-        let others: Vec<String> = mount::mounts_of(&table, &key)
+        let others: Vec<String> = table
+            .iter()
+            .filter(|m| keys.contains(&m.key()))
             .filter(|m| m.mount_point != staging && m.mount_point != target)
             .map(|m| m.mount_point.display().to_string())
             .collect();
         access::check_node_publish(rules.single_publisher, &others)
             .map_err(Error::FailedPrecondition)?;
 
-        if req.capability.is_block() {
-            return Err(Error::InvalidArgument(
-                "block volumes are not supported yet".into(),
-            ));
-        }
-        match fs::create_dir(&req.target_path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(Error::io(
-                    format!("create {}", req.target_path.display()),
-                    e,
-                ))
-            }
-        }
+        let created = make_target(&req.target_path, block)?;
         let flags = Flags::parse(req.capability.mount_flags())?.readonly(ro);
-        if let Err(e) = mount::bind(&req.staging_path, &req.target_path, &flags) {
-            let _ = fs::remove_dir(&req.target_path);
+        if let Err(e) = mount::bind(&source, &req.target_path, &flags) {
+            if created {
+                let _ = remove_target(&req.target_path);
+            }
             return Err(e);
         }
-        tracing::info!(volume = %rec.id, target = %req.target_path.display(), readonly = ro, "volume published");
+        tracing::info!(volume = %rec.id, target = %req.target_path.display(), readonly = ro, block, "volume published");
         Ok(())
     }
 
@@ -179,20 +255,62 @@ impl Driver {
         let rec = self.volume(id)?;
         let _guard = self.lock(id)?;
         self.unmount_volume_at(&rec, target)?;
-        match fs::symlink_metadata(target) {
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(Error::io(format!("stat {}", target.display()), e)),
-            Ok(m) if m.is_dir() => {
-                fs::remove_dir(target).ctx(|| format!("remove {}", target.display()))?
-            }
-            Ok(_) => fs::remove_file(target).ctx(|| format!("remove {}", target.display()))?,
-        }
+        remove_target(target)?;
         tracing::info!(volume = %id, target = %target.display(), "volume unpublished");
         Ok(())
     }
 
-    /// Usage and condition of the volume as seen at `path` (a staging or target path).
-    pub fn stats(&self, id: &str, path: &Path) -> Result<(Usage, Condition)> {
+    /// Grows what the node sees of an expanded volume: the loop device's size and
+    /// the filesystem on it, online. Directory volumes need nothing here.
+    pub fn node_expand(&self, id: &str, path: &Path, required: i64, block: bool) -> Result<u64> {
+        let rec = self.volume(id)?;
+        if fs::symlink_metadata(path).is_err() {
+            return Err(Error::NotFound(format!(
+                "volume path {} does not exist",
+                path.display()
+            )));
+        }
+        let _guard = self.lock(id)?;
+        let rec = self.store.volume(id).unwrap_or(rec);
+        if rec.volume_type == VolumeType::Dir {
+            return Ok(rec.capacity_bytes);
+        }
+        let dev = self.loop_device(&rec).ok_or_else(|| {
+            Error::FailedPrecondition(format!(
+                "volume {id} is not staged on this node; stage it before expanding"
+            ))
+        })?;
+        loopdev::refresh_size(&dev)?;
+        let size = dev.size_bytes()?;
+        if required > 0 && size < required as u64 {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is {size} bytes, less than the {required} asked; expand it through \
+                 the controller first"
+            )));
+        }
+        if block || path.is_file() {
+            return Ok(size);
+        }
+        let table = mount::mounts()?;
+        let keys = self.volume_keys(&rec, &table)?;
+        let m = mount::mount_at(&table, path)
+            .filter(|m| keys.contains(&m.key()))
+            .ok_or_else(|| {
+                Error::NotFound(format!("volume {id} is not mounted at {}", path.display()))
+            })?;
+        if m.is_readonly() {
+            // A read-only mount cannot grow; the next read-write stage grows it.
+            return Ok(size);
+        }
+        filesystem::grow(&dev.path(), path, &m.fs_type)?;
+        tracing::info!(volume = %id, bytes = size, "filesystem grown");
+        Ok(size)
+    }
+
+    /// Usage and condition of the volume as seen at `path` (a staging or target
+    /// path). The numbers are the volume's own where its size is enforced: a loop
+    /// volume's filesystem or device, a btrfs qgroup's limit, a project quota.
+    pub fn stats(&self, id: &str, path: &Path) -> Result<(VolumeStats, Condition)> {
         let rec = self.volume(id)?;
         if fs::symlink_metadata(path).is_err() {
             return Err(Error::NotFound(format!(
@@ -201,20 +319,107 @@ impl Driver {
             )));
         }
         let table = mount::mounts()?;
+        let keys = self.volume_keys(&rec, &table)?;
         let mut condition = self.condition(&rec);
-        if !condition.abnormal {
-            let key = self.volume_key(&rec, &table)?;
-            match mount::mount_at(&table, path) {
-                Some(m) if Some(m.key()) == key => {}
-                _ => {
-                    condition = Condition::abnormal(format!(
-                        "volume {} is not mounted at {}",
-                        rec.id,
-                        path.display()
-                    ))
-                }
+        let mounted = mount::mount_at(&table, path).filter(|m| keys.contains(&m.key()));
+        if !condition.abnormal && mounted.is_none() {
+            condition = Condition::abnormal(format!(
+                "volume {} is not mounted at {}",
+                rec.id,
+                path.display()
+            ));
+        }
+        if let Some(dev) = self.loop_device(&rec) {
+            if mounted.as_ref().is_some_and(|m| m.root != Path::new("/")) || path.is_file() {
+                return Ok((
+                    VolumeStats::Block {
+                        bytes: dev.size_bytes()?,
+                    },
+                    condition,
+                ));
             }
         }
-        Ok((mount::usage(path)?, condition))
+        let mut usage = mount::usage(path)?;
+        if let (DirLimits::Btrfs { uuid, quota: true }, VolumeType::Dir, false) =
+            (&self.dir_limits, rec.volume_type, rec.shared)
+        {
+            let data = self.data_path(&rec);
+            if let Some((used, limit)) = btrfs::subvolume_id(&data)
+                .ok()
+                .and_then(|sv| btrfs::usage(uuid, sv))
+                .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
+            {
+                usage.total_bytes = limit;
+                usage.used_bytes = used;
+                usage.available_bytes = limit.saturating_sub(used).min(usage.available_bytes);
+            }
+        }
+        Ok((VolumeStats::Filesystem(usage), condition))
+    }
+}
+
+/// What NodeGetVolumeStats reports.
+#[derive(Debug, Clone, Copy)]
+pub enum VolumeStats {
+    Filesystem(Usage),
+    /// A raw block volume: only its size means anything.
+    Block {
+        bytes: u64,
+    },
+}
+
+/// Makes the publish target: a directory for a mount, a file for a block device
+/// (the kubelet may have made either already). Returns whether we made it.
+fn make_target(path: &Path, block: bool) -> Result<bool> {
+    let made = if block {
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(path)
+            .map(|_| ())
+    } else {
+        fs::create_dir(path)
+    };
+    match made {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            let m = fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
+            if m.is_symlink() {
+                return Err(Error::InvalidArgument(format!(
+                    "target {} is a symlink; localvol does not mount onto symlinks",
+                    path.display()
+                )));
+            }
+            if m.is_dir() == block {
+                return Err(Error::FailedPrecondition(format!(
+                    "target {} is a {} but a {} volume needs a {}",
+                    path.display(),
+                    if m.is_dir() { "directory" } else { "file" },
+                    if block { "block" } else { "mount" },
+                    if block { "file" } else { "directory" }
+                )));
+            }
+            Ok(false)
+        }
+        Err(e) => Err(Error::io(format!("create {}", path.display()), e)),
+    }
+}
+
+/// Removes an unmounted publish target; an absent one is fine. Only empty
+/// directories and empty files are removed: data in a target is never ours to drop.
+fn remove_target(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
+        Ok(m) if m.is_dir() => fs::remove_dir(path).ctx(|| format!("remove {}", path.display())),
+        Ok(m) if m.is_file() && m.len() == 0 => {
+            fs::remove_file(path).ctx(|| format!("remove {}", path.display()))
+        }
+        Ok(_) => Err(Error::FailedPrecondition(format!(
+            "target {} is not an empty directory or file; leaving it",
+            path.display()
+        ))),
     }
 }

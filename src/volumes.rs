@@ -14,10 +14,11 @@ use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::access::{self, Capability, Offer};
-use crate::backend::{dir, Layout};
+use crate::backend::{dir, loopfile, DirLimits, Layout};
 use crate::error::{Error, Result};
 use crate::ids::{self, Kind};
 use crate::locks::{KeyGuard, KeyLocks};
+use crate::loopdev;
 use crate::mount;
 use crate::params::{self, VolumeType};
 use crate::store::{ContentSource, Store, VolumeRecord};
@@ -32,6 +33,8 @@ pub struct Config {
     pub shared_root: Option<PathBuf>,
     pub node_id: String,
     pub driver_name: String,
+    /// Allow turning btrfs quotas on at start-up, for directory volume limits.
+    pub enable_btrfs_quota: bool,
 }
 
 impl Config {
@@ -83,6 +86,8 @@ pub struct Driver {
     pub layout: Layout,
     pub store: Store,
     pub locks: KeyLocks,
+    /// How directory volumes' sizes are enforced on this root.
+    pub dir_limits: DirLimits,
 }
 
 pub fn now_unix() -> (i64, i32) {
@@ -146,11 +151,18 @@ impl Driver {
         }
         let shared_state = layout.shared_root.as_ref().map(|r| r.join("state"));
         let store = Store::open(&layout.state_dir(), shared_state.as_deref())?;
+        let dir_limits = DirLimits::detect(&layout.root, cfg.enable_btrfs_quota)?;
+        if dir_limits.enforced() {
+            tracing::info!("{}", dir_limits.describe());
+        } else {
+            tracing::warn!("{}", dir_limits.describe());
+        }
         let driver = Driver {
             cfg,
             layout,
             store,
             locks: KeyLocks::default(),
+            dir_limits,
         };
         driver.remove_leftovers()?;
         Ok(driver)
@@ -173,9 +185,10 @@ impl Driver {
                     continue;
                 }
                 let path = entry.path();
-                let in_use = mount::key_of(&table, &path)
-                    .map(|k| mount::mounts_of(&table, &k).any(|m| m.mount_point != path))
-                    .unwrap_or(false);
+                let in_use = loopdev::find(&path).is_some()
+                    || mount::key_of(&table, &path)
+                        .map(|k| mount::mounts_of(&table, &k).any(|m| m.mount_point != path))
+                        .unwrap_or(false);
                 if in_use {
                     tracing::warn!(path = %path.display(), "unrecorded volume data is mounted; leaving it");
                     continue;
@@ -304,12 +317,12 @@ impl Driver {
                 "volume content source {src:?} is not supported by this driver version"
             )));
         }
-        if p.enforce_size {
-            return Err(Error::FailedPrecondition(
-                "enforceSize is \"true\" but the driver root's filesystem cannot enforce a size \
-                 limit on this volume type; use type: loop or a btrfs root"
-                    .into(),
-            ));
+        if p.enforce_size && p.volume_type == VolumeType::Dir && !self.limits_for(p.shared) {
+            return Err(Error::FailedPrecondition(format!(
+                "enforceSize is \"true\" but directory volume sizes are not enforced here ({}); \
+                 use type: loop or a root that can limit directories",
+                self.dir_limits.describe()
+            )));
         }
         let (secs, _) = now_unix();
         let rec = VolumeRecord {
@@ -332,12 +345,8 @@ impl Driver {
         };
         let data = self.data_path(&rec);
         match rec.volume_type {
-            VolumeType::Dir => dir::create(&data)?,
-            VolumeType::Loop => {
-                return Err(Error::InvalidArgument(
-                    "type: loop is not supported by this driver version".into(),
-                ))
-            }
+            VolumeType::Dir => dir::create(&data, &id, capacity, self.limits(rec.shared))?,
+            VolumeType::Loop => loopfile::create(&data, capacity, p.allocation)?,
         }
         self.store.put_volume(&rec)?;
         tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
@@ -416,6 +425,12 @@ impl Driver {
                 "volume {id} is still published to node(s) {nodes:?}; unpublish it first"
             )));
         }
+        if let Some(d) = self.loop_device(&rec) {
+            return Err(Error::FailedPrecondition(format!(
+                "volume {id} is attached as {} on this node; unpublish and unstage it first",
+                d.path().display()
+            )));
+        }
         let mounts = self.mounts_of_volume(&rec)?;
         if let Some(m) = mounts.first() {
             return Err(Error::FailedPrecondition(format!(
@@ -432,15 +447,113 @@ impl Driver {
         Ok(())
     }
 
+    /// The size limits that apply to directory volumes on the local or shared root.
+    /// A shared root is another filesystem: its sizes are not enforced.
+    fn limits(&self, shared: bool) -> &DirLimits {
+        static NONE: std::sync::OnceLock<DirLimits> = std::sync::OnceLock::new();
+        if shared {
+            NONE.get_or_init(|| DirLimits::None {
+                why: "volumes on the shared root are not limited".into(),
+            })
+        } else {
+            &self.dir_limits
+        }
+    }
+
+    fn limits_for(&self, shared: bool) -> bool {
+        self.limits(shared).enforced()
+    }
+
+    /// The loop device a loop volume is attached to on this node, if any.
+    pub fn loop_device(&self, rec: &VolumeRecord) -> Option<loopdev::LoopDevice> {
+        match rec.volume_type {
+            VolumeType::Loop => loopdev::find(&self.data_path(rec)),
+            VolumeType::Dir => None,
+        }
+    }
+
+    /// Grows a volume to the capacity range. Returns the capacity and whether the
+    /// node must grow a filesystem too. Shrinking is OUT_OF_RANGE.
+    pub fn expand_volume(
+        &self,
+        id: &str,
+        required: i64,
+        limit: i64,
+        block: bool,
+    ) -> Result<(u64, bool)> {
+        let rec = self.volume(id)?;
+        let wanted = choose_capacity(required.max(1), limit)?;
+        let _guard = self.lock(id)?;
+        let mut rec = self.store.volume(id).unwrap_or(rec);
+        let node_expansion = rec.volume_type == VolumeType::Loop && !block;
+        if (required as u64) <= rec.capacity_bytes {
+            if limit > 0 && (limit as u64) < rec.capacity_bytes {
+                return Err(Error::OutOfRange(format!(
+                    "volume {id} is already {} bytes, more than limit_bytes {limit}; volumes \
+                     cannot shrink",
+                    rec.capacity_bytes
+                )));
+            }
+            return Ok((rec.capacity_bytes, node_expansion));
+        }
+        let p = params::parse(&rec.parameters)?;
+        let data = self.data_path(&rec);
+        match rec.volume_type {
+            VolumeType::Dir => dir::set_size(&data, wanted, self.limits(rec.shared))?,
+            VolumeType::Loop => {
+                loopfile::grow(&data, wanted, p.allocation)?;
+                // Attached here: let the device see the new size now.
+                if let Some(d) = loopdev::find(&data) {
+                    loopdev::refresh_size(&d)?;
+                }
+            }
+        }
+        rec.capacity_bytes = wanted;
+        self.store.put_volume(&rec)?;
+        tracing::info!(volume = %id, bytes = wanted, "volume expanded");
+        Ok((wanted, node_expansion))
+    }
+
     /// Every mount on this node that shows the volume's data.
     pub fn mounts_of_volume(&self, rec: &VolumeRecord) -> Result<Vec<mount::MountEntry>> {
         let table = mount::mounts()?;
-        let data = self.data_path(&rec);
-        if !data.exists() {
-            return Ok(vec![]);
+        let keys = self.volume_keys(rec, &table)?;
+        Ok(table
+            .iter()
+            .filter(|m| keys.contains(&m.key()))
+            .cloned()
+            .collect())
+    }
+
+    /// The keys every mount of this volume's data carries on this node: the data
+    /// directory's, or a loop volume's filesystem and device node.
+    pub fn volume_keys(
+        &self,
+        rec: &VolumeRecord,
+        table: &[mount::MountEntry],
+    ) -> Result<Vec<mount::MountKey>> {
+        match rec.volume_type {
+            VolumeType::Dir => {
+                let data = self.data_path(rec);
+                if !data.exists() {
+                    return Ok(vec![]);
+                }
+                Ok(vec![mount::key_of(table, &data)?])
+            }
+            VolumeType::Loop => {
+                let Some(d) = self.loop_device(rec) else {
+                    return Ok(vec![]);
+                };
+                let mut keys = vec![mount::MountKey {
+                    dev: d.dev,
+                    root: PathBuf::from("/"),
+                }];
+                if let Ok(k) = mount::key_of(table, &d.path()) {
+                    keys.push(k);
+                }
+                Ok(keys)
+            }
         }
-        let key = mount::key_of(&table, &data)?;
-        Ok(mount::mounts_of(&table, &key).cloned().collect())
     }
 
     /// Checks that each capability can be served; returns those confirmed.

@@ -1,34 +1,61 @@
-//! Directory volumes: a directory under the root, bind-mounted into pods.
+//! Directory volumes: a directory under the root (a subvolume on btrfs), bind-mounted
+//! into pods, limited to its size by whatever the root's filesystem offers.
 
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
-use crate::error::{Context, Result};
+use super::{btrfs, projquota, DirLimits};
+use crate::error::{Context, Error, Result};
 use crate::store::sync_dir;
 
-/// Makes an empty volume directory at `path`, replacing what an interrupted
-/// earlier attempt left there (it was never reported created).
-pub fn create(path: &Path) -> Result<()> {
+/// Makes an empty volume directory of `size` bytes at `path`, replacing what an
+/// interrupted earlier attempt left there (it was never reported created).
+pub fn create(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()> {
     remove(path)?;
-    fs::create_dir(path).ctx(|| format!("create {}", path.display()))?;
+    match limits {
+        DirLimits::Btrfs { quota, .. } => {
+            btrfs::create_subvolume(path)?;
+            if *quota {
+                btrfs::set_limit(path, size)?;
+            }
+        }
+        DirLimits::ProjectQuota => {
+            fs::create_dir(path).ctx(|| format!("create {}", path.display()))?;
+            projquota::assign(path, id, size)?;
+        }
+        DirLimits::None { .. } => {
+            fs::create_dir(path).ctx(|| format!("create {}", path.display()))?
+        }
+    }
     // Pods run as any user; access is confined by the bind mount, not the mode.
     fs::set_permissions(path, fs::Permissions::from_mode(0o777))
         .ctx(|| format!("chmod {}", path.display()))?;
     sync_dir(path.parent().expect("volume paths have a parent"))
 }
 
-/// Removes a volume directory and everything in it; absent is fine. Symlinks inside
-/// are removed, never followed.
+/// Changes the size limit of the volume at `path`, where the root has limits.
+pub fn set_size(path: &Path, size: u64, limits: &DirLimits) -> Result<()> {
+    match limits {
+        DirLimits::Btrfs { quota: true, .. } if btrfs::is_subvolume(path) => {
+            btrfs::set_limit(path, size)
+        }
+        DirLimits::ProjectQuota => projquota::set_limit(path, size),
+        _ => Ok(()),
+    }
+}
+
+/// Removes volume data (a directory, a subvolume or a file) and everything in it;
+/// absent is fine. Symlinks inside are removed, never followed.
 pub fn remove(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        Err(e) => Err(crate::error::Error::io(
-            format!("stat {}", path.display()),
-            e,
-        )),
+        Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
         Ok(m) if m.is_dir() => {
+            if btrfs::is_subvolume(path) && btrfs::delete_subvolume(path).is_ok() {
+                return Ok(());
+            }
             fs::remove_dir_all(path).ctx(|| format!("remove {}", path.display()))
         }
         Ok(_) => fs::remove_file(path).ctx(|| format!("remove {}", path.display())),

@@ -9,7 +9,10 @@
 //! ```
 //! Every path is built from a validated id (`ids`), never from a request string.
 
+pub mod btrfs;
 pub mod dir;
+pub mod loopfile;
+pub mod projquota;
 
 use std::path::{Path, PathBuf};
 
@@ -57,5 +60,64 @@ fn data_name(id: &str, t: VolumeType) -> String {
     match t {
         VolumeType::Dir => id.to_string(),
         VolumeType::Loop => format!("{id}.img"),
+    }
+}
+
+/// How the root's filesystem limits directory volumes' sizes, decided at start-up
+/// from what the root is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DirLimits {
+    /// Each directory volume is a subvolume; `quota` says whether qgroup limits hold.
+    Btrfs { uuid: String, quota: bool },
+    /// xfs, or ext4 mounted with prjquota: a project id per volume with a hard limit.
+    ProjectQuota,
+    /// Plain directories with no limit; `why` is said at start-up.
+    None { why: String },
+}
+
+impl DirLimits {
+    /// Looks at the filesystem holding `root`. `enable_btrfs_quota` allows turning
+    /// btrfs quotas on (they cost every write some accounting, so it is the
+    /// administrator's call).
+    pub fn detect(root: &Path, enable_btrfs_quota: bool) -> crate::error::Result<DirLimits> {
+        if btrfs::is_btrfs(root) {
+            let uuid = btrfs::fsid(root)?;
+            let mut quota = btrfs::quota_enabled(&uuid);
+            if !quota && enable_btrfs_quota {
+                btrfs::enable_quota(root)?;
+                quota = btrfs::quota_enabled(&uuid);
+            }
+            return Ok(DirLimits::Btrfs { uuid, quota });
+        }
+        match projquota::detect(root) {
+            Ok(()) => Ok(DirLimits::ProjectQuota),
+            Err(why) => Ok(DirLimits::None { why }),
+        }
+    }
+
+    /// Whether a directory volume's size is enforced.
+    pub fn enforced(&self) -> bool {
+        matches!(
+            self,
+            DirLimits::Btrfs { quota: true, .. } | DirLimits::ProjectQuota
+        )
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            DirLimits::Btrfs { quota: true, .. } => {
+                "btrfs root: directory volumes are subvolumes limited by qgroups".into()
+            }
+            DirLimits::Btrfs { quota: false, .. } => "btrfs root with quota disabled: directory \
+                 volumes are subvolumes WITHOUT size limits (start with --enable-btrfs-quota \
+                 or run `btrfs quota enable` on the root)"
+                .into(),
+            DirLimits::ProjectQuota => {
+                "project quotas on the root: each directory volume has a hard block limit".into()
+            }
+            DirLimits::None { why } => {
+                format!("directory volume sizes are NOT enforced: {why}")
+            }
+        }
     }
 }

@@ -2,7 +2,9 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{capabilities, capability_to_proto, required, run, segments, topology, Shared};
+use super::{
+    capabilities, capability, capability_to_proto, required, run, segments, topology, Shared,
+};
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self as csc, rpc};
 use crate::proto::*;
@@ -24,6 +26,7 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::PublishReadonly,
     rpc::Type::ListVolumesPublishedNodes,
     rpc::Type::SingleNodeMultiWriter,
+    rpc::Type::ExpandVolume,
 ];
 
 pub fn volume_to_proto(driver: &Driver, rec: &VolumeRecord) -> Volume {
@@ -289,11 +292,27 @@ impl Controller for ControllerService {
 
     async fn controller_expand_volume(
         &self,
-        _: Request<ControllerExpandVolumeRequest>,
+        request: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerExpandVolume is not offered by this driver version",
-        ))
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        let range = r
+            .capacity_range
+            .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
+        let block = match &r.volume_capability {
+            Some(c) => capability(c)?.is_block(),
+            None => false,
+        };
+        let driver = self.driver.clone();
+        run("ControllerExpandVolume", &id.clone(), move || {
+            let (bytes, node) =
+                driver.expand_volume(&id, range.required_bytes, range.limit_bytes, block)?;
+            Ok(Response::new(ControllerExpandVolumeResponse {
+                capacity_bytes: bytes as i64,
+                node_expansion_required: node,
+            }))
+        })
+        .await
     }
 
     async fn controller_get_volume(

@@ -44,6 +44,14 @@ impl Identity for IdentityService {
                 capabilities: vec![
                     service_cap(service::Type::ControllerService),
                     service_cap(service::Type::VolumeAccessibilityConstraints),
+                    // Loop filesystems grow while mounted; nothing needs a pod stopped.
+                    PluginCapability {
+                        r#type: Some(plugin_capability::Type::VolumeExpansion(
+                            plugin_capability::VolumeExpansion {
+                                r#type: plugin_capability::volume_expansion::Type::Online as i32,
+                            },
+                        )),
+                    },
                 ],
             }))
         })

@@ -2,12 +2,12 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{required, required_capability, run, topology, Shared};
+use super::{capability, required, required_capability, run, topology, Shared};
 use crate::ids::check_path;
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self as nsc, rpc};
 use crate::proto::*;
-use crate::publish::PublishRequest;
+use crate::publish::{PublishRequest, VolumeStats};
 
 pub struct NodeService {
     pub driver: Shared,
@@ -18,6 +18,7 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::GetVolumeStats,
     rpc::Type::VolumeCondition,
     rpc::Type::SingleNodeMultiWriter,
+    rpc::Type::ExpandVolume,
 ];
 
 #[tonic::async_trait]
@@ -101,7 +102,7 @@ impl Node for NodeService {
         let path = check_path("volume_path", &r.volume_path)?;
         let driver = self.driver.clone();
         run("NodeGetVolumeStats", &id.clone(), move || {
-            let (u, c) = driver.stats(&id, &path)?;
+            let (stats, c) = driver.stats(&id, &path)?;
             let usage =
                 |unit: volume_usage::Unit, total: u64, used: u64, available: u64| VolumeUsage {
                     total: total as i64,
@@ -109,8 +110,11 @@ impl Node for NodeService {
                     available: available as i64,
                     unit: unit as i32,
                 };
-            Ok(Response::new(NodeGetVolumeStatsResponse {
-                usage: vec![
+            let usage = match stats {
+                VolumeStats::Block { bytes } => {
+                    vec![usage(volume_usage::Unit::Bytes, bytes, 0, 0)]
+                }
+                VolumeStats::Filesystem(u) => vec![
                     usage(
                         volume_usage::Unit::Bytes,
                         u.total_bytes,
@@ -124,6 +128,9 @@ impl Node for NodeService {
                         u.available_inodes,
                     ),
                 ],
+            };
+            Ok(Response::new(NodeGetVolumeStatsResponse {
+                usage,
                 volume_condition: Some(VolumeCondition {
                     abnormal: c.abnormal,
                     message: c.message,
@@ -135,11 +142,24 @@ impl Node for NodeService {
 
     async fn node_expand_volume(
         &self,
-        _: Request<NodeExpandVolumeRequest>,
+        request: Request<NodeExpandVolumeRequest>,
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "NodeExpandVolume is not offered by this driver version",
-        ))
+        let r = request.into_inner();
+        let id = required("volume_id", &r.volume_id)?.to_string();
+        let path = check_path("volume_path", &r.volume_path)?;
+        let required_bytes = r.capacity_range.map(|c| c.required_bytes).unwrap_or(0);
+        let block = match &r.volume_capability {
+            Some(c) => capability(c)?.is_block(),
+            None => false,
+        };
+        let driver = self.driver.clone();
+        run("NodeExpandVolume", &id.clone(), move || {
+            let bytes = driver.node_expand(&id, &path, required_bytes, block)?;
+            Ok(Response::new(NodeExpandVolumeResponse {
+                capacity_bytes: bytes as i64,
+            }))
+        })
+        .await
     }
 
     async fn node_get_capabilities(

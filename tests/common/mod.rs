@@ -406,3 +406,141 @@ pub fn is_mounted(path: &Path) -> bool {
 pub fn need_root() -> bool {
     nix::unistd::geteuid().is_root()
 }
+
+/// A filesystem made on a loop-attached image file and mounted, for a driver root
+/// of a particular kind (btrfs, xfs with reflink, a tiny root that fills up).
+/// Dropping it unmounts everything below it, unmounts it and detaches its device.
+pub struct ImageFs {
+    pub dir: tempfile::TempDir,
+    pub mnt: PathBuf,
+    device: localvol::loopdev::LoopDevice,
+    mounted: bool,
+}
+
+impl ImageFs {
+    /// Err(why) when the kernel refuses the mount (e.g. no quota support).
+    pub fn new(fs: &str, bytes: u64, mkfs_args: &[&str], options: &str) -> Result<ImageFs, String> {
+        let dir = tempfile::Builder::new()
+            .prefix("localvol-image-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let image = dir.path().join("image");
+        std::fs::File::create(&image)
+            .unwrap()
+            .set_len(bytes)
+            .unwrap();
+        let device = localvol::loopdev::attach(&image).expect("attach image");
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let mut me = ImageFs {
+            dir,
+            mnt,
+            device,
+            mounted: false,
+        };
+        let out = Command::new(format!("mkfs.{fs}"))
+            .args(mkfs_args)
+            .arg(me.device.path())
+            .output()
+            .unwrap_or_else(|e| panic!("mkfs.{fs}: {e} (install it; .ci/run does)"));
+        assert!(
+            out.status.success(),
+            "mkfs.{fs}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let data = (!options.is_empty()).then_some(options);
+        nix::mount::mount(
+            Some(&me.device.path()),
+            &me.mnt,
+            Some(fs),
+            nix::mount::MsFlags::empty(),
+            data,
+        )
+        .map_err(|e| format!("mount {fs} -o {options}: {e}"))?;
+        me.mounted = true;
+        Ok(me)
+    }
+}
+
+impl Drop for ImageFs {
+    fn drop(&mut self) {
+        cleanup_below(&self.mnt);
+        if self.mounted {
+            let _ = nix::mount::umount2(&self.mnt, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = localvol::loopdev::detach_device(&self.device);
+    }
+}
+
+/// Writes `mib` MiB of 0xAB into a new file at `path`, fsyncing each MiB; returns
+/// the MiB written before the first error, and that error.
+pub fn write_mib(path: &Path, mib: usize) -> (usize, Option<std::io::Error>) {
+    use std::io::Write;
+    let mut f = match std::fs::File::create(path) {
+        Ok(f) => f,
+        Err(e) => return (0, Some(e)),
+    };
+    let chunk = vec![0xABu8; 1 << 20];
+    for i in 0..mib {
+        if let Err(e) = f.write_all(&chunk).and_then(|_| f.sync_data()) {
+            return (i, Some(e));
+        }
+    }
+    (mib, None)
+}
+
+impl Clients {
+    pub async fn expand(
+        &mut self,
+        id: &str,
+        bytes: i64,
+        cap: Option<VolumeCapability>,
+    ) -> Result<ControllerExpandVolumeResponse, tonic::Status> {
+        self.controller
+            .controller_expand_volume(ControllerExpandVolumeRequest {
+                volume_id: id.into(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capability: cap,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn node_expand(
+        &mut self,
+        id: &str,
+        path: &Path,
+        bytes: i64,
+        cap: Option<VolumeCapability>,
+    ) -> Result<NodeExpandVolumeResponse, tonic::Status> {
+        self.node
+            .node_expand_volume(NodeExpandVolumeRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                capacity_range: Some(CapacityRange {
+                    required_bytes: bytes,
+                    limit_bytes: 0,
+                }),
+                volume_capability: cap,
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner())
+    }
+
+    pub async fn stats(&mut self, id: &str, path: &Path) -> NodeGetVolumeStatsResponse {
+        self.node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: id.into(),
+                volume_path: path.display().to_string(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|s| panic!("NodeGetVolumeStats {id}: {s:?}"))
+            .into_inner()
+    }
+}

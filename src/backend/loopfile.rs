@@ -1,0 +1,87 @@
+//! Loop volumes' backing files: a file of the volume's size under the root, sparse
+//! or fully allocated, attached as a loop device when a node stages it.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use crate::error::{Context, Error, Result};
+use crate::params::Allocation;
+use crate::store::sync_dir;
+
+/// Makes the backing file at `path` with `size` bytes, replacing what an
+/// interrupted earlier attempt left there (it was never reported created). Without
+/// room for a preallocated file, nothing is left behind: RESOURCE_EXHAUSTED.
+pub fn create(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
+    super::dir::remove(path)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+        .ctx(|| format!("create {}", path.display()))?;
+    if let Err(e) = size_file(&f, path, 0, size, allocation)
+        .and_then(|()| f.sync_all().ctx(|| format!("sync {}", path.display())))
+    {
+        let _ = fs::remove_file(path);
+        return Err(e);
+    }
+    sync_dir(path.parent().expect("volume paths have a parent"))
+}
+
+/// Grows the backing file to `size`; a file already that large is left alone.
+pub fn grow(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
+    let f = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+        .ctx(|| format!("open {}", path.display()))?;
+    let now = f
+        .metadata()
+        .ctx(|| format!("stat {}", path.display()))?
+        .len();
+    if now >= size {
+        return Ok(());
+    }
+    size_file(&f, path, now, size, allocation)?;
+    f.sync_all().ctx(|| format!("sync {}", path.display()))
+}
+
+fn size_file(f: &File, path: &Path, from: u64, size: u64, allocation: Allocation) -> Result<()> {
+    match allocation {
+        Allocation::Sparse => f.set_len(size).ctx(|| format!("size {}", path.display())),
+        Allocation::Preallocate => {
+            let r = unsafe {
+                libc::fallocate(
+                    f.as_raw_fd(),
+                    0,
+                    from as libc::off_t,
+                    (size - from) as libc::off_t,
+                )
+            };
+            if r == 0 {
+                return Ok(());
+            }
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                // Give back what the failed allocation took.
+                let _ = f.set_len(from);
+                return Err(Error::ResourceExhausted(format!(
+                    "not enough free space under the driver root for {} preallocated bytes",
+                    size - from
+                )));
+            }
+            Err(Error::io(format!("allocate {}", path.display()), e))
+        }
+    }
+}
+
+/// Size of the backing file now.
+pub fn size(path: &Path) -> Result<u64> {
+    Ok(fs::metadata(path)
+        .ctx(|| format!("stat {}", path.display()))?
+        .len())
+}

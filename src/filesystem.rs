@@ -1,0 +1,318 @@
+//! Filesystems on loop volumes: recognise, format (only what holds none), mount,
+//! grow. Formatting and growing run the standard programs, as every driver does;
+//! everything else is a system call.
+
+use std::ffi::CString;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::Path;
+use std::process::Command;
+
+use crate::error::{Context, Error, Result};
+use crate::mount::{self, Flags};
+
+/// What the first bytes of a device say it holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Content {
+    /// No signature we know: safe to format.
+    Empty,
+    Filesystem(String),
+    /// Something that is not a filesystem we mount (a partition table, swap, LUKS):
+    /// data all the same, never to be formatted over.
+    Other(String),
+}
+
+/// Signatures as (offset, bytes, what).
+const SIGNATURES: &[(usize, &[u8], &str)] = &[
+    (1080, &[0x53, 0xEF], "ext4"),
+    (0, b"XFSB", "xfs"),
+    (65600, b"_BHRfS_M", "btrfs"),
+    (0, b"LUKS\xba\xbe", "LUKS"),
+    (4086, b"SWAPSPACE2", "swap"),
+    (512, b"EFI PART", "GPT partition table"),
+    (510, &[0x55, 0xAA], "DOS partition table or boot sector"),
+];
+
+/// Reads the device's signatures; the one decision that keeps data from being
+/// formatted over.
+pub fn probe(device: &Path) -> Result<Content> {
+    let mut head = vec![0u8; 65536 + 4096];
+    let mut f = File::open(device).ctx(|| format!("open {}", device.display()))?;
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io(format!("read {}", device.display()), e)),
+        }
+    }
+    Ok(classify(&head[..n]))
+}
+
+fn classify(head: &[u8]) -> Content {
+    for (off, sig, what) in SIGNATURES {
+        if head.len() >= off + sig.len() && &head[*off..off + sig.len()] == *sig {
+            return match *what {
+                "ext4" | "xfs" | "btrfs" => Content::Filesystem(what.to_string()),
+                _ => Content::Other(what.to_string()),
+            };
+        }
+    }
+    Content::Empty
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let what = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .map_err(|e| Error::io(format!("run {what} (is the program installed?)"), e))?;
+    if !out.status.success() {
+        return Err(Error::Internal(format!(
+            "{what} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+/// Formats `device` with `fs_type`. Callers probe first.
+pub fn format(device: &Path, fs_type: &str) -> Result<()> {
+    let mut cmd = match fs_type {
+        // No reserved blocks: the claim's size is all the pod's. Lazy init and no
+        // discard keep mkfs from writing the whole (sparse) backing file.
+        "ext4" => {
+            let mut c = Command::new("mkfs.ext4");
+            c.args([
+                "-q",
+                "-F",
+                "-m",
+                "0",
+                "-E",
+                "nodiscard,lazy_itable_init=1,lazy_journal_init=1",
+            ]);
+            c
+        }
+        "xfs" => {
+            let mut c = Command::new("mkfs.xfs");
+            c.args(["-q", "-K"]);
+            c
+        }
+        other => {
+            return Err(Error::InvalidArgument(format!(
+                "cannot format {other}; use ext4 or xfs"
+            )))
+        }
+    };
+    cmd.arg(device);
+    run(&mut cmd)?;
+    tracing::info!(device = %device.display(), fs_type, "formatted");
+    Ok(())
+}
+
+/// Grows the filesystem mounted at `mount_point` (on `device`) to fill the device.
+pub fn grow(device: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
+    match fs_type {
+        "ext4" => run(Command::new("resize2fs").arg(device)).map_err(|e| match e {
+            // The kernel allows online ext4 resizing only with CAP_SYS_RESOURCE.
+            Error::Internal(m) if m.contains("Permission denied") => {
+                Error::FailedPrecondition(format!(
+                    "online ext4 resize was refused ({m}): the driver needs CAP_SYS_RESOURCE \
+                     (run it privileged); otherwise the filesystem grows when the volume is \
+                     next staged"
+                ))
+            }
+            e => e,
+        }),
+        "xfs" => run(Command::new("xfs_growfs").arg(mount_point)),
+        other => Err(Error::Internal(format!("cannot grow a {other} filesystem"))),
+    }
+}
+
+/// Grows an unmounted ext4 filesystem to fill its device (no capability needed,
+/// unlike online growth). resize2fs wants a clean check first.
+pub fn grow_offline(device: &Path) -> Result<()> {
+    let out = Command::new("e2fsck")
+        .args(["-f", "-p"])
+        .arg(device)
+        .output()
+        .map_err(|e| Error::io("run e2fsck (is e2fsprogs installed?)", e))?;
+    // 0: clean, 1: errors corrected. Anything else needs a person.
+    if !matches!(out.status.code(), Some(0) | Some(1)) {
+        return Err(Error::FailedPrecondition(format!(
+            "e2fsck of {} before growing it found problems it could not fix ({}): {}",
+            device.display(),
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim()
+        )));
+    }
+    run(Command::new("resize2fs").arg(device))
+}
+
+/// Bytes the filesystem on `device` spans, from its superblock.
+pub fn size_of(device: &Path, fs_type: &str) -> Result<Option<u64>> {
+    let mut head = vec![0u8; 2048];
+    let mut f = File::open(device).ctx(|| format!("open {}", device.display()))?;
+    f.read_exact(&mut head)
+        .ctx(|| format!("read {}", device.display()))?;
+    let le32 = |o: usize| u32::from_le_bytes(head[o..o + 4].try_into().unwrap()) as u64;
+    let be32 = |o: usize| u32::from_be_bytes(head[o..o + 4].try_into().unwrap()) as u64;
+    let be64 = |o: usize| u64::from_be_bytes(head[o..o + 8].try_into().unwrap());
+    Ok(match fs_type {
+        "ext4" => {
+            let sb = 1024;
+            let blocks = le32(sb + 0x04) | (le32(sb + 0x150) << 32);
+            Some(blocks << (10 + le32(sb + 0x18)))
+        }
+        "xfs" => Some(be64(8) * be32(4)),
+        _ => None,
+    })
+}
+
+fn check(ret: libc::c_long, what: impl FnOnce() -> String) -> Result<libc::c_long> {
+    if ret < 0 {
+        Err(Error::io(what(), io::Error::last_os_error()))
+    } else {
+        Ok(ret)
+    }
+}
+
+const FSOPEN_CLOEXEC: libc::c_uint = 1;
+const FSCONFIG_SET_FLAG: libc::c_uint = 0;
+const FSCONFIG_SET_STRING: libc::c_uint = 1;
+const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
+
+fn cstr(s: &str) -> Result<CString> {
+    CString::new(s).map_err(|_| Error::InvalidArgument(format!("{s:?} contains a NUL byte")))
+}
+
+/// The kernel's own words on why a filesystem context failed, if it left any.
+fn context_log(fsfd: &OwnedFd) -> String {
+    let mut buf = [0u8; 512];
+    let mut msgs = vec![];
+    loop {
+        let n = unsafe { libc::read(fsfd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        msgs.push(String::from_utf8_lossy(&buf[..n as usize]).into_owned());
+    }
+    msgs.join("; ")
+}
+
+/// Mounts the `fs_type` filesystem on `device` at `target` with `flags`: the
+/// per-mount attributes set before the mount is visible, the rest passed to the
+/// filesystem as options. The target is opened without following symlinks.
+pub fn mount(device: &Path, target: &Path, fs_type: &str, flags: &Flags) -> Result<()> {
+    let dst = mount::open_nofollow(target)?;
+    let fsname = cstr(fs_type)?;
+    let fsfd = check(
+        unsafe { libc::syscall(libc::SYS_fsopen, fsname.as_ptr(), FSOPEN_CLOEXEC) },
+        || format!("open a {fs_type} filesystem context"),
+    )?;
+    let fsfd = unsafe { OwnedFd::from_raw_fd(fsfd as i32) };
+    let set = |cmd: libc::c_uint, key: &str, value: Option<&str>| -> Result<()> {
+        let k = cstr(key)?;
+        let v = value.map(cstr).transpose()?;
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fsfd.as_raw_fd(),
+                cmd,
+                if key.is_empty() {
+                    std::ptr::null()
+                } else {
+                    k.as_ptr()
+                },
+                v.as_ref().map_or(std::ptr::null(), |v| v.as_ptr()),
+                0,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            let log = context_log(&fsfd);
+            let what = if key.is_empty() {
+                format!("mount {} ({fs_type}) [{log}]", device.display())
+            } else {
+                format!("{fs_type} mount option {key:?} [{log}]")
+            };
+            return Err(match e.raw_os_error() {
+                Some(libc::EINVAL) if !key.is_empty() && key != "source" => {
+                    Error::InvalidArgument(format!("{what}: the filesystem does not accept it"))
+                }
+                _ => Error::io(what, e),
+            });
+        }
+        Ok(())
+    };
+    set(
+        FSCONFIG_SET_STRING,
+        "source",
+        Some(&device.to_string_lossy()),
+    )?;
+    if flags.is_readonly() {
+        // Read-only superblock as well, so nothing (not even the journal) writes.
+        set(FSCONFIG_SET_FLAG, "ro", None)?;
+    }
+    for opt in &flags.fs_options {
+        match opt.split_once('=') {
+            Some((k, v)) => set(FSCONFIG_SET_STRING, k, Some(v))?,
+            None => set(FSCONFIG_SET_FLAG, opt, None)?,
+        }
+    }
+    set(FSCONFIG_CMD_CREATE, "", None)?;
+    let mnt = check(
+        unsafe {
+            libc::syscall(
+                libc::SYS_fsmount,
+                fsfd.as_raw_fd(),
+                FSMOUNT_CLOEXEC,
+                flags.attr_set as libc::c_uint,
+            )
+        },
+        || format!("create a mount of {}", device.display()),
+    )?;
+    let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
+    let empty = c"";
+    check(
+        unsafe {
+            libc::syscall(
+                libc::SYS_move_mount,
+                mnt.as_raw_fd(),
+                empty.as_ptr(),
+                dst.as_raw_fd(),
+                empty.as_ptr(),
+                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
+            )
+        },
+        || format!("mount {} at {}", device.display(), target.display()),
+    )?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_recognised() {
+        let mut b = vec![0u8; 70000];
+        assert_eq!(classify(&b), Content::Empty);
+        b[1080] = 0x53;
+        b[1081] = 0xEF;
+        assert_eq!(classify(&b), Content::Filesystem("ext4".into()));
+        let mut x = vec![0u8; 70000];
+        x[..4].copy_from_slice(b"XFSB");
+        assert_eq!(classify(&x), Content::Filesystem("xfs".into()));
+        let mut p = vec![0u8; 70000];
+        p[510] = 0x55;
+        p[511] = 0xAA;
+        assert!(matches!(classify(&p), Content::Other(_)));
+        assert_eq!(classify(&[]), Content::Empty);
+    }
+}

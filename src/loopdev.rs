@@ -1,0 +1,286 @@
+//! Loop devices through the kernel's loop-control and loop ioctls.
+//!
+//! Which device holds which backing file is read from sysfs
+//! (`/sys/block/loopN/loop/backing_file`) every time it is asked, never remembered:
+//! after a restart, or a reboot that cleared every device, the answer is still right,
+//! and a file that is already attached is found and reused instead of attached twice.
+
+use std::fs::{self, File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Context, Error, Result};
+
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_SET_CAPACITY: libc::c_ulong = 0x4C07;
+const LOOP_SET_DIRECT_IO: libc::c_ulong = 0x4C08;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+
+const LO_FLAGS_DIRECT_IO: u32 = 16;
+
+/// Logical block size of our devices: 4 KiB keeps direct I/O possible on backing
+/// filesystems whose own sectors are 4 KiB, and never changes for a volume (a
+/// filesystem made on it must find the same sector size on every attach).
+const BLOCK_SIZE: u32 = 4096;
+
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+/// An attached loop device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoopDevice {
+    /// `loop3`
+    pub name: String,
+    /// major, minor
+    pub dev: (u32, u32),
+}
+
+impl LoopDevice {
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from("/dev").join(&self.name)
+    }
+
+    /// Whether the kernel bypasses the page cache for the backing file.
+    pub fn direct_io(&self) -> bool {
+        fs::read_to_string(sysfs(&self.name).join("loop/dio"))
+            .map(|s| s.trim() == "1")
+            .unwrap_or(false)
+    }
+
+    /// Size of the device in bytes, as the kernel sees it now.
+    pub fn size_bytes(&self) -> Result<u64> {
+        let p = sysfs(&self.name).join("size");
+        let sectors: u64 = fs::read_to_string(&p)
+            .ctx(|| format!("read {}", p.display()))?
+            .trim()
+            .parse()
+            .map_err(|_| Error::Internal(format!("{} is not a number", p.display())))?;
+        Ok(sectors * 512)
+    }
+}
+
+fn sysfs(name: &str) -> PathBuf {
+    PathBuf::from("/sys/block").join(name)
+}
+
+fn read_dev(name: &str) -> Option<(u32, u32)> {
+    let s = fs::read_to_string(sysfs(name).join("dev")).ok()?;
+    let (a, b) = s.trim().split_once(':')?;
+    Some((a.parse().ok()?, b.parse().ok()?))
+}
+
+/// Every attached loop device with its backing file, as the kernel names it.
+pub fn attached() -> Vec<(LoopDevice, PathBuf)> {
+    let Ok(entries) = fs::read_dir("/sys/block") else {
+        return vec![];
+    };
+    let mut out = vec![];
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.starts_with("loop") {
+            continue;
+        }
+        let Ok(backing) = fs::read_to_string(e.path().join("loop/backing_file")) else {
+            continue; // not attached
+        };
+        let backing = backing.trim_end_matches('\n');
+        let Some(dev) = read_dev(&name) else { continue };
+        out.push((LoopDevice { name, dev }, PathBuf::from(backing)));
+    }
+    out
+}
+
+/// The device `file` is attached to, if any. A file deleted while attached shows
+/// as "<path> (deleted)" and is not matched: it is no longer this path's data.
+pub fn find(file: &Path) -> Option<LoopDevice> {
+    let file = fs::canonicalize(file).ok()?;
+    attached()
+        .into_iter()
+        .find(|(_, backing)| *backing == file)
+        .map(|(d, _)| d)
+}
+
+fn ioctl(fd: &impl AsRawFd, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<libc::c_int> {
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+/// Attaches `file` to a free loop device, or returns the device it is already
+/// attached to. The caller serializes calls for one file (the volume lock).
+pub fn attach(file: &Path) -> Result<LoopDevice> {
+    if let Some(d) = find(file) {
+        return Ok(d);
+    }
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(file)
+        .ctx(|| format!("open {}", file.display()))?;
+    let control = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/loop-control")
+        .ctx(|| "open /dev/loop-control (is the loop module loaded?)")?;
+    // Another process may take the free device between our two calls: try again.
+    for _ in 0..32 {
+        let n = ioctl(&control, LOOP_CTL_GET_FREE, 0).ctx(|| "find a free loop device")?;
+        let name = format!("loop{n}");
+        let path = PathBuf::from("/dev").join(&name);
+        let dev = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                // The node appears a moment after the device; wait for devtmpfs.
+                std::thread::sleep(std::time::Duration::from_millis(5));
+                continue;
+            }
+            Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
+        };
+        match configure(&dev, &backing) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => continue,
+            Err(e) => return Err(Error::io(format!("attach {} to {name}", file.display()), e)),
+        }
+        let d = LoopDevice {
+            dev: read_dev(&name).ok_or_else(|| {
+                Error::Internal(format!("{name} is attached but has no sysfs dev entry"))
+            })?,
+            name,
+        };
+        tracing::info!(device = %d.path().display(), file = %file.display(), direct_io = d.direct_io(), "loop device attached");
+        return Ok(d);
+    }
+    Err(Error::Aborted(
+        "every free loop device was taken by someone else; retry".into(),
+    ))
+}
+
+/// LOOP_CONFIGURE sets file, block size and direct I/O in one call (Linux 5.8);
+/// older kernels get the three-step way.
+fn configure(dev: &File, backing: &File) -> io::Result<()> {
+    let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+    cfg.fd = backing.as_raw_fd() as u32;
+    cfg.block_size = BLOCK_SIZE;
+    cfg.info.lo_flags = LO_FLAGS_DIRECT_IO;
+    match ioctl(
+        dev,
+        LOOP_CONFIGURE,
+        &cfg as *const LoopConfig as libc::c_ulong,
+    ) {
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            // Direct I/O refused by the backing filesystem (tmpfs, ...): go without.
+            cfg.info.lo_flags = 0;
+            match ioctl(
+                dev,
+                LOOP_CONFIGURE,
+                &cfg as *const LoopConfig as libc::c_ulong,
+            ) {
+                Ok(_) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => legacy_configure(dev, backing),
+                Err(e) => Err(e),
+            }
+        }
+        Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => legacy_configure(dev, backing),
+        Err(e) => Err(e),
+    }
+}
+
+fn legacy_configure(dev: &File, backing: &File) -> io::Result<()> {
+    ioctl(dev, LOOP_SET_FD, backing.as_raw_fd() as libc::c_ulong)?;
+    let info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    if let Err(e) = ioctl(
+        dev,
+        LOOP_SET_STATUS64,
+        &info as *const LoopInfo64 as libc::c_ulong,
+    ) {
+        let _ = ioctl(dev, LOOP_CLR_FD, 0);
+        return Err(e);
+    }
+    let _ = ioctl(dev, LOOP_SET_DIRECT_IO, 1);
+    Ok(())
+}
+
+/// Detaches the device of `file` if it has one. The kernel defers the detach of a
+/// device still open (a mount we did not make): it goes when the last user closes it.
+pub fn detach(file: &Path) -> Result<()> {
+    let Some(d) = find(file) else {
+        return Ok(());
+    };
+    detach_device(&d)?;
+    tracing::info!(device = %d.path().display(), file = %file.display(), "loop device detached");
+    Ok(())
+}
+
+pub fn detach_device(d: &LoopDevice) -> Result<()> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(d.path())
+        .ctx(|| format!("open {}", d.path().display()))?;
+    match ioctl(&f, LOOP_CLR_FD, 0) {
+        Ok(_) => Ok(()),
+        // Already detached by someone else.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => Ok(()),
+        Err(e) => Err(Error::io(format!("detach {}", d.path().display()), e)),
+    }
+}
+
+/// Makes the device see its backing file's new size after the file grew.
+pub fn refresh_size(d: &LoopDevice) -> Result<()> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(d.path())
+        .ctx(|| format!("open {}", d.path().display()))?;
+    ioctl(&f, LOOP_SET_CAPACITY, 0).ctx(|| format!("refresh size of {}", d.path().display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structs_have_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
+        assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+}

@@ -1,0 +1,316 @@
+//! Loop-device volumes for real: attach by ioctl, mkfs once, mount, bind, block
+//! devices, restart, expansion while mounted, and nothing left attached.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+use common::*;
+use localvol::proto::volume_capability::access_mode::Mode;
+use tonic::Code;
+
+const MIB_U: u64 = 1 << 20;
+
+fn statvfs_total(path: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    s.blocks() as u64 * s.fragment_size() as u64
+}
+
+fn has_cap_sys_resource() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let eff = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .map(|v| u64::from_str_radix(v.trim(), 16).unwrap())
+        .unwrap();
+    const CAP_SYS_RESOURCE: u32 = 24;
+    eff & (1 << CAP_SYS_RESOURCE) != 0
+}
+
+fn loops_below(dir: &Path) -> Vec<String> {
+    let dir = std::fs::canonicalize(dir).unwrap();
+    loop_devices()
+        .into_iter()
+        .filter(|(_, b)| b.starts_with(&dir))
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// create, stage (mkfs), publish, write, unpublish/unstage (detached), restage
+/// (never reformatted), SIGKILL + restart, expand while mounted, delete.
+async fn filesystem_story(fs: &str) {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, fs, &[]);
+    // xfs needs 300 MiB at least; the file is sparse, so this costs nothing.
+    let size = 320 * MIB;
+    let v = c
+        .create(
+            "data",
+            size,
+            &[("type", "loop"), ("fsType", fs)],
+            cap.clone(),
+        )
+        .await;
+    assert_eq!(v.capacity_bytes, size);
+    let id = v.volume_id.clone();
+    let img = d.root.join("volumes").join(format!("{id}.img"));
+    assert_eq!(std::fs::metadata(&img).unwrap().len(), size as u64);
+
+    let staging = d.path("staging");
+    let target = d.path("target");
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.stage(&id, &staging, cap.clone()).await.unwrap(); // idempotent
+    assert!(is_mounted(&staging));
+    assert_eq!(loops_below(&d.root).len(), 1, "one device for one volume");
+    let dev = &loops_below(&d.root)[0];
+    let dio = std::fs::read_to_string(format!("/sys/block/{dev}/loop/dio")).unwrap();
+    eprintln!("{dev}: direct I/O = {}", dio.trim());
+    let ext4_root = nix::sys::statfs::statfs(&d.root).unwrap().filesystem_type()
+        == nix::sys::statfs::EXT4_SUPER_MAGIC;
+    if ext4_root {
+        assert_eq!(dio.trim(), "1", "direct I/O on an ext4 root");
+    }
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    std::fs::write(target.join("hello"), b"written before restage").unwrap();
+    let total = statvfs_total(&target);
+    // xfs keeps its log out of the total; ext4 its metadata.
+    assert!(
+        total <= size as u64 && total > size as u64 * 7 / 10,
+        "df shows the volume's size: {total}"
+    );
+
+    // Deleting data under a running pod is refused.
+    assert_code(c.delete(&id).await, Code::FailedPrecondition);
+
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap(); // idempotent
+    assert!(!is_mounted(&staging));
+    assert!(
+        loops_below(&d.root).is_empty(),
+        "unstage detaches the device"
+    );
+
+    // Restage: the filesystem is found, not made again.
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read(target.join("hello")).unwrap(),
+        b"written before restage"
+    );
+
+    // A crash of the driver changes nothing for the pod, and calls go on.
+    d.restart_after_kill9().await;
+    let mut c = d.clients().await;
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    assert_eq!(loops_below(&d.root).len(), 1, "the attachment is reused");
+
+    // Online expansion: controller grows the file, node grows the filesystem.
+    let bigger = 640 * MIB;
+    let r = c.expand(&id, bigger, Some(cap.clone())).await.unwrap();
+    assert_eq!(r.capacity_bytes, bigger);
+    assert!(r.node_expansion_required);
+    match c.node_expand(&id, &target, bigger, Some(cap.clone())).await {
+        Ok(n) => assert_eq!(n.capacity_bytes, bigger),
+        // Online ext4 growth needs CAP_SYS_RESOURCE, which some sandboxes (this
+        // project's build machines) withhold even from root; the driver says so and
+        // grows the filesystem offline at the next stage.
+        Err(s) if fs == "ext4" && !has_cap_sys_resource() => {
+            assert_eq!(s.code(), Code::FailedPrecondition, "{}", s.message());
+            assert!(s.message().contains("CAP_SYS_RESOURCE"), "{}", s.message());
+            eprintln!("note: no CAP_SYS_RESOURCE here; checking the offline growth at restage");
+            c.unpublish(&id, &target).await.unwrap();
+            c.unstage(&id, &staging).await.unwrap();
+            c.stage(&id, &staging, cap.clone()).await.unwrap();
+            c.publish(&id, &staging, &target, cap.clone(), false)
+                .await
+                .unwrap();
+        }
+        Err(s) => panic!("NodeExpandVolume: {s:?}"),
+    }
+    let grown = statvfs_total(&target);
+    assert!(
+        grown > total + 200 * MIB_U,
+        "df grew from {total} to {grown}"
+    );
+    assert_eq!(
+        std::fs::read(target.join("hello")).unwrap(),
+        b"written before restage"
+    );
+    // Expanding to the current size is a no-op; shrinking is OUT_OF_RANGE.
+    assert_eq!(
+        c.expand(&id, size, None).await.unwrap().capacity_bytes,
+        bigger
+    );
+    let shrink = c
+        .controller
+        .controller_expand_volume(localvol::proto::ControllerExpandVolumeRequest {
+            volume_id: id.clone(),
+            capacity_range: Some(localvol::proto::CapacityRange {
+                required_bytes: size,
+                limit_bytes: size,
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert_code(shrink, Code::OutOfRange);
+
+    let stats = c.stats(&id, &target).await;
+    assert_eq!(stats.usage.len(), 2);
+    assert!(stats.usage[0].total as u64 > total);
+    assert!(!stats.volume_condition.unwrap().abnormal);
+
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    c.delete(&id).await.unwrap();
+    assert!(!img.exists());
+    assert!(loops_below(&d.root).is_empty());
+}
+
+#[tokio::test]
+async fn ext4_volume_story() {
+    filesystem_story("ext4").await;
+}
+
+#[tokio::test]
+async fn xfs_volume_story() {
+    filesystem_story("xfs").await;
+}
+
+#[tokio::test]
+async fn block_volume_is_a_raw_device_that_keeps_its_data() {
+    if !need_root() {
+        return;
+    }
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let v = c
+        .create("raw", 64 * MIB, &[("type", "loop")], cap.clone())
+        .await;
+    let id = v.volume_id;
+    let staging = d.path("staging");
+    let target = d.path("dev");
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap(); // idempotent
+    assert!(is_mounted(&target));
+    let pattern: Vec<u8> = (0..4096u32).map(|i| (i * 7 % 251) as u8).collect();
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_SYNC)
+            .open(&target)
+            .unwrap();
+        f.seek(SeekFrom::Start(10 * MIB_U)).unwrap();
+        f.write_all(&pattern).unwrap();
+    }
+    // A mount capability on a block volume is refused, and nothing formats it.
+    assert_code(
+        c.stage(&id, &d.path("other"), mount_cap(Mode::SingleNodeWriter))
+            .await,
+        Code::FailedPrecondition,
+    );
+
+    d.restart_after_kill9().await;
+    let mut c = d.clients().await;
+    c.unpublish(&id, &target).await.unwrap();
+    assert!(!target.exists());
+    c.unstage(&id, &staging).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    let mut back = vec![0u8; 4096];
+    {
+        let mut f = std::fs::File::open(&target).unwrap();
+        f.seek(SeekFrom::Start(10 * MIB_U)).unwrap();
+        f.read_exact(&mut back).unwrap();
+    }
+    assert_eq!(back, pattern, "block data survives unstage and restart");
+
+    // Expansion of a block volume: the device grows, no node step is needed.
+    let r = c.expand(&id, 128 * MIB, Some(cap.clone())).await.unwrap();
+    assert!(!r.node_expansion_required);
+    let stats = c.stats(&id, &target).await;
+    assert_eq!(stats.usage.len(), 1);
+    assert_eq!(stats.usage[0].total, 128 * MIB);
+
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    c.delete(&id).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+}
+
+#[tokio::test]
+async fn preallocated_volume_without_room_leaves_nothing() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let free = nix::sys::statvfs::statvfs(&d.root).unwrap();
+    let free = free.blocks_available() as u64 * free.fragment_size() as u64;
+    let too_big = (free + (1 << 30)).div_ceil(MIB_U) * MIB_U;
+    let r = c
+        .controller
+        .create_volume(create_req(
+            "huge",
+            too_big as i64,
+            &[("type", "loop"), ("allocation", "preallocate")],
+            rwo(),
+        ))
+        .await;
+    assert_code(r, Code::ResourceExhausted);
+    let left: Vec<_> = std::fs::read_dir(d.root.join("volumes")).unwrap().collect();
+    assert!(left.is_empty(), "nothing left behind: {left:?}");
+
+    // A preallocated volume that fits is fully allocated.
+    let v = c
+        .create(
+            "small",
+            8 * MIB,
+            &[("type", "loop"), ("allocation", "preallocate")],
+            rwo(),
+        )
+        .await;
+    let img = d.root.join("volumes").join(format!("{}.img", v.volume_id));
+    use std::os::unix::fs::MetadataExt;
+    assert!(std::fs::metadata(img).unwrap().blocks() * 512 >= 8 * MIB_U);
+}
+
+#[tokio::test]
+async fn unknown_fs_type_is_invalid_argument() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let r = c
+        .controller
+        .create_volume(create_req(
+            "bad",
+            MIB,
+            &[("type", "loop")],
+            mount_cap_fs(Mode::SingleNodeWriter, "vfat", &[]),
+        ))
+        .await;
+    assert_code(r, Code::InvalidArgument);
+}

@@ -1,0 +1,144 @@
+//! Directory volumes hold exactly their size where the root's filesystem can say
+//! so: btrfs qgroups (tested for real on a btrfs image), project quotas (tested
+//! where the kernel has quota support; skipped, saying why, where it has not).
+
+mod common;
+
+use std::path::Path;
+
+use common::*;
+use localvol::proto::volume_capability::access_mode::Mode;
+use tonic::Code;
+
+/// Stages and publishes a 10 MiB directory volume, fills it, checks the limit
+/// holds, expands it to 20 MiB and checks the room grew.
+async fn limit_story(root: &Path, extra: Vec<String>) {
+    let mut d = Driver::start_with(extra, Some(root.to_path_buf())).await;
+    let mut c = d.clients().await;
+    let cap = mount_cap(Mode::SingleNodeWriter);
+    let v = c
+        .create("limited", 10 * MIB, &[("enforceSize", "true")], cap.clone())
+        .await;
+    let id = v.volume_id;
+    let staging = d.path("staging");
+    let target = d.path("target");
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+
+    let (written, err) = write_mib(&target.join("fill"), 16);
+    let err = err.expect("writing 16 MiB into a 10 MiB volume must fail");
+    assert!(
+        matches!(err.raw_os_error(), Some(libc::EDQUOT) | Some(libc::ENOSPC)),
+        "{err}"
+    );
+    assert!(
+        (8..=10).contains(&written),
+        "wrote {written} MiB before {err}"
+    );
+    eprintln!("10 MiB volume refused the write after {written} MiB: {err}");
+    let stats = c.stats(&id, &target).await;
+    assert_eq!(stats.usage[0].total, 10 * MIB, "stats show the limit");
+
+    let r = c.expand(&id, 20 * MIB, None).await.unwrap();
+    assert_eq!(r.capacity_bytes, 20 * MIB);
+    assert!(!r.node_expansion_required);
+    std::fs::remove_file(target.join("fill")).unwrap();
+    nix::unistd::sync();
+    let (written, err) = write_mib(&target.join("fill2"), 15);
+    assert!(
+        err.is_none(),
+        "15 MiB fit after expanding to 20 MiB: {err:?} after {written}"
+    );
+
+    // A driver restart changes nothing.
+    d.restart_after_kill9().await;
+    let mut c = d.clients().await;
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    c.delete(&id).await.unwrap();
+    assert!(!root.join("volumes").join(&id).exists());
+}
+
+#[tokio::test]
+async fn btrfs_root_limits_directory_volumes_with_qgroups() {
+    if !need_root() {
+        return;
+    }
+    let img = ImageFs::new("btrfs", 512 << 20, &["-q"], "").expect("mount btrfs image");
+    let root = img.mnt.join("root");
+    limit_story(&root, vec!["--enable-btrfs-quota".into()]).await;
+}
+
+#[tokio::test]
+async fn btrfs_root_without_quota_refuses_enforce_size() {
+    if !need_root() {
+        return;
+    }
+    let img = ImageFs::new("btrfs", 512 << 20, &["-q"], "").expect("mount btrfs image");
+    let root = img.mnt.join("root");
+    let d = Driver::start_with(vec![], Some(root.clone())).await;
+    let mut c = d.clients().await;
+    let r = c
+        .controller
+        .create_volume(create_req("x", 10 * MIB, &[("enforceSize", "true")], rwo()))
+        .await;
+    assert_code(r, Code::FailedPrecondition);
+    assert!(d.log().contains("WITHOUT size limits"), "{}", d.log());
+    // Without enforceSize the volume is made, as a subvolume.
+    let v = c.create("y", 10 * MIB, &[], rwo()).await;
+    use std::os::unix::fs::MetadataExt;
+    let data = root.join("volumes").join(&v.volume_id);
+    assert_eq!(std::fs::metadata(&data).unwrap().ino(), 256, "a subvolume");
+    c.delete(&v.volume_id).await.unwrap();
+    assert!(!data.exists());
+}
+
+#[tokio::test]
+async fn plain_root_refuses_enforce_size_with_a_reason() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let r = c
+        .controller
+        .create_volume(create_req("x", 10 * MIB, &[("enforceSize", "true")], rwo()))
+        .await;
+    let s = r.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition);
+    assert!(s.message().contains("not enforced"), "{}", s.message());
+    // Loop volumes always hold their size, so enforceSize is fine for them.
+    c.create(
+        "l",
+        10 * MIB,
+        &[("type", "loop"), ("enforceSize", "true")],
+        rwo(),
+    )
+    .await;
+}
+
+/// Project quotas need a kernel with quota support; where it is missing the mount
+/// is refused and the test says it was skipped and why.
+async fn project_quota(fs: &str, mkfs: &[&str], opts: &str) {
+    if !need_root() {
+        return;
+    }
+    let img = match ImageFs::new(fs, 512 << 20, mkfs, opts) {
+        Ok(i) => i,
+        Err(why) => {
+            eprintln!("SKIPPED {fs} project quota test: the kernel refused {why} (no quota support in this kernel)");
+            return;
+        }
+    };
+    let root = img.mnt.join("root");
+    limit_story(&root, vec![]).await;
+}
+
+#[tokio::test]
+async fn xfs_project_quota_limits_directory_volumes() {
+    project_quota("xfs", &["-q"], "prjquota").await;
+}
+
+#[tokio::test]
+async fn ext4_project_quota_limits_directory_volumes() {
+    project_quota("ext4", &["-q", "-O", "quota,project"], "prjquota").await;
+}
