@@ -290,6 +290,15 @@ impl Controller for ControllerService {
         ))
     }
 
+    async fn get_snapshot(
+        &self,
+        _: Request<GetSnapshotRequest>,
+    ) -> Result<Response<GetSnapshotResponse>, Status> {
+        Err(Status::unimplemented(
+            "GetSnapshot is not offered by this driver version",
+        ))
+    }
+
     async fn controller_expand_volume(
         &self,
         request: Request<ControllerExpandVolumeRequest>,
