@@ -52,7 +52,6 @@ fn render(dir: &str) -> Vec<Value> {
     docs
 }
 
-
 fn s<'a>(v: &'a Value, path: &[&str]) -> Option<&'a str> {
     get(v, path).and_then(Value::as_str)
 }
@@ -66,7 +65,11 @@ fn kind(v: &Value) -> &str {
 }
 
 fn name(v: &Value) -> String {
-    format!("{}/{}", kind(v), s(v, &["metadata", "name"]).unwrap_or("<no name>"))
+    format!(
+        "{}/{}",
+        kind(v),
+        s(v, &["metadata", "name"]).unwrap_or("<no name>")
+    )
 }
 
 fn of_kind<'a>(docs: &'a [Value], k: &str) -> Vec<&'a Value> {
@@ -86,7 +89,10 @@ fn validator() -> Vec<String> {
             .output()
             .is_ok_and(|o| o.status.success())
     };
-    for cmd in [&["kubernetes-validate"][..], &["python3", "-m", "kubernetes_validate"][..]] {
+    for cmd in [
+        &["kubernetes-validate"][..],
+        &["python3", "-m", "kubernetes_validate"][..],
+    ] {
         if works(cmd) {
             return cmd.iter().map(|s| s.to_string()).collect();
         }
@@ -120,7 +126,10 @@ fn validate_builtin(tree: &str, docs: &[Value]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let passed = report.lines().filter(|l| l.contains(" passed for resource ")).count();
+    let passed = report
+        .lines()
+        .filter(|l| l.contains(" passed for resource "))
+        .count();
     assert!(
         out.status.success() && passed == builtin.len(),
         "{tree}: {passed} of {} objects passed kubernetes-validate --strict:\n{report}",
@@ -138,39 +147,89 @@ fn validate_builtin(tree: &str, docs: &[Value]) {
 fn check_snapshot_crds(tree: &str, docs: &[Value]) {
     let keys = |v: &Value| -> BTreeSet<String> {
         v.as_mapping()
-            .map(|m| m.keys().filter_map(|k| k.as_str().map(String::from)).collect())
+            .map(|m| {
+                m.keys()
+                    .filter_map(|k| k.as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     };
     let only = |v: &Value, allowed: &[&str], what: &str| {
         for k in keys(v) {
-            assert!(allowed.contains(&k.as_str()), "{tree}: {what}: unknown field {k}");
+            assert!(
+                allowed.contains(&k.as_str()),
+                "{tree}: {what}: unknown field {k}"
+            );
         }
     };
     for d in docs.iter().filter(|d| is_snapshot_crd(d)) {
         let n = name(d);
-        assert_eq!(s(d, &["apiVersion"]), Some("snapshot.storage.k8s.io/v1"), "{tree}: {n}");
-        assert!(s(d, &["metadata", "name"]).is_some(), "{tree}: {n}: metadata.name");
+        assert_eq!(
+            s(d, &["apiVersion"]),
+            Some("snapshot.storage.k8s.io/v1"),
+            "{tree}: {n}"
+        );
+        assert!(
+            s(d, &["metadata", "name"]).is_some(),
+            "{tree}: {n}: metadata.name"
+        );
         match kind(d) {
             "VolumeSnapshotClass" => {
-                only(d, &["apiVersion", "kind", "metadata", "driver", "deletionPolicy", "parameters"], &n);
-                assert!(s(d, &["driver"]).is_some_and(|x| !x.is_empty()), "{tree}: {n}: driver is required");
+                only(
+                    d,
+                    &[
+                        "apiVersion",
+                        "kind",
+                        "metadata",
+                        "driver",
+                        "deletionPolicy",
+                        "parameters",
+                    ],
+                    &n,
+                );
+                assert!(
+                    s(d, &["driver"]).is_some_and(|x| !x.is_empty()),
+                    "{tree}: {n}: driver is required"
+                );
                 assert!(
                     matches!(s(d, &["deletionPolicy"]), Some("Delete" | "Retain")),
                     "{tree}: {n}: deletionPolicy must be Delete or Retain"
                 );
                 if let Some(p) = get(d, &["parameters"]) {
-                    let m = p.as_mapping().unwrap_or_else(|| panic!("{tree}: {n}: parameters is a map"));
-                    assert!(m.values().all(Value::is_string), "{tree}: {n}: parameters are strings");
+                    let m = p
+                        .as_mapping()
+                        .unwrap_or_else(|| panic!("{tree}: {n}: parameters is a map"));
+                    assert!(
+                        m.values().all(Value::is_string),
+                        "{tree}: {n}: parameters are strings"
+                    );
                 }
             }
             "VolumeSnapshot" => {
                 only(d, &["apiVersion", "kind", "metadata", "spec"], &n);
-                let spec = get(d, &["spec"]).unwrap_or_else(|| panic!("{tree}: {n}: spec is required"));
-                only(spec, &["source", "volumeSnapshotClassName"], &format!("{n} spec"));
-                let source = get(spec, &["source"]).unwrap_or_else(|| panic!("{tree}: {n}: spec.source is required"));
-                only(source, &["persistentVolumeClaimName", "volumeSnapshotContentName"], &format!("{n} source"));
-                assert_eq!(keys(source).len(), 1, "{tree}: {n}: spec.source needs exactly one of its two fields");
-                assert!(source.as_mapping().unwrap().values().all(Value::is_string), "{tree}: {n}: source names are strings");
+                let spec =
+                    get(d, &["spec"]).unwrap_or_else(|| panic!("{tree}: {n}: spec is required"));
+                only(
+                    spec,
+                    &["source", "volumeSnapshotClassName"],
+                    &format!("{n} spec"),
+                );
+                let source = get(spec, &["source"])
+                    .unwrap_or_else(|| panic!("{tree}: {n}: spec.source is required"));
+                only(
+                    source,
+                    &["persistentVolumeClaimName", "volumeSnapshotContentName"],
+                    &format!("{n} source"),
+                );
+                assert_eq!(
+                    keys(source).len(),
+                    1,
+                    "{tree}: {n}: spec.source needs exactly one of its two fields"
+                );
+                assert!(
+                    source.as_mapping().unwrap().values().all(Value::is_string),
+                    "{tree}: {n}: source names are strings"
+                );
             }
             other => panic!("{tree}: {n}: no check for snapshot kind {other}"),
         }
@@ -189,7 +248,12 @@ fn overlays() -> Vec<String> {
         .expect("deploy/overlays")
         .map(|e| e.unwrap().path())
         .filter(|p| p.join("kustomization.yaml").exists())
-        .map(|p| format!("deploy/overlays/{}", p.file_name().unwrap().to_str().unwrap()))
+        .map(|p| {
+            format!(
+                "deploy/overlays/{}",
+                p.file_name().unwrap().to_str().unwrap()
+            )
+        })
         .collect();
     dirs.sort();
     assert!(!dirs.is_empty(), "no overlay found");
@@ -224,22 +288,52 @@ fn driver_objects_agree_with_the_driver() {
     for tree in std::iter::once("deploy".to_string()).chain(overlays()) {
         let docs = render(&tree);
         let driver = csidriver_name(&docs);
-        assert_eq!(driver, "localvol.csi.io", "{tree}: the driver's default name");
+        assert_eq!(
+            driver, "localvol.csi.io",
+            "{tree}: the driver's default name"
+        );
         let csi = of_kind(&docs, "CSIDriver")[0];
         let spec = get(csi, &["spec"]).unwrap();
         // README "Access modes": no attacher, the driver enforces publish itself.
-        assert_eq!(get(spec, &["attachRequired"]).and_then(Value::as_bool), Some(false), "{tree}");
-        assert_eq!(get(spec, &["podInfoOnMount"]).and_then(Value::as_bool), Some(true), "{tree}");
-        assert_eq!(get(spec, &["storageCapacity"]).and_then(Value::as_bool), Some(true), "{tree}");
+        assert_eq!(
+            get(spec, &["attachRequired"]).and_then(Value::as_bool),
+            Some(false),
+            "{tree}"
+        );
+        assert_eq!(
+            get(spec, &["podInfoOnMount"]).and_then(Value::as_bool),
+            Some(true),
+            "{tree}"
+        );
+        assert_eq!(
+            get(spec, &["storageCapacity"]).and_then(Value::as_bool),
+            Some(true),
+            "{tree}"
+        );
         assert_eq!(s(spec, &["fsGroupPolicy"]), Some("File"), "{tree}");
 
         let classes = of_kind(&docs, "StorageClass");
-        assert!(classes.len() >= 6, "{tree}: dir, ext4, xfs, block and Retain variants");
+        assert!(
+            classes.len() >= 6,
+            "{tree}: dir, ext4, xfs, block and Retain variants"
+        );
         for sc in &classes {
             let n = name(sc);
-            assert_eq!(s(sc, &["provisioner"]), Some(driver.as_str()), "{tree}: {n}: provisioner");
-            assert_eq!(s(sc, &["volumeBindingMode"]), Some("WaitForFirstConsumer"), "{tree}: {n}");
-            assert_eq!(get(sc, &["allowVolumeExpansion"]).and_then(Value::as_bool), Some(true), "{tree}: {n}");
+            assert_eq!(
+                s(sc, &["provisioner"]),
+                Some(driver.as_str()),
+                "{tree}: {n}: provisioner"
+            );
+            assert_eq!(
+                s(sc, &["volumeBindingMode"]),
+                Some("WaitForFirstConsumer"),
+                "{tree}: {n}"
+            );
+            assert_eq!(
+                get(sc, &["allowVolumeExpansion"]).and_then(Value::as_bool),
+                Some(true),
+                "{tree}: {n}"
+            );
             if let Some(params) = get(sc, &["parameters"]).and_then(Value::as_mapping) {
                 for (k, v) in params {
                     let k = k.as_str().unwrap();
@@ -269,9 +363,17 @@ fn driver_objects_agree_with_the_driver() {
             assert_eq!(policy(n), p, "{tree}: {n} reclaimPolicy");
         }
         for vsc in of_kind(&docs, "VolumeSnapshotClass") {
-            assert_eq!(s(vsc, &["driver"]), Some(driver.as_str()), "{tree}: {}", name(vsc));
+            assert_eq!(
+                s(vsc, &["driver"]),
+                Some(driver.as_str()),
+                "{tree}: {}",
+                name(vsc)
+            );
         }
-        assert!(!of_kind(&docs, "VolumeSnapshotClass").is_empty(), "{tree}: a VolumeSnapshotClass");
+        assert!(
+            !of_kind(&docs, "VolumeSnapshotClass").is_empty(),
+            "{tree}: a VolumeSnapshotClass"
+        );
         check_daemonset(&tree, &docs, &driver);
     }
 }
@@ -279,7 +381,11 @@ fn driver_objects_agree_with_the_driver() {
 fn args_of(c: &Value) -> Vec<String> {
     get(c, &["args"])
         .and_then(Value::as_sequence)
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(String::from)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(String::from))
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -296,7 +402,9 @@ fn check_daemonset(tree: &str, docs: &[Value], driver: &str) {
     let ds = of_kind(docs, "DaemonSet");
     assert_eq!(ds.len(), 1, "{tree}: one DaemonSet");
     let pod = get(ds[0], &["spec", "template", "spec"]).unwrap();
-    let containers = get(pod, &["containers"]).and_then(Value::as_sequence).unwrap();
+    let containers = get(pod, &["containers"])
+        .and_then(Value::as_sequence)
+        .unwrap();
     let find = |n: &str| {
         containers
             .iter()
@@ -321,40 +429,100 @@ fn check_daemonset(tree: &str, docs: &[Value], driver: &str) {
         "--root=/var/lib/localvol",
         &format!("--driver-name={driver}"),
     ] {
-        assert!(a.iter().any(|x| x == want), "{tree}: localvol lacks {want}: {a:?}");
+        assert!(
+            a.iter().any(|x| x == want),
+            "{tree}: localvol lacks {want}: {a:?}"
+        );
     }
-    assert_eq!(env_field(localvol, "NODE_NAME").as_deref(), Some("spec.nodeName"), "{tree}");
-    assert_eq!(get(localvol, &["securityContext", "privileged"]).and_then(Value::as_bool), Some(true), "{tree}");
-    let mounts = get(localvol, &["volumeMounts"]).and_then(Value::as_sequence).unwrap();
+    assert_eq!(
+        env_field(localvol, "NODE_NAME").as_deref(),
+        Some("spec.nodeName"),
+        "{tree}"
+    );
+    assert_eq!(
+        get(localvol, &["securityContext", "privileged"]).and_then(Value::as_bool),
+        Some(true),
+        "{tree}"
+    );
+    let mounts = get(localvol, &["volumeMounts"])
+        .and_then(Value::as_sequence)
+        .unwrap();
     let kubelet = mounts
         .iter()
         .find(|m| s(m, &["mountPath"]) == Some("/var/lib/kubelet"))
         .unwrap_or_else(|| panic!("{tree}: localvol must mount /var/lib/kubelet"));
-    assert_eq!(s(kubelet, &["mountPropagation"]), Some("Bidirectional"), "{tree}");
-    assert!(mounts.iter().any(|m| s(m, &["mountPath"]) == Some("/dev")), "{tree}: /dev");
+    assert_eq!(
+        s(kubelet, &["mountPropagation"]),
+        Some("Bidirectional"),
+        "{tree}"
+    );
+    assert!(
+        mounts.iter().any(|m| s(m, &["mountPath"]) == Some("/dev")),
+        "{tree}: /dev"
+    );
 
     // The registrar tells the kubelet the socket's path on the host.
     let socket_dir = host_path("socket-dir");
-    assert_eq!(socket_dir, format!("/var/lib/kubelet/plugins/{driver}"), "{tree}");
+    assert_eq!(
+        socket_dir,
+        format!("/var/lib/kubelet/plugins/{driver}"),
+        "{tree}"
+    );
     let reg = args_of(find("node-driver-registrar"));
     assert!(
-        reg.contains(&format!("--kubelet-registration-path={socket_dir}/csi.sock")),
+        reg.contains(&format!(
+            "--kubelet-registration-path={socket_dir}/csi.sock"
+        )),
         "{tree}: registrar path {reg:?}"
     );
-    assert_eq!(host_path("registration-dir"), "/var/lib/kubelet/plugins_registry", "{tree}");
+    assert_eq!(
+        host_path("registration-dir"),
+        "/var/lib/kubelet/plugins_registry",
+        "{tree}"
+    );
 
     let prov = find("csi-provisioner");
     let pa = args_of(prov);
-    for want in ["--node-deployment=true", "--enable-capacity=true", "--leader-election=false"] {
-        assert!(pa.iter().any(|x| x == want), "{tree}: provisioner lacks {want}");
+    for want in [
+        "--node-deployment=true",
+        "--enable-capacity=true",
+        "--leader-election=false",
+    ] {
+        assert!(
+            pa.iter().any(|x| x == want),
+            "{tree}: provisioner lacks {want}"
+        );
     }
-    assert!(pa.iter().any(|x| x.starts_with("--capacity-ownerref-level=")), "{tree}");
-    assert_eq!(env_field(prov, "NODE_NAME").as_deref(), Some("spec.nodeName"), "{tree}");
-    assert_eq!(env_field(prov, "POD_NAME").as_deref(), Some("metadata.name"), "{tree}");
-    assert_eq!(env_field(prov, "NAMESPACE").as_deref(), Some("metadata.namespace"), "{tree}");
+    assert!(
+        pa.iter()
+            .any(|x| x.starts_with("--capacity-ownerref-level=")),
+        "{tree}"
+    );
+    assert_eq!(
+        env_field(prov, "NODE_NAME").as_deref(),
+        Some("spec.nodeName"),
+        "{tree}"
+    );
+    assert_eq!(
+        env_field(prov, "POD_NAME").as_deref(),
+        Some("metadata.name"),
+        "{tree}"
+    );
+    assert_eq!(
+        env_field(prov, "NAMESPACE").as_deref(),
+        Some("metadata.namespace"),
+        "{tree}"
+    );
     let snap = find("csi-snapshotter");
-    assert!(args_of(snap).iter().any(|x| x == "--node-deployment=true"), "{tree}");
-    assert_eq!(env_field(snap, "NODE_NAME").as_deref(), Some("spec.nodeName"), "{tree}");
+    assert!(
+        args_of(snap).iter().any(|x| x == "--node-deployment=true"),
+        "{tree}"
+    );
+    assert_eq!(
+        env_field(snap, "NODE_NAME").as_deref(),
+        Some("spec.nodeName"),
+        "{tree}"
+    );
     find("csi-resizer");
 
     // The liveness probe asks the livenessprobe sidecar, which asks the driver.
@@ -362,7 +530,8 @@ fn check_daemonset(tree: &str, docs: &[Value], driver: &str) {
         .into_iter()
         .find_map(|x| x.strip_prefix("--health-port=").map(String::from))
         .unwrap_or_else(|| panic!("{tree}: livenessprobe --health-port"));
-    let probe = get(localvol, &["livenessProbe", "httpGet"]).unwrap_or_else(|| panic!("{tree}: livenessProbe"));
+    let probe = get(localvol, &["livenessProbe", "httpGet"])
+        .unwrap_or_else(|| panic!("{tree}: livenessProbe"));
     assert_eq!(s(probe, &["path"]), Some("/healthz"), "{tree}");
     let probe_port = s(probe, &["port"]).unwrap();
     let declared = get(localvol, &["ports"])
@@ -371,15 +540,25 @@ fn check_daemonset(tree: &str, docs: &[Value], driver: &str) {
         .and_then(|p| get(p, &["containerPort"]))
         .and_then(Value::as_u64)
         .unwrap_or_else(|| panic!("{tree}: probe port {probe_port} is not declared"));
-    assert_eq!(declared.to_string(), port, "{tree}: probe port and livenessprobe port");
+    assert_eq!(
+        declared.to_string(),
+        port,
+        "{tree}: probe port and livenessprobe port"
+    );
 
     // Pinned sidecars: an explicit version tag on every image but our own.
     for c in containers {
         let image = s(c, &["image"]).unwrap();
         let tag = image.rsplit_once(':').map(|(_, t)| t).unwrap_or("");
-        assert!(!tag.is_empty() && tag != "latest", "{tree}: image {image} is not pinned");
+        assert!(
+            !tag.is_empty() && tag != "latest",
+            "{tree}: image {image} is not pinned"
+        );
         if s(c, &["name"]) != Some("localvol") {
-            assert!(tag.starts_with('v'), "{tree}: sidecar {image} needs a release tag");
+            assert!(
+                tag.starts_with('v'),
+                "{tree}: sidecar {image} needs a release tag"
+            );
         }
     }
 }
@@ -402,13 +581,21 @@ fn examples_use_classes_that_exist() {
         match kind(d) {
             "PersistentVolumeClaim" => used.push((name(d), s(d, &["spec", "storageClassName"]))),
             "StatefulSet" => {
-                for t in get(d, &["spec", "volumeClaimTemplates"]).and_then(Value::as_sequence).unwrap() {
+                for t in get(d, &["spec", "volumeClaimTemplates"])
+                    .and_then(Value::as_sequence)
+                    .unwrap()
+                {
                     used.push((name(d), s(t, &["spec", "storageClassName"])));
                 }
             }
             "VolumeSnapshot" => {
-                let c = s(d, &["spec", "volumeSnapshotClassName"]).expect("explicit snapshot class");
-                assert!(snapclasses.contains(c), "{}: VolumeSnapshotClass {c} does not exist", name(d));
+                let c =
+                    s(d, &["spec", "volumeSnapshotClassName"]).expect("explicit snapshot class");
+                assert!(
+                    snapclasses.contains(c),
+                    "{}: VolumeSnapshotClass {c} does not exist",
+                    name(d)
+                );
             }
             _ => {}
         }
@@ -416,15 +603,25 @@ fn examples_use_classes_that_exist() {
     assert!(used.len() >= 6, "examples use StorageClasses: {used:?}");
     for (who, class) in used {
         let class = class.unwrap_or_else(|| panic!("{who}: storageClassName must be explicit"));
-        assert!(classes.contains(class), "{who}: StorageClass {class} does not exist");
+        assert!(
+            classes.contains(class),
+            "{who}: StorageClass {class} does not exist"
+        );
     }
     // The StatefulSet of the story: web, headless Service, template www.
     let sts = of_kind(&examples, "StatefulSet");
-    let web = sts.iter().find(|d| s(d, &["metadata", "name"]) == Some("web")).expect("StatefulSet web");
+    let web = sts
+        .iter()
+        .find(|d| s(d, &["metadata", "name"]) == Some("web"))
+        .expect("StatefulSet web");
     assert_eq!(s(web, &["spec", "serviceName"]), Some("web"));
     let svc = of_kind(&examples, "Service");
-    assert!(svc.iter().any(|d| s(d, &["metadata", "name"]) == Some("web")
-        && s(d, &["spec", "clusterIP"]) == Some("None")), "headless Service web");
+    assert!(
+        svc.iter()
+            .any(|d| s(d, &["metadata", "name"]) == Some("web")
+                && s(d, &["spec", "clusterIP"]) == Some("None")),
+        "headless Service web"
+    );
 }
 
 fn kind_script() -> PathBuf {
@@ -433,8 +630,16 @@ fn kind_script() -> PathBuf {
 
 #[test]
 fn kind_script_parses() {
-    let out = Command::new("bash").arg("-n").arg(kind_script()).output().expect("bash");
-    assert!(out.status.success(), "bash -n: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("bash")
+        .arg("-n")
+        .arg(kind_script())
+        .output()
+        .expect("bash");
+    assert!(
+        out.status.success(),
+        "bash -n: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// Runs kind.sh and expects exactly one line, `skipped: <why>`, and exit 0.
