@@ -52,6 +52,11 @@ enum Command {
         /// get size limits (qgroup accounting costs some write speed).
         #[arg(long)]
         enable_btrfs_quota: bool,
+        /// Do not offer ControllerExpandVolume: NodeExpandVolume grows the volume on
+        /// the node that holds it. Use this on multi-node clusters, where the one
+        /// external-resizer cannot reach other nodes' drivers.
+        #[arg(long)]
+        node_expansion_only: bool,
         /// Log format; the level comes from RUST_LOG (default info).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
@@ -91,6 +96,7 @@ fn main() -> ExitCode {
             root,
             shared_root,
             enable_btrfs_quota,
+            node_expansion_only,
             log_format,
         } => {
             init_logging(log_format);
@@ -114,6 +120,7 @@ fn main() -> ExitCode {
                 node_id,
                 driver_name,
                 enable_btrfs_quota,
+                node_expansion_only,
             };
             let rt = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()

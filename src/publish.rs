@@ -271,7 +271,9 @@ impl Driver {
             )));
         }
         let _guard = self.lock(id)?;
-        let rec = self.store.volume(id).unwrap_or(rec);
+        // Without controller expansion (or if it has not run) the node grows the
+        // data itself; when the controller already did, this is a no-op.
+        let rec = self.grow_locked(&rec.id, required, 0)?;
         if rec.volume_type == VolumeType::Dir {
             return Ok(rec.capacity_bytes);
         }

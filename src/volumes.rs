@@ -35,6 +35,9 @@ pub struct Config {
     pub driver_name: String,
     /// Allow turning btrfs quotas on at start-up, for directory volume limits.
     pub enable_btrfs_quota: bool,
+    /// Leave all of expansion to NodeExpandVolume: the external-resizer runs once per
+    /// cluster, not per node, so it cannot reach the node that holds a local volume.
+    pub node_expansion_only: bool,
 }
 
 impl Config {
@@ -481,21 +484,34 @@ impl Driver {
         limit: i64,
         block: bool,
     ) -> Result<(u64, bool)> {
-        let rec = self.volume(id)?;
-        let wanted = choose_capacity(required.max(1), limit)?;
+        self.volume(id)?;
         let _guard = self.lock(id)?;
-        let mut rec = self.store.volume(id).unwrap_or(rec);
+        let rec = self.grow_locked(id, required, limit)?;
         let node_expansion = rec.volume_type == VolumeType::Loop && !block;
-        if (required as u64) <= rec.capacity_bytes {
-            if limit > 0 && (limit as u64) < rec.capacity_bytes {
-                return Err(Error::OutOfRange(format!(
-                    "volume {id} is already {} bytes, more than limit_bytes {limit}; volumes \
-                     cannot shrink",
-                    rec.capacity_bytes
-                )));
-            }
-            return Ok((rec.capacity_bytes, node_expansion));
+        Ok((rec.capacity_bytes, node_expansion))
+    }
+
+    /// Grows the volume's data (backing file or size limit) and then its record, so
+    /// that a crash between the two is completed by the retry. The caller holds
+    /// the volume's lock.
+    pub(crate) fn grow_locked(&self, id: &str, required: i64, limit: i64) -> Result<VolumeRecord> {
+        let mut rec = self.volume(id)?;
+        if required < 0 || limit < 0 {
+            return Err(Error::InvalidArgument(
+                "capacity_range values must not be negative".into(),
+            ));
         }
+        if limit > 0 && (limit as u64) < rec.capacity_bytes {
+            return Err(Error::OutOfRange(format!(
+                "volume {id} is already {} bytes, more than limit_bytes {limit}; volumes cannot \
+                 shrink",
+                rec.capacity_bytes
+            )));
+        }
+        if (required as u64) <= rec.capacity_bytes {
+            return Ok(rec);
+        }
+        let wanted = choose_capacity(required, limit)?;
         let p = params::parse(&rec.parameters)?;
         let data = self.data_path(&rec);
         match rec.volume_type {
@@ -511,7 +527,7 @@ impl Driver {
         rec.capacity_bytes = wanted;
         self.store.put_volume(&rec)?;
         tracing::info!(volume = %id, bytes = wanted, "volume expanded");
-        Ok((wanted, node_expansion))
+        Ok(rec)
     }
 
     /// Every mount on this node that shows the volume's data.

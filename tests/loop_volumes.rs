@@ -267,7 +267,9 @@ async fn preallocated_volume_without_room_leaves_nothing() {
     if !need_root() {
         return;
     }
-    let d = Driver::start().await;
+    // A small root of its own: filling the machine's disk would hurt everyone else.
+    let img = ImageFs::new("ext4", 64 << 20, &["-q"], "").expect("mount ext4 image");
+    let d = Driver::start_with(vec![], Some(img.mnt.join("root"))).await;
     let mut c = d.clients().await;
     let free = nix::sys::statvfs::statvfs(&d.root).unwrap();
     let free = free.blocks_available() as u64 * free.fragment_size() as u64;
@@ -313,4 +315,64 @@ async fn unknown_fs_type_is_invalid_argument() {
         ))
         .await;
     assert_code(r, Code::InvalidArgument);
+}
+
+/// With --node-expansion-only the controller offers no expansion (the cluster's one
+/// external-resizer then only updates the PV) and NodeExpandVolume on the node that
+/// holds the volume grows the backing file, the record and the filesystem.
+#[tokio::test]
+async fn node_only_expansion_grows_everything_on_the_node() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start_with(vec!["--node-expansion-only".into()], None).await;
+    let mut c = d.clients().await;
+    let caps = c
+        .controller
+        .controller_get_capabilities(localvol::proto::ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .capabilities;
+    let expand = localvol::proto::controller_service_capability::rpc::Type::ExpandVolume as i32;
+    assert!(!caps.iter().any(|c| matches!(
+        &c.r#type,
+        Some(localvol::proto::controller_service_capability::Type::Rpc(r)) if r.r#type == expand
+    )));
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "xfs", &[]);
+    let v = c
+        .create(
+            "grow",
+            320 * MIB,
+            &[("type", "loop"), ("fsType", "xfs")],
+            cap.clone(),
+        )
+        .await;
+    let id = v.volume_id;
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    std::fs::write(target.join("keep"), b"kept").unwrap();
+    let before = statvfs_total(&target);
+    let r = c
+        .node_expand(&id, &target, 512 * MIB, Some(cap.clone()))
+        .await
+        .unwrap();
+    assert_eq!(r.capacity_bytes, 512 * MIB);
+    assert!(statvfs_total(&target) > before + 150 * MIB_U);
+    assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"kept");
+    let got = c
+        .controller
+        .controller_get_volume(localvol::proto::ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(got.volume.unwrap().capacity_bytes, 512 * MIB);
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    c.delete(&id).await.unwrap();
 }

@@ -252,8 +252,10 @@ impl Controller for ControllerService {
         &self,
         _: Request<ControllerGetCapabilitiesRequest>,
     ) -> Result<Response<ControllerGetCapabilitiesResponse>, Status> {
+        let node_only = self.driver.cfg.node_expansion_only;
         let capabilities = CAPABILITIES
             .iter()
+            .filter(|t| !(node_only && **t == rpc::Type::ExpandVolume))
             .map(|t| ControllerServiceCapability {
                 r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: *t as i32 })),
             })
