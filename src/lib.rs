@@ -10,11 +10,14 @@ pub mod backend;
 pub mod csi;
 pub mod error;
 pub mod ids;
+pub mod inspect;
 pub mod locks;
+pub mod metrics;
 pub mod mount;
 pub mod params;
 pub mod publish;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod volumes;
 
