@@ -98,7 +98,7 @@ fn log_outcome<T>(method: &str, volume: &str, start: Instant, result: &Result<T,
     match result {
         Ok(_) => tracing::info!(method, volume, outcome = "OK", duration_ms = ms, "rpc"),
         Err(s) => {
-            tracing::warn!(method, volume, outcome = ?s.code(), message = s.message(), duration_ms = ms, "rpc")
+            tracing::warn!(method, volume, outcome = ?s.code(), error = s.message(), duration_ms = ms, "rpc")
         }
     }
 }
