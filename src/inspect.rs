@@ -138,7 +138,10 @@ mod tests {
         fs::hard_link(data.join("a/b/f"), data.join("a/g")).unwrap();
         let full = used_bytes(&data, VolumeType::Dir, &mut Budget(1000)).unwrap();
         assert!(full.complete);
-        assert!(full.bytes >= 64 * 1024 && full.bytes < 2 * 64 * 1024, "{full:?}");
+        assert!(
+            full.bytes >= 64 * 1024 && full.bytes < 2 * 64 * 1024,
+            "{full:?}"
+        );
         let partial = used_bytes(&data, VolumeType::Dir, &mut Budget(1)).unwrap();
         assert!(!partial.complete);
         assert!(used_bytes(&dir.path().join("none"), VolumeType::Dir, &mut Budget(9)).is_none());

@@ -196,7 +196,13 @@ impl Metrics {
             volumes.extend(shared.all());
         }
         let snapshots = d.store.snapshots.all();
-        for f in [&g.volumes, &g.snapshots, &g.provisioned, &g.snapshot_bytes, &g.used] {
+        for f in [
+            &g.volumes,
+            &g.snapshots,
+            &g.provisioned,
+            &g.snapshot_bytes,
+            &g.used,
+        ] {
             f.clear();
         }
         let mut budget = Budget(USED_WALK_BUDGET);
@@ -293,16 +299,18 @@ async fn answer<B>(
             "localvol serves only GET /metrics\n".into(),
         ));
     }
-    Ok(match tokio::task::spawn_blocking(move || metrics.render()).await {
-        Ok(body) => reply(
-            StatusCode::OK,
-            prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
-            body,
-        ),
-        Err(e) => reply(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "text/plain",
-            format!("collecting metrics failed: {e}\n"),
-        ),
-    })
+    Ok(
+        match tokio::task::spawn_blocking(move || metrics.render()).await {
+            Ok(body) => reply(
+                StatusCode::OK,
+                prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
+                body,
+            ),
+            Err(e) => reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "text/plain",
+                format!("collecting metrics failed: {e}\n"),
+            ),
+        },
+    )
 }

@@ -213,7 +213,10 @@ fn volume_row(
         problems.push("staged but no loop device is attached to its backing file".into());
     }
     let used = inspect::used_bytes(&data, rec.volume_type, &mut Budget(USED_WALK_BUDGET));
-    let pvc = match (rec.parameters.get(PVC_NAMESPACE), rec.parameters.get(PVC_NAME)) {
+    let pvc = match (
+        rec.parameters.get(PVC_NAMESPACE),
+        rec.parameters.get(PVC_NAME),
+    ) {
         (Some(ns), Some(n)) => Some(format!("{ns}/{n}")),
         (None, Some(n)) => Some(n.clone()),
         _ => None,
@@ -228,7 +231,10 @@ fn volume_row(
         used_complete: used.is_none_or(|u| u.complete),
         staged_at,
         published_at,
-        loop_devices: my_loops.iter().map(|l| format!("/dev/{}", l.name)).collect(),
+        loop_devices: my_loops
+            .iter()
+            .map(|l| format!("/dev/{}", l.name))
+            .collect(),
         snapshots,
         problems,
     }
@@ -321,11 +327,8 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 || v.fract() == 0.0 {
-        format!("{v:.0} {}", UNITS[u])
-    } else {
-        format!("{v:.1} {}", UNITS[u])
-    }
+    let n = format!("{v:.1}");
+    format!("{} {}", n.strip_suffix(".0").unwrap_or(&n), UNITS[u])
 }
 
 /// Left-aligned columns separated by two spaces.
@@ -394,14 +397,24 @@ pub fn volumes_table(rows: &[VolumeRow]) -> String {
                     None => "-".into(),
                 },
                 r.snapshots.to_string(),
+                health(&r.problems),
                 paths(&r.staged_at),
                 paths(&r.published_at),
-                health(&r.problems),
             ]
         })
         .collect();
     table(
-        &["ID", "PVC", "TYPE", "SIZE", "USED", "SNAPS", "STAGED", "PUBLISHED", "HEALTH"],
+        &[
+            "ID",
+            "PVC",
+            "TYPE",
+            "SIZE",
+            "USED",
+            "SNAPS",
+            "HEALTH",
+            "STAGED",
+            "PUBLISHED",
+        ],
         &rows,
     )
 }
@@ -421,7 +434,14 @@ pub fn snapshots_table(rows: &[SnapshotRow]) -> String {
         })
         .collect();
     table(
-        &["ID", "SOURCE VOLUME", "TYPE", "SIZE", "CREATED (UNIX)", "HEALTH"],
+        &[
+            "ID",
+            "SOURCE VOLUME",
+            "TYPE",
+            "SIZE",
+            "CREATED (UNIX)",
+            "HEALTH",
+        ],
         &rows,
     )
 }
@@ -460,6 +480,7 @@ mod tests {
         assert_eq!(human_bytes(512), "512 B");
         assert_eq!(human_bytes(64 << 20), "64 MiB");
         assert_eq!(human_bytes(3 << 29), "1.5 GiB");
+        assert_eq!(human_bytes((252 << 30) + 1000), "252 GiB");
         let t = table(&["A", "B"], &[vec!["long".into(), "x".into()]]);
         assert_eq!(t, "A     B\nlong  x\n");
         assert!(is_publish_path(Path::new(

@@ -13,7 +13,14 @@ async fn json_rpc_lines_have_method_volume_outcome_duration_and_no_secrets() {
     let mut c = d.clients().await;
     let mut req = create_req("pvc-logs", MIB, &[("type", "dir")], rwo());
     req.secrets = params(&[("password", SECRET)]);
-    let vol = c.controller.create_volume(req).await.unwrap().into_inner().volume.unwrap();
+    let vol = c
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
     let mut bad = create_req("pvc-logs-bad", MIB, &[("type", "nope")], rwo());
     bad.secrets = params(&[("password", SECRET)]);
     assert!(c.controller.create_volume(bad).await.is_err());

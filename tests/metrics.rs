@@ -50,8 +50,11 @@ async fn metrics_count_calls_errors_volumes_and_space() {
     )
     .await;
     let mut c = d.clients().await;
-    let a = c.create("pvc-m1", 64 * MIB, &[("type", "dir")], rwo()).await;
-    c.create("pvc-m2", 32 * MIB, &[("type", "dir")], rwo()).await;
+    let a = c
+        .create("pvc-m1", 64 * MIB, &[("type", "dir")], rwo())
+        .await;
+    c.create("pvc-m2", 32 * MIB, &[("type", "dir")], rwo())
+        .await;
     assert_code(
         c.controller
             .create_volume(create_req("pvc-m3", MIB, &[("type", "nope")], rwo()))
@@ -67,15 +70,24 @@ async fn metrics_count_calls_errors_volumes_and_space() {
 
     let (head, body) = get(port, "/metrics");
     assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    assert!(head.to_lowercase().contains("content-type: text/plain"), "{head}");
+    assert!(
+        head.to_lowercase().contains("content-type: text/plain"),
+        "{head}"
+    );
     let m = samples(&body);
     let val = |k: &str| *m.get(k).unwrap_or_else(|| panic!("no {k} in\n{body}"));
-    assert_eq!(val(r#"localvol_rpc_requests_total{method="CreateVolume"}"#), 3.0);
+    assert_eq!(
+        val(r#"localvol_rpc_requests_total{method="CreateVolume"}"#),
+        3.0
+    );
     assert_eq!(
         val(r#"localvol_rpc_errors_total{method="CreateVolume",code="InvalidArgument"}"#),
         1.0
     );
-    assert_eq!(val(r#"localvol_rpc_duration_seconds_count{method="CreateVolume"}"#), 3.0);
+    assert_eq!(
+        val(r#"localvol_rpc_duration_seconds_count{method="CreateVolume"}"#),
+        3.0
+    );
     assert_eq!(val(r#"localvol_volumes{type="dir"}"#), 2.0);
     assert_eq!(
         val(r#"localvol_volume_provisioned_bytes{type="dir"}"#),
@@ -94,7 +106,10 @@ async fn metrics_count_calls_errors_volumes_and_space() {
     c.delete(&a.volume_id).await.unwrap();
     let m = samples(&get(port, "/metrics").1);
     assert_eq!(m[r#"localvol_volumes{type="dir"}"#], 1.0);
-    assert_eq!(m[r#"localvol_rpc_requests_total{method="DeleteVolume"}"#], 1.0);
+    assert_eq!(
+        m[r#"localvol_rpc_requests_total{method="DeleteVolume"}"#],
+        1.0
+    );
 
     let (head, _) = get(port, "/other");
     assert!(head.starts_with("HTTP/1.1 404"), "{head}");
