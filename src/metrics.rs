@@ -103,6 +103,9 @@ pub struct Metrics {
     registry: Registry,
     root: RootGauges,
     driver: Arc<Driver>,
+    /// Refresh and encode as one step: concurrent scrapes would otherwise add to
+    /// each other's freshly cleared gauges.
+    scrape: std::sync::Mutex<()>,
 }
 
 fn gauge_i64(v: u64) -> i64 {
@@ -184,6 +187,7 @@ impl Metrics {
             registry,
             root,
             driver,
+            scrape: std::sync::Mutex::new(()),
         }
     }
 
@@ -242,6 +246,7 @@ impl Metrics {
 
     /// The Prometheus text exposition, freshly computed.
     pub fn render(&self) -> String {
+        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
         self.refresh();
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
