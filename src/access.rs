@@ -226,10 +226,7 @@ mod tests {
         let other = vec!["/t1".to_string()];
         for m in ALL {
             let single = m.is_single_publisher();
-            assert_eq!(
-                check_node_publish(single, &other).is_err(),
-                m == SingleNodeSingleWriter
-            );
+            assert_eq!(check_node_publish(single, &other).is_err(), m == SingleNodeSingleWriter);
             assert!(check_node_publish(single, &[]).is_ok());
         }
     }

@@ -22,24 +22,13 @@ pub struct PublishRules {
 pub fn publish_rules(rec: &VolumeRecord, cap: &Capability, readonly: bool) -> Result<PublishRules> {
     access::check_supported(Driver::offer_of(rec), cap).map_err(Error::InvalidArgument)?;
     if !rec.capabilities.is_empty() {
-        let kind_matches = rec
-            .capabilities
-            .iter()
-            .any(|c| c.is_block() == cap.is_block());
+        let kind_matches = rec.capabilities.iter().any(|c| c.is_block() == cap.is_block());
         if !kind_matches {
             return Err(Error::FailedPrecondition(format!(
                 "volume {} was created for {} access and cannot be published as {}",
                 rec.id,
-                if cap.is_block() {
-                    "filesystem"
-                } else {
-                    "block"
-                },
-                if cap.is_block() {
-                    "a block device"
-                } else {
-                    "a filesystem"
-                },
+                if cap.is_block() { "filesystem" } else { "block" },
+                if cap.is_block() { "a block device" } else { "a filesystem" },
             )));
         }
     }
@@ -54,13 +43,7 @@ pub fn publish_rules(rec: &VolumeRecord, cap: &Capability, readonly: bool) -> Re
 }
 
 impl Driver {
-    pub fn controller_publish(
-        &self,
-        id: &str,
-        node: &str,
-        cap: &Capability,
-        readonly: bool,
-    ) -> Result<()> {
+    pub fn controller_publish(&self, id: &str, node: &str, cap: &Capability, readonly: bool) -> Result<()> {
         let mut rec = self.volume(id)?;
         if !rec.shared && node != rec.node_id {
             if let Some(other) = rec.attachments.keys().next() {
@@ -88,15 +71,9 @@ impl Driver {
         }
         let attached: Vec<String> = rec.attachments.keys().cloned().collect();
         // Several nodes only when both the request and every created mode allow it.
-        let multi =
-            cap.mode.is_multi_node() && rec.capabilities.iter().all(|c| c.mode.is_multi_node());
-        let mode = if multi {
-            cap.mode
-        } else {
-            AccessMode::SingleNodeWriter
-        };
-        access::check_controller_publish(mode, node, &attached)
-            .map_err(Error::FailedPrecondition)?;
+        let multi = cap.mode.is_multi_node() && rec.capabilities.iter().all(|c| c.mode.is_multi_node());
+        let mode = if multi { cap.mode } else { AccessMode::SingleNodeWriter };
+        access::check_controller_publish(mode, node, &attached).map_err(Error::FailedPrecondition)?;
         if multi && mode == AccessMode::MultiNodeSingleWriter && !rules.readonly {
             if let Some((writer, _)) = rec.attachments.iter().find(|(_, a)| !a.readonly) {
                 return Err(Error::FailedPrecondition(format!(
@@ -105,12 +82,7 @@ impl Driver {
                 )));
             }
         }
-        rec.attachments.insert(
-            node.to_string(),
-            Attachment {
-                readonly: rules.readonly,
-            },
-        );
+        rec.attachments.insert(node.to_string(), Attachment { readonly: rules.readonly });
         self.store.put_volume(&rec)?;
         tracing::info!(volume = %id, node, readonly = rules.readonly, "volume published to node");
         Ok(())
@@ -149,24 +121,13 @@ mod tests {
 
     fn rec(modes: &[AccessMode], block: bool) -> VolumeRecord {
         let t = |m| Capability {
-            access_type: if block {
-                AccessType::Block
-            } else {
-                AccessType::Mount {
-                    fs_type: String::new(),
-                    flags: vec![],
-                }
-            },
+            access_type: if block { AccessType::Block } else { AccessType::Mount { fs_type: String::new(), flags: vec![] } },
             mode: m,
         };
         VolumeRecord {
             id: "vol-x".into(),
             name: "n".into(),
-            volume_type: if block {
-                VolumeType::Loop
-            } else {
-                VolumeType::Dir
-            },
+            volume_type: if block { VolumeType::Loop } else { VolumeType::Dir },
             capacity_bytes: 1,
             parameters: BTreeMap::new(),
             capabilities: modes.iter().map(|m| t(*m)).collect(),
@@ -180,13 +141,7 @@ mod tests {
     }
 
     fn mount(mode: AccessMode) -> Capability {
-        Capability {
-            access_type: AccessType::Mount {
-                fs_type: String::new(),
-                flags: vec![],
-            },
-            mode,
-        }
+        Capability { access_type: AccessType::Mount { fs_type: String::new(), flags: vec![] }, mode }
     }
 
     #[test]

@@ -34,6 +34,7 @@ impl Driver {
         Ok(Some(mount::key_of(table, &data)?))
     }
 
+
     pub fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
         let rec = self.volume(id)?;
         let rules = publish_rules(&rec, cap, false)?;
@@ -121,10 +122,7 @@ impl Driver {
         }
         // Attached read-only to this node by the controller: read-only here too.
         let ro = rules.readonly
-            || rec
-                .attachments
-                .get(&self.cfg.node_id)
-                .is_some_and(|a| a.readonly);
+            || rec.attachments.get(&self.cfg.node_id).is_some_and(|a| a.readonly);
         let target = mount::canonical(&req.target_path);
         if let Some(m) = mount::mount_at(&table, &target) {
             if m.key() == key && m.is_readonly() == ro {

@@ -209,9 +209,7 @@ impl<T: Record> Table<T> {
     /// Reads one record again from disk (another node may have written it, on a
     /// shared root), updating the in-memory copy.
     pub fn reload(&self, id: &str) -> Option<T> {
-        let fresh = fs::read(self.path(id))
-            .ok()
-            .and_then(|b| serde_json::from_slice::<T>(&b).ok());
+        let fresh = fs::read(self.path(id)).ok().and_then(|b| serde_json::from_slice::<T>(&b).ok());
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         match &fresh {
             Some(rec) => map.insert(id.to_string(), rec.clone()),
@@ -295,11 +293,7 @@ impl Store {
     }
 
     /// One page of volumes, local and shared merged in id order.
-    pub fn page_volumes(
-        &self,
-        after: Option<&str>,
-        max: usize,
-    ) -> (Vec<VolumeRecord>, Option<String>) {
+    pub fn page_volumes(&self, after: Option<&str>, max: usize) -> (Vec<VolumeRecord>, Option<String>) {
         let Some(shared) = &self.shared_volumes else {
             return self.volumes.page(after, max, |_| true);
         };

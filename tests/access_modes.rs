@@ -22,10 +22,7 @@ const MODES: [Mode; 7] = [
 ];
 
 fn is_multi_node(m: Mode) -> bool {
-    matches!(
-        m,
-        Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter
-    )
+    matches!(m, Mode::MultiNodeReaderOnly | Mode::MultiNodeSingleWriter | Mode::MultiNodeMultiWriter)
 }
 
 fn is_reader(m: Mode) -> bool {
@@ -37,13 +34,7 @@ fn try_write(dir: &Path, name: &str) -> Result<(), i32> {
     fs::write(dir.join(name), name.as_bytes()).map_err(|e| e.raw_os_error().unwrap_or(-1))
 }
 
-async fn controller_publish(
-    c: &mut Clients,
-    id: &str,
-    node: &str,
-    mode: Mode,
-    ro: bool,
-) -> Result<(), tonic::Status> {
+async fn controller_publish(c: &mut Clients, id: &str, node: &str, mode: Mode, ro: bool) -> Result<(), tonic::Status> {
     c.controller
         .controller_publish_volume(ControllerPublishVolumeRequest {
             volume_id: id.into(),
@@ -71,19 +62,9 @@ async fn controller_unpublish(c: &mut Clients, id: &str, node: &str) {
 async fn node_local_volumes_refuse_multi_node_modes() {
     let d = Driver::start().await;
     let mut c = d.clients().await;
-    let rwo = c
-        .create("pvc-local", MIB, &[], mount_cap(Mode::SingleNodeWriter))
-        .await;
+    let rwo = c.create("pvc-local", MIB, &[], mount_cap(Mode::SingleNodeWriter)).await;
     for mode in MODES {
-        let created = c
-            .controller
-            .create_volume(create_req(
-                &format!("pvc-local-{}", mode as i32),
-                MIB,
-                &[],
-                mount_cap(mode),
-            ))
-            .await;
+        let created = c.controller.create_volume(create_req(&format!("pvc-local-{}", mode as i32), MIB, &[], mount_cap(mode))).await;
         let validated = c
             .controller
             .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
@@ -97,67 +78,28 @@ async fn node_local_volumes_refuse_multi_node_modes() {
         if is_multi_node(mode) {
             let err = created.unwrap_err();
             assert_eq!(err.code(), Code::InvalidArgument, "{mode:?}");
-            assert!(
-                err.message().contains("several nodes"),
-                "the message says why: {}",
-                err.message()
-            );
-            assert!(
-                validated.confirmed.is_none() && validated.message.contains("several nodes"),
-                "{mode:?}"
-            );
+            assert!(err.message().contains("several nodes"), "the message says why: {}", err.message());
+            assert!(validated.confirmed.is_none() && validated.message.contains("several nodes"), "{mode:?}");
         } else {
             created.unwrap();
             assert!(validated.confirmed.is_some(), "{mode:?}");
         }
     }
     // A node-local volume cannot be published to another node at all.
-    assert_code(
-        controller_publish(
-            &mut c,
-            &rwo.volume_id,
-            "node-b",
-            Mode::SingleNodeWriter,
-            false,
-        )
-        .await,
-        Code::NotFound,
-    );
-    controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, false)
-        .await
-        .unwrap();
-    controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, false)
-        .await
-        .unwrap();
-    assert_code(
-        controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, true).await,
-        Code::AlreadyExists,
-    );
+    assert_code(controller_publish(&mut c, &rwo.volume_id, "node-b", Mode::SingleNodeWriter, false).await, Code::NotFound);
+    controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, false).await.unwrap();
+    controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, false).await.unwrap();
+    assert_code(controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, true).await, Code::AlreadyExists);
     // Published on its node, a second node is told it is published elsewhere.
-    assert_code(
-        controller_publish(
-            &mut c,
-            &rwo.volume_id,
-            "node-b",
-            Mode::SingleNodeWriter,
-            false,
-        )
-        .await,
-        Code::FailedPrecondition,
-    );
+    assert_code(controller_publish(&mut c, &rwo.volume_id, "node-b", Mode::SingleNodeWriter, false).await, Code::FailedPrecondition);
     // Published volumes are listed with their node, and cannot be deleted.
     let got = c
         .controller
-        .controller_get_volume(ControllerGetVolumeRequest {
-            volume_id: rwo.volume_id.clone(),
-        })
+        .controller_get_volume(ControllerGetVolumeRequest { volume_id: rwo.volume_id.clone() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        got.status.unwrap().published_node_ids,
-        vec![NODE.to_string()]
-    );
+    assert_eq!(got.status.unwrap().published_node_ids, vec![NODE.to_string()]);
     assert_code(c.delete(&rwo.volume_id).await, Code::FailedPrecondition);
     controller_unpublish(&mut c, &rwo.volume_id, NODE).await;
     controller_unpublish(&mut c, &rwo.volume_id, NODE).await;
@@ -172,38 +114,24 @@ async fn every_mode_on_a_shared_root_with_two_nodes_and_a_restart() {
     fs::create_dir_all(&shared).unwrap();
     a.extra_args = vec!["--shared-root".into(), shared.display().to_string()];
     a.restart_after_kill9().await;
-    let b = Driver::start_as(
-        "node-b",
-        vec!["--shared-root".into(), shared.display().to_string()],
-        None,
-    )
-    .await;
+    let b = Driver::start_as("node-b", vec!["--shared-root".into(), shared.display().to_string()], None).await;
     let mut ca = a.clients().await;
     let mut cb = b.clients().await;
 
     for mode in MODES {
         let row = format!("{mode:?}");
         let name = format!("pvc-shared-{}", mode as i32);
-        let vol = ca
-            .create(&name, MIB, &[("shared", "true")], mount_cap(mode))
-            .await;
+        let vol = ca.create(&name, MIB, &[("shared", "true")], mount_cap(mode)).await;
         let id = vol.volume_id.clone();
-        assert!(
-            vol.accessible_topology.is_empty(),
-            "{row}: a shared volume has no node topology"
-        );
+        assert!(vol.accessible_topology.is_empty(), "{row}: a shared volume has no node topology");
 
         // The attach step: node A, then node B.
-        controller_publish(&mut ca, &id, NODE, mode, false)
-            .await
-            .unwrap();
+        controller_publish(&mut ca, &id, NODE, mode, false).await.unwrap();
         let second_node = controller_publish(&mut ca, &id, "node-b", mode, false).await;
         if mode == Mode::MultiNodeSingleWriter {
             // One writer among the nodes: a second one only reads.
             assert_code(second_node, Code::FailedPrecondition);
-            controller_publish(&mut ca, &id, "node-b", mode, true)
-                .await
-                .unwrap();
+            controller_publish(&mut ca, &id, "node-b", mode, true).await.unwrap();
         } else if is_multi_node(mode) {
             second_node.unwrap_or_else(|s| panic!("{row}: {s:?}"));
         } else {
@@ -215,9 +143,7 @@ async fn every_mode_on_a_shared_root_with_two_nodes_and_a_restart() {
         fs::create_dir_all(&staging).unwrap();
         ca.stage(&id, &staging, mount_cap(mode)).await.unwrap();
         let t1 = a.path(&format!("k/{name}/t1"));
-        ca.publish(&id, &staging, &t1, mount_cap(mode), false)
-            .await
-            .unwrap();
+        ca.publish(&id, &staging, &t1, mount_cap(mode), false).await.unwrap();
         let write = try_write(&t1, "from-a");
         if is_reader(mode) {
             assert_eq!(write, Err(libc::EROFS), "{row}: readers cannot write");
@@ -246,27 +172,14 @@ async fn every_mode_on_a_shared_root_with_two_nodes_and_a_restart() {
         if mode == Mode::SingleNodeSingleWriter {
             assert_code(second, Code::FailedPrecondition);
             ca.unpublish(&id, &t1).await.unwrap();
-            ca.publish(&id, &staging, &t2, mount_cap(mode), false)
-                .await
-                .unwrap();
+            ca.publish(&id, &staging, &t2, mount_cap(mode), false).await.unwrap();
         } else {
             second.unwrap_or_else(|s| panic!("{row}: {s:?}"));
             ca.unpublish(&id, &t1).await.unwrap();
         }
         assert_code_or_ok(
-            controller_publish(
-                &mut ca,
-                &id,
-                "node-c",
-                mode,
-                mode == Mode::MultiNodeSingleWriter,
-            )
-            .await,
-            if is_multi_node(mode) {
-                Code::Ok
-            } else {
-                Code::FailedPrecondition
-            },
+            controller_publish(&mut ca, &id, "node-c", mode, mode == Mode::MultiNodeSingleWriter).await,
+            if is_multi_node(mode) { Code::Ok } else { Code::FailedPrecondition },
         );
 
         // Node B, for the modes that allow a second node: it sees node A's data.
@@ -275,9 +188,7 @@ async fn every_mode_on_a_shared_root_with_two_nodes_and_a_restart() {
             fs::create_dir_all(&sb).unwrap();
             cb.stage(&id, &sb, mount_cap(mode)).await.unwrap();
             let tb = b.path(&format!("k/{name}/tb"));
-            cb.publish(&id, &sb, &tb, mount_cap(mode), false)
-                .await
-                .unwrap();
+            cb.publish(&id, &sb, &tb, mount_cap(mode), false).await.unwrap();
             if mode == Mode::MultiNodeSingleWriter {
                 // Node B was attached read-only: its mounts refuse writes.
                 assert_eq!(fs::read(tb.join("from-a")).unwrap(), b"from-a", "{row}");
