@@ -11,12 +11,15 @@ pub mod csi;
 pub mod error;
 pub mod filesystem;
 pub mod ids;
+pub mod inspect;
 pub mod locks;
 pub mod loopdev;
+pub mod metrics;
 pub mod mount;
 pub mod params;
 pub mod publish;
 pub mod server;
+pub mod status;
 pub mod store;
 pub mod volumes;
 

@@ -1,4 +1,5 @@
-//! The `localvol` command: `localvol serve` runs the CSI driver.
+//! The `localvol` command: `localvol serve` runs the CSI driver; `status`,
+//! `volumes` and `snapshots` show what a node's root holds.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +23,29 @@ struct Cli {
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+/// Flags of the read-only commands.
+#[derive(clap::Args)]
+struct ShowArgs {
+    /// The driver's root, as given to `serve --root`.
+    #[arg(long, default_value = "/var/lib/localvol")]
+    root: PathBuf,
+    #[arg(long, value_enum, default_value = "table")]
+    output: Output,
+}
+
+#[derive(Clone, Copy)]
+enum Show {
+    Status,
+    Volumes,
+    Snapshots,
 }
 
 #[derive(Subcommand)]
@@ -60,7 +84,51 @@ enum Command {
         /// Log format; the level comes from RUST_LOG (default info).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
+        /// Serve Prometheus metrics at http://HOST:PORT/metrics (off by default).
+        #[arg(long, value_name = "HOST:PORT")]
+        metrics_address: Option<std::net::SocketAddr>,
+        /// Seconds a call may run before it is answered DEADLINE_EXCEEDED.
+        #[arg(long, value_name = "SECONDS", default_value_t = 120)]
+        rpc_timeout: u64,
     },
+    /// Summary of the node's root (space, counts, health problems), then its volumes.
+    /// Reads the root and the mount table: works with the driver stopped.
+    Status(ShowArgs),
+    /// The volumes of the node's root: PVC, size, used, mounts, snapshots, health.
+    Volumes(ShowArgs),
+    /// The snapshots of the node's root.
+    Snapshots(ShowArgs),
+}
+
+fn show(what: Show, args: ShowArgs) -> ExitCode {
+    use localvol::status;
+    let report = match status::inspect(&args.root) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("localvol: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let text = match (args.output, what) {
+        (Output::Json, Show::Status) => to_json(&report),
+        (Output::Json, Show::Volumes) => to_json(&report.volumes),
+        (Output::Json, Show::Snapshots) => to_json(&report.snapshots),
+        (Output::Table, Show::Status) => format!(
+            "{}\n{}",
+            status::summary_text(&report.summary),
+            status::volumes_table(&report.volumes)
+        ),
+        (Output::Table, Show::Volumes) => status::volumes_table(&report.volumes),
+        (Output::Table, Show::Snapshots) => status::snapshots_table(&report.snapshots),
+    };
+    print!("{text}");
+    ExitCode::SUCCESS
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> String {
+    let mut s = serde_json::to_string_pretty(v).expect("reports serialize");
+    s.push('\n');
+    s
 }
 
 fn init_logging(format: LogFormat) {
@@ -98,8 +166,15 @@ fn main() -> ExitCode {
             enable_btrfs_quota,
             node_expansion_only,
             log_format,
+            metrics_address,
+            rpc_timeout,
         } => {
             init_logging(log_format);
+            if rpc_timeout == 0 {
+                eprintln!("localvol: --rpc-timeout must be at least 1 second");
+                return ExitCode::from(2);
+            }
+            localvol::csi::deadline::set_rpc_timeout(std::time::Duration::from_secs(rpc_timeout));
             if !is_dns_name(&driver_name) {
                 eprintln!("localvol: --driver-name {driver_name:?} must be a DNS name of at most 63 characters");
                 return ExitCode::from(2);
@@ -126,7 +201,7 @@ fn main() -> ExitCode {
                 .enable_all()
                 .build()
                 .expect("tokio runtime");
-            let result = rt.block_on(localvol::server::serve(cfg, &endpoint));
+            let result = rt.block_on(localvol::server::serve(cfg, &endpoint, metrics_address));
             // Do not wait on a call stuck in the kernel past the grace period.
             rt.shutdown_timeout(std::time::Duration::from_secs(1));
             match result {
@@ -138,5 +213,8 @@ fn main() -> ExitCode {
                 }
             }
         }
+        Command::Status(a) => show(Show::Status, a),
+        Command::Volumes(a) => show(Show::Volumes, a),
+        Command::Snapshots(a) => show(Show::Snapshots, a),
     }
 }

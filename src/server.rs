@@ -74,8 +74,13 @@ async fn shutdown_signal() {
     }
 }
 
-/// Opens the root and serves until SIGTERM or SIGINT.
-pub async fn serve(cfg: Config, endpoint: &str) -> Result<(), String> {
+/// Opens the root and serves until SIGTERM or SIGINT; also serves Prometheus
+/// metrics over HTTP when `metrics_address` is given.
+pub async fn serve(
+    cfg: Config,
+    endpoint: &str,
+    metrics_address: Option<std::net::SocketAddr>,
+) -> Result<(), String> {
     let path = socket_path(endpoint)?;
     let root = cfg.root.clone();
     let driver = tokio::task::spawn_blocking(move || Driver::open(cfg))
@@ -83,6 +88,13 @@ pub async fn serve(cfg: Config, endpoint: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("cannot open driver root {}: {e}", root.display()))?;
     let driver = Arc::new(driver);
+    if let Some(addr) = metrics_address {
+        let listener = crate::metrics::bind(addr).await?;
+        let local = listener.local_addr().map_err(|e| e.to_string())?;
+        tracing::info!(address = %local, "metrics at http://{local}/metrics");
+        let metrics = Arc::new(crate::metrics::Metrics::new(driver.clone()));
+        tokio::spawn(crate::metrics::serve(listener, metrics));
+    }
     let listener = bind(&path)?;
     tracing::info!(
         endpoint = %path.display(),

@@ -4,6 +4,7 @@
 //! mapped to statuses in one place, `error.rs`.
 
 pub mod controller;
+pub mod deadline;
 pub mod identity;
 pub mod node;
 
@@ -44,7 +45,7 @@ impl Drop for InFlight {
     }
 }
 
-/// Runs a blocking domain call and logs one line for the RPC.
+/// Runs a blocking domain call under the RPC deadline and logs one line for the RPC.
 pub async fn run<T, F>(method: &'static str, volume: &str, f: F) -> Result<T, Status>
 where
     T: Send + 'static,
@@ -53,16 +54,24 @@ where
     let start = Instant::now();
     // Counted until the blocking work ends, even if the client goes away.
     let counted = InFlight::enter();
-    let result = match tokio::task::spawn_blocking(move || {
+    let task = tokio::task::spawn_blocking(move || {
         let _counted = counted;
         f()
-    })
+    });
+    let result = match deadline::within(
+        method,
+        volume,
+        task,
+        deadline::SLOW_CALL,
+        deadline::rpc_timeout(),
+    )
     .await
     {
         Ok(r) => r.map_err(Status::from),
-        Err(e) => Err(Status::internal(format!(
-            "{method} failed unexpectedly: {e}"
+        Err(e @ deadline::Failure::Exceeded(_)) => Err(Status::deadline_exceeded(format!(
+            "{method} {e}; it may be stuck in the kernel, retry later"
         ))),
+        Err(e) => Err(Status::internal(format!("{method}: {e}"))),
     };
     log_outcome(method, volume, start, &result);
     result
@@ -80,12 +89,16 @@ pub async fn answer<T, Fut: Future<Output = Result<T, Status>>>(
     result
 }
 
+/// The one line per RPC. Only the method, the volume, the code and the status
+/// message are logged, never a request: requests carry `secrets`.
 fn log_outcome<T>(method: &str, volume: &str, start: Instant, result: &Result<T, Status>) {
-    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let took = start.elapsed();
+    let ms = took.as_secs_f64() * 1000.0;
+    crate::metrics::record_rpc(method, result.as_ref().err().map(|s| s.code()), took);
     match result {
         Ok(_) => tracing::info!(method, volume, outcome = "OK", duration_ms = ms, "rpc"),
         Err(s) => {
-            tracing::warn!(method, volume, outcome = ?s.code(), message = s.message(), duration_ms = ms, "rpc")
+            tracing::warn!(method, volume, outcome = ?s.code(), error = s.message(), duration_ms = ms, "rpc")
         }
     }
 }
