@@ -316,3 +316,49 @@ mod tests {
         assert_eq!(classify(&[]), Content::Empty);
     }
 }
+
+const FIFREEZE: libc::c_ulong = 0xC004_5877;
+const FITHAW: libc::c_ulong = 0xC004_5878;
+
+/// A filesystem frozen for the instant of a copy: every write is flushed to the
+/// device and new ones wait. Thawed on drop, so also on every error path; a crash
+/// while frozen is undone at start-up (`thaw`).
+pub struct Frozen {
+    dir: File,
+    mount_point: std::path::PathBuf,
+}
+
+pub fn freeze(mount_point: &Path) -> Result<Frozen> {
+    let dir = File::open(mount_point).ctx(|| format!("open {}", mount_point.display()))?;
+    if unsafe { libc::ioctl(dir.as_raw_fd(), FIFREEZE as _, 0) } < 0 {
+        return Err(Error::io(
+            format!("freeze {}", mount_point.display()),
+            io::Error::last_os_error(),
+        ));
+    }
+    Ok(Frozen {
+        dir,
+        mount_point: mount_point.to_path_buf(),
+    })
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        if unsafe { libc::ioctl(self.dir.as_raw_fd(), FITHAW as _, 0) } < 0 {
+            tracing::error!(mount = %self.mount_point.display(), err = %io::Error::last_os_error(), "thaw failed");
+        }
+    }
+}
+
+/// Thaws a filesystem a crashed run may have left frozen; not frozen is fine.
+pub fn thaw(mount_point: &Path) -> Result<bool> {
+    let dir = File::open(mount_point).ctx(|| format!("open {}", mount_point.display()))?;
+    if unsafe { libc::ioctl(dir.as_raw_fd(), FITHAW as _, 0) } < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EINVAL) {
+            return Ok(false);
+        }
+        return Err(Error::io(format!("thaw {}", mount_point.display()), e));
+    }
+    Ok(true)
+}

@@ -19,6 +19,7 @@ pub mod mount;
 pub mod params;
 pub mod publish;
 pub mod server;
+pub mod snapshots;
 pub mod status;
 pub mod store;
 pub mod volumes;

@@ -62,6 +62,18 @@ fn bool_param(key: &str, v: &str) -> Result<bool> {
     }
 }
 
+/// Validates VolumeSnapshotClass parameters: localvol takes none of its own, so
+/// only the keys the snapshotter adds are accepted.
+pub fn check_snapshot_parameters(params: &BTreeMap<String, String>) -> Result<()> {
+    match params.keys().find(|k| !k.starts_with(KUBERNETES_PREFIX)) {
+        Some(k) => Err(Error::InvalidArgument(format!(
+            "unknown snapshot parameter {k:?}; localvol snapshot classes take only \
+             csi.storage.k8s.io/* keys"
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Parses and validates StorageClass parameters.
 pub fn parse(params: &BTreeMap<String, String>) -> Result<VolumeParams> {
     let mut p = VolumeParams {

@@ -76,6 +76,12 @@ impl Driver {
                     if smaller && fs_type == "ext4" {
                         filesystem::grow_offline(&dev.path())?;
                     }
+                    let mut flags = flags.clone();
+                    if fs_type == "xfs" {
+                        // Restores and clones carry their source's filesystem UUID,
+                        // which xfs otherwise refuses to mount twice.
+                        flags.fs_options.push("nouuid".into());
+                    }
                     filesystem::mount(&dev.path(), staging, &fs_type, &flags)?;
                     if smaller && fs_type == "xfs" {
                         filesystem::grow(&dev.path(), staging, &fs_type)?;

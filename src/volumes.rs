@@ -10,7 +10,7 @@
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::access::{self, Capability, Offer};
@@ -21,6 +21,7 @@ use crate::locks::{KeyGuard, KeyLocks};
 use crate::loopdev;
 use crate::mount;
 use crate::params::{self, VolumeType};
+use crate::snapshots::Source;
 use crate::store::{ContentSource, Store, VolumeRecord};
 
 /// Size given to a volume whose request names none.
@@ -171,20 +172,42 @@ impl Driver {
         Ok(driver)
     }
 
-    /// Data under volumes/ with no record was never reported created (or was being
-    /// deleted): remove it, unless something still has it mounted.
+    /// Data under volumes/ or snapshots/ with no record was never reported created
+    /// (or was being deleted): remove it, unless something still has it in use. A
+    /// loop filesystem a crash left frozen (mid-snapshot) is thawed.
     fn remove_leftovers(&self) -> Result<()> {
         let table = mount::mounts()?;
+        let root = fs::canonicalize(&self.layout.root).unwrap_or(self.layout.root.clone());
+        for (dev, backing) in loopdev::attached() {
+            if !backing.starts_with(&root) {
+                continue;
+            }
+            for m in table
+                .iter()
+                .filter(|m| m.dev == dev.dev && m.root == Path::new("/"))
+            {
+                if let Ok(true) = crate::filesystem::thaw(&m.mount_point) {
+                    tracing::warn!(mount = %m.mount_point.display(), "thawed a filesystem left frozen by an interrupted snapshot");
+                }
+            }
+        }
         // Only this node's root: on a shared root, data without a record may be
         // another node's create in progress.
-        for d in [self.layout.volumes_dir(false)] {
+        for (d, kind) in [
+            (self.layout.volumes_dir(false), Kind::Volume),
+            (self.layout.snapshots_dir(), Kind::Snapshot),
+        ] {
             let Ok(entries) = fs::read_dir(&d) else {
                 continue;
             };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let id = name.strip_suffix(".img").unwrap_or(&name);
-                if !ids::is_valid_id(Kind::Volume, id) || self.store.volume(id).is_some() {
+                let known = match kind {
+                    Kind::Volume => self.store.volume(id).is_some(),
+                    Kind::Snapshot => self.store.snapshots.get(id).is_some(),
+                };
+                if !ids::is_valid_id(kind, id) || known {
                     continue;
                 }
                 let path = entry.path();
@@ -193,7 +216,7 @@ impl Driver {
                         .map(|k| mount::mounts_of(&table, &k).any(|m| m.mount_point != path))
                         .unwrap_or(false);
                 if in_use {
-                    tracing::warn!(path = %path.display(), "unrecorded volume data is mounted; leaving it");
+                    tracing::warn!(path = %path.display(), "unrecorded data is in use; leaving it");
                     continue;
                 }
                 tracing::info!(path = %path.display(), "removing data of an interrupted create or delete");
@@ -315,11 +338,16 @@ impl Driver {
         if let Some(existing) = self.store.volume(&id) {
             return self.check_same_volume(existing, &req, &p, fs_type.as_deref());
         }
-        if let Some(src) = &req.source {
-            return Err(Error::InvalidArgument(format!(
-                "volume content source {src:?} is not supported by this driver version"
-            )));
-        }
+        let source = self.resolve_source(&req, &p, fs_type.as_deref())?;
+        let _source_guard = match &source {
+            Some(Source::Volume(v)) if v.id != id => Some(self.lock(&v.id)?),
+            Some(Source::Snapshot(snap)) => Some(self.lock(&snap.id)?),
+            _ => None,
+        };
+        let capacity = match &source {
+            Some(s) => capacity.max(s.size_bytes()),
+            None => capacity,
+        };
         if p.enforce_size && p.volume_type == VolumeType::Dir && !self.limits_for(p.shared) {
             return Err(Error::FailedPrecondition(format!(
                 "enforceSize is \"true\" but directory volume sizes are not enforced here ({}); \
@@ -337,7 +365,7 @@ impl Driver {
             capabilities: req.capabilities.clone(),
             fs_type,
             shared: p.shared,
-            source: None,
+            source: req.source.clone(),
             node_id: if p.shared {
                 String::new()
             } else {
@@ -347,13 +375,52 @@ impl Driver {
             attachments: BTreeMap::new(),
         };
         let data = self.data_path(&rec);
-        match rec.volume_type {
-            VolumeType::Dir => dir::create(&data, &id, capacity, self.limits(rec.shared))?,
-            VolumeType::Loop => loopfile::create(&data, capacity, p.allocation)?,
+        match (&source, rec.volume_type) {
+            (Some(s), _) => self.fill_from(&rec, s)?,
+            (None, VolumeType::Dir) => dir::create(&data, &id, capacity, self.limits(rec.shared))?,
+            (None, VolumeType::Loop) => loopfile::create(&data, capacity, p.allocation)?,
         }
         self.store.put_volume(&rec)?;
         tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
         Ok(rec)
+    }
+
+    /// The snapshot or volume a new volume is to be filled from, checked against
+    /// what is asked: the same volume type and filesystem, and room for its data.
+    fn resolve_source(
+        &self,
+        req: &CreateRequest,
+        p: &params::VolumeParams,
+        fs_type: Option<&str>,
+    ) -> Result<Option<Source>> {
+        let source = match &req.source {
+            None => return Ok(None),
+            Some(ContentSource::Snapshot(id)) => Source::Snapshot(self.snapshot(id)?),
+            Some(ContentSource::Volume(id)) => Source::Volume(self.volume(id)?),
+        };
+        if source.volume_type() != p.volume_type {
+            return Err(Error::InvalidArgument(format!(
+                "the content source holds a {:?} volume's data; the new volume must have the \
+                 same type",
+                source.volume_type()
+            )));
+        }
+        if p.volume_type == VolumeType::Loop && source.fs_type() != fs_type {
+            return Err(Error::InvalidArgument(format!(
+                "the content source holds {}; the new volume asks for {}",
+                source.fs_type().unwrap_or("no filesystem"),
+                fs_type.unwrap_or("none")
+            )));
+        }
+        let size = source.size_bytes();
+        if (req.required_bytes > 0 && (req.required_bytes as u64) < size)
+            || (req.limit_bytes > 0 && (req.limit_bytes as u64) < size)
+        {
+            return Err(Error::OutOfRange(format!(
+                "the content source holds {size} bytes; the new volume cannot be smaller"
+            )));
+        }
+        Ok(Some(source))
     }
 
     /// Refuses a requested topology that does not include this node.
@@ -452,7 +519,7 @@ impl Driver {
 
     /// The size limits that apply to directory volumes on the local or shared root.
     /// A shared root is another filesystem: its sizes are not enforced.
-    fn limits(&self, shared: bool) -> &DirLimits {
+    pub(crate) fn limits(&self, shared: bool) -> &DirLimits {
         static NONE: std::sync::OnceLock<DirLimits> = std::sync::OnceLock::new();
         if shared {
             NONE.get_or_init(|| DirLimits::None {

@@ -151,15 +151,18 @@ pub fn create_subvolume(path: &Path) -> Result<()> {
     ioctl(&p, SUBVOL_CREATE, &mut args).ctx(|| format!("create subvolume {}", path.display()))
 }
 
-/// A read-write snapshot of subvolume `source` at `dest`: instant, no data copied.
-pub fn snapshot(source: &Path, dest: &Path) -> Result<()> {
+const SUBVOL_RDONLY: u64 = 1 << 1;
+
+/// A snapshot of subvolume `source` at `dest`: instant, no data copied. Snapshots
+/// kept as snapshots are read-only; restores and clones are writable.
+pub fn snapshot(source: &Path, dest: &Path, readonly: bool) -> Result<()> {
     let src = open_dir(source)?;
     let (parent, name) = split(dest)?;
     let p = open_dir(parent)?;
     let mut args = VolArgsV2 {
         fd: src.as_raw_fd() as i64,
         transid: 0,
-        flags: 0,
+        flags: if readonly { SUBVOL_RDONLY } else { 0 },
         unused: [0; 4],
         name: name_bytes(name)?,
     };

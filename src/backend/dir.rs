@@ -35,6 +35,18 @@ pub fn create(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()
     sync_dir(path.parent().expect("volume paths have a parent"))
 }
 
+/// Puts a size limit on a volume whose data was copied in (restore, clone). With
+/// project quotas only files written from now on carry the project.
+pub fn limit_new(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()> {
+    match limits {
+        DirLimits::Btrfs { quota: true, .. } if btrfs::is_subvolume(path) => {
+            btrfs::set_limit(path, size)
+        }
+        DirLimits::ProjectQuota => projquota::assign(path, id, size),
+        _ => Ok(()),
+    }
+}
+
 /// Changes the size limit of the volume at `path`, where the root has limits.
 pub fn set_size(path: &Path, size: u64, limits: &DirLimits) -> Result<()> {
     match limits {

@@ -10,6 +10,7 @@
 //! Every path is built from a validated id (`ids`), never from a request string.
 
 pub mod btrfs;
+pub mod copy;
 pub mod dir;
 pub mod loopfile;
 pub mod projquota;

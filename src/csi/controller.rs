@@ -1,5 +1,7 @@
 //! CSI Controller: volume lifecycle, capacity and listing.
 
+use std::collections::BTreeMap;
+
 use tonic::{Request, Response, Status};
 
 use super::{
@@ -8,7 +10,7 @@ use super::{
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self as csc, rpc};
 use crate::proto::*;
-use crate::store::{ContentSource, VolumeRecord};
+use crate::store::{ContentSource, SnapshotRecord, VolumeRecord};
 use crate::volumes::{CreateRequest, Driver};
 
 pub struct ControllerService {
@@ -27,6 +29,9 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::ListVolumesPublishedNodes,
     rpc::Type::SingleNodeMultiWriter,
     rpc::Type::ExpandVolume,
+    rpc::Type::CreateDeleteSnapshot,
+    rpc::Type::ListSnapshots,
+    rpc::Type::CloneVolume,
 ];
 
 pub fn volume_to_proto(driver: &Driver, rec: &VolumeRecord) -> Volume {
@@ -267,38 +272,74 @@ impl Controller for ControllerService {
 
     async fn create_snapshot(
         &self,
-        _: Request<CreateSnapshotRequest>,
+        request: Request<CreateSnapshotRequest>,
     ) -> Result<Response<CreateSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "CreateSnapshot is not offered by this driver version",
-        ))
+        let r = request.into_inner();
+        let name = required("name", &r.name)?.to_string();
+        let source = required("source_volume_id", &r.source_volume_id)?.to_string();
+        let parameters: BTreeMap<String, String> = r.parameters.into_iter().collect();
+        let driver = self.driver.clone();
+        run("CreateSnapshot", &source.clone(), move || {
+            let snap = driver.create_snapshot(&name, &source, &parameters)?;
+            Ok(Response::new(CreateSnapshotResponse {
+                snapshot: Some(snapshot_to_proto(&snap)),
+            }))
+        })
+        .await
     }
 
     async fn delete_snapshot(
         &self,
-        _: Request<DeleteSnapshotRequest>,
+        request: Request<DeleteSnapshotRequest>,
     ) -> Result<Response<DeleteSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "DeleteSnapshot is not offered by this driver version",
-        ))
+        let id = required("snapshot_id", &request.get_ref().snapshot_id)?.to_string();
+        let driver = self.driver.clone();
+        run("DeleteSnapshot", &id.clone(), move || {
+            driver.delete_snapshot(&id)?;
+            Ok(Response::new(DeleteSnapshotResponse {}))
+        })
+        .await
     }
 
     async fn list_snapshots(
         &self,
-        _: Request<ListSnapshotsRequest>,
+        request: Request<ListSnapshotsRequest>,
     ) -> Result<Response<ListSnapshotsResponse>, Status> {
-        Err(Status::unimplemented(
-            "ListSnapshots is not offered by this driver version",
-        ))
+        let r = request.into_inner();
+        let driver = self.driver.clone();
+        run("ListSnapshots", "", move || {
+            let (snaps, next) = driver.list_snapshots(
+                &r.snapshot_id,
+                &r.source_volume_id,
+                &r.starting_token,
+                r.max_entries,
+            )?;
+            Ok(Response::new(ListSnapshotsResponse {
+                entries: snaps
+                    .iter()
+                    .map(|s| list_snapshots_response::Entry {
+                        snapshot: Some(snapshot_to_proto(s)),
+                    })
+                    .collect(),
+                next_token: next.unwrap_or_default(),
+            }))
+        })
+        .await
     }
 
     async fn get_snapshot(
         &self,
-        _: Request<GetSnapshotRequest>,
+        request: Request<GetSnapshotRequest>,
     ) -> Result<Response<GetSnapshotResponse>, Status> {
-        Err(Status::unimplemented(
-            "GetSnapshot is not offered by this driver version",
-        ))
+        let id = required("snapshot_id", &request.get_ref().snapshot_id)?.to_string();
+        let driver = self.driver.clone();
+        run("GetSnapshot", &id.clone(), move || {
+            let snap = driver.snapshot(&id)?;
+            Ok(Response::new(GetSnapshotResponse {
+                snapshot: Some(snapshot_to_proto(&snap)),
+            }))
+        })
+        .await
     }
 
     async fn controller_expand_volume(
@@ -354,5 +395,21 @@ impl Controller for ControllerService {
         Err(Status::unimplemented(
             "ControllerModifyVolume is not offered by this driver",
         ))
+    }
+}
+
+/// A snapshot as CSI shows it: only complete, durable snapshots have records, so
+/// every one is ready to use.
+fn snapshot_to_proto(s: &SnapshotRecord) -> Snapshot {
+    Snapshot {
+        size_bytes: s.size_bytes as i64,
+        snapshot_id: s.id.clone(),
+        source_volume_id: s.source_volume_id.clone(),
+        creation_time: Some(prost_types::Timestamp {
+            seconds: s.created_unix,
+            nanos: s.created_nanos,
+        }),
+        ready_to_use: true,
+        group_snapshot_id: String::new(),
     }
 }

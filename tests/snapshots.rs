@@ -1,0 +1,496 @@
+//! Snapshots, restores and clones with real data, for every volume kind, and
+//! instant snapshots where the root's filesystem shares blocks.
+
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::path::Path;
+use std::time::Instant;
+
+use common::*;
+use localvol::proto::volume_capability::access_mode::Mode;
+use localvol::proto::volume_content_source::{SnapshotSource, Type as SourceType, VolumeSource};
+use localvol::proto::*;
+use tonic::Code;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Dir,
+    Ext4,
+    Xfs,
+    Block,
+}
+
+impl Kind {
+    fn params(self) -> Vec<(&'static str, &'static str)> {
+        match self {
+            Kind::Dir => vec![],
+            Kind::Ext4 => vec![("type", "loop"), ("fsType", "ext4")],
+            Kind::Xfs => vec![("type", "loop"), ("fsType", "xfs")],
+            Kind::Block => vec![("type", "loop")],
+        }
+    }
+    fn cap(self) -> VolumeCapability {
+        match self {
+            Kind::Block => block_cap(Mode::SingleNodeWriter),
+            _ => mount_cap(Mode::SingleNodeWriter),
+        }
+    }
+    fn size(self) -> i64 {
+        // xfs wants 300 MiB at least; files are sparse.
+        if self == Kind::Xfs {
+            320 * MIB
+        } else {
+            64 * MIB
+        }
+    }
+}
+
+/// A volume in use: created, staged and published under the driver's dir.
+struct Mounted {
+    id: String,
+    staging: std::path::PathBuf,
+    target: std::path::PathBuf,
+}
+
+async fn create_from(
+    c: &mut Clients,
+    name: &str,
+    kind: Kind,
+    bytes: i64,
+    source: Option<SourceType>,
+) -> Result<Volume, tonic::Status> {
+    let mut req = create_req(name, bytes, &kind.params(), kind.cap());
+    req.volume_content_source = source.map(|t| VolumeContentSource { r#type: Some(t) });
+    c.controller
+        .create_volume(req)
+        .await
+        .map(|r| r.into_inner().volume.unwrap())
+}
+
+async fn mount(c: &mut Clients, d: &Driver, id: &str, kind: Kind) -> Mounted {
+    let m = Mounted {
+        id: id.to_string(),
+        staging: d.path(&format!("staging-{id}")),
+        target: d.path(&format!("target-{id}")),
+    };
+    c.stage(id, &m.staging, kind.cap()).await.unwrap();
+    c.publish(id, &m.staging, &m.target, kind.cap(), false)
+        .await
+        .unwrap();
+    m
+}
+
+async fn unmount(c: &mut Clients, m: &Mounted) {
+    c.unpublish(&m.id, &m.target).await.unwrap();
+    c.unstage(&m.id, &m.staging).await.unwrap();
+}
+
+fn pattern(seed: u8) -> Vec<u8> {
+    (0..(3 << 20) as u32)
+        .map(|i| (i.wrapping_mul(31) as u8) ^ seed)
+        .collect()
+}
+
+/// Writes the pattern as a file (mount volumes) or at 1 MiB into the device.
+fn write_data(kind: Kind, m: &Mounted, data: &[u8]) {
+    if kind == Kind::Block {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&m.target)
+            .unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        f.write_all(data).unwrap();
+        f.sync_all().unwrap();
+    } else {
+        std::fs::create_dir_all(m.target.join("sub")).unwrap();
+        std::fs::write(m.target.join("sub/data"), data).unwrap();
+        std::fs::File::open(m.target.join("sub/data"))
+            .unwrap()
+            .sync_all()
+            .unwrap();
+    }
+}
+
+fn read_data(kind: Kind, m: &Mounted) -> Vec<u8> {
+    if kind == Kind::Block {
+        let mut f = std::fs::File::open(&m.target).unwrap();
+        f.seek(SeekFrom::Start(1 << 20)).unwrap();
+        let mut b = vec![0u8; 3 << 20];
+        f.read_exact(&mut b).unwrap();
+        b
+    } else {
+        std::fs::read(m.target.join("sub/data")).unwrap()
+    }
+}
+
+async fn snapshot(c: &mut Clients, name: &str, source: &str) -> Result<Snapshot, tonic::Status> {
+    c.controller
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: source.into(),
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().snapshot.unwrap())
+}
+
+fn from_snapshot(id: &str) -> Option<SourceType> {
+    Some(SourceType::Snapshot(SnapshotSource {
+        snapshot_id: id.into(),
+    }))
+}
+
+fn from_volume(id: &str) -> Option<SourceType> {
+    Some(SourceType::Volume(VolumeSource {
+        volume_id: id.into(),
+    }))
+}
+
+/// Snapshot, change, restore (larger), clone, delete the source, restore again,
+/// delete the snapshot: data compared byte for byte at every step.
+async fn story(kind: Kind) {
+    if !need_root() {
+        return;
+    }
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let size = kind.size();
+    let src = c.create("source", size, &kind.params(), kind.cap()).await;
+    let m = mount(&mut c, &d, &src.volume_id, kind).await;
+    let original = pattern(1);
+    write_data(kind, &m, &original);
+    let df = |p: &Path| {
+        let s = nix::sys::statvfs::statvfs(p).unwrap();
+        s.blocks() as u64 * s.fragment_size() as u64
+    };
+    let source_total = df(&m.target);
+
+    let snap = snapshot(&mut c, "snap", &src.volume_id).await.unwrap();
+    assert!(snap.ready_to_use);
+    assert_eq!(snap.source_volume_id, src.volume_id);
+    assert_eq!(snap.size_bytes, size);
+    assert!(snap.creation_time.is_some());
+    // Retried: the same snapshot.
+    let again = snapshot(&mut c, "snap", &src.volume_id).await.unwrap();
+    assert_eq!(again.snapshot_id, snap.snapshot_id);
+    assert_eq!(again.creation_time, snap.creation_time);
+    // The source stays writable after the freeze.
+    let changed = pattern(2);
+    write_data(kind, &m, &changed);
+
+    // Restore into a larger volume: the old data.
+    let restored = create_from(
+        &mut c,
+        "restored",
+        kind,
+        size + 64 * MIB,
+        from_snapshot(&snap.snapshot_id),
+    )
+    .await
+    .unwrap();
+    assert_eq!(restored.capacity_bytes, size + 64 * MIB);
+    assert!(matches!(
+        restored
+            .content_source
+            .as_ref()
+            .and_then(|s| s.r#type.clone()),
+        Some(SourceType::Snapshot(_))
+    ));
+    let r = mount(&mut c, &d, &restored.volume_id, kind).await;
+    assert!(
+        read_data(kind, &r) == original,
+        "restore holds the snapshot's data"
+    );
+    if kind == Kind::Ext4 || kind == Kind::Xfs {
+        let total = df(&r.target);
+        assert!(
+            total >= source_total + 48 * MIB as u64,
+            "filesystem grown to the larger volume: {source_total} -> {total}"
+        );
+    }
+
+    // Clone the (changed) source.
+    let clone = create_from(&mut c, "clone", kind, size, from_volume(&src.volume_id))
+        .await
+        .unwrap();
+    let cm = mount(&mut c, &d, &clone.volume_id, kind).await;
+    assert!(
+        read_data(kind, &cm) == changed,
+        "clone holds the source's data"
+    );
+
+    // Errors.
+    assert_code(
+        create_from(
+            &mut c,
+            "small",
+            kind,
+            size - MIB,
+            from_snapshot(&snap.snapshot_id),
+        )
+        .await,
+        Code::OutOfRange,
+    );
+    assert_code(
+        create_from(
+            &mut c,
+            "nosnap",
+            kind,
+            size,
+            from_snapshot("snap-00000000000000000000000000000000"),
+        )
+        .await,
+        Code::NotFound,
+    );
+    assert_code(
+        create_from(
+            &mut c,
+            "novol",
+            kind,
+            size,
+            from_volume("vol-00000000000000000000000000000000"),
+        )
+        .await,
+        Code::NotFound,
+    );
+    assert_code(
+        snapshot(&mut c, "orphan", "vol-00000000000000000000000000000000").await,
+        Code::NotFound,
+    );
+    let other = c.create("other", MIB, &[], rwo()).await;
+    assert_code(
+        snapshot(&mut c, "snap", &other.volume_id).await,
+        Code::AlreadyExists,
+    );
+
+    // The snapshot outlives its source, and a crash.
+    unmount(&mut c, &m).await;
+    c.delete(&src.volume_id).await.unwrap();
+    d.restart_after_kill9().await;
+    let mut c = d.clients().await;
+    let second = create_from(
+        &mut c,
+        "second",
+        kind,
+        size,
+        from_snapshot(&snap.snapshot_id),
+    )
+    .await
+    .unwrap();
+    let sm = mount(&mut c, &d, &second.volume_id, kind).await;
+    assert!(read_data(kind, &sm) == original);
+
+    // Deleting the snapshot leaves what was restored from it alone.
+    let del = |id: &str| DeleteSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    c.controller
+        .delete_snapshot(del(&snap.snapshot_id))
+        .await
+        .unwrap();
+    c.controller
+        .delete_snapshot(del(&snap.snapshot_id))
+        .await
+        .unwrap();
+    assert!(read_data(kind, &r) == original);
+    assert!(read_data(kind, &sm) == original);
+
+    for v in [&r, &cm, &sm] {
+        unmount(&mut c, v).await;
+        c.delete(&v.id).await.unwrap();
+    }
+    assert!(std::fs::read_dir(d.root.join("snapshots"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[tokio::test]
+async fn dir_snapshot_restore_clone() {
+    story(Kind::Dir).await;
+}
+
+#[tokio::test]
+async fn ext4_snapshot_restore_clone() {
+    story(Kind::Ext4).await;
+}
+
+#[tokio::test]
+async fn xfs_snapshot_restore_clone() {
+    story(Kind::Xfs).await;
+}
+
+#[tokio::test]
+async fn block_snapshot_restore_clone() {
+    story(Kind::Block).await;
+}
+
+#[tokio::test]
+async fn list_snapshots_filters_and_pages() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let a = c.create("a", MIB, &[], rwo()).await.volume_id;
+    let b = c.create("b", MIB, &[], rwo()).await.volume_id;
+    let mut ids = vec![];
+    for (name, src) in [("s1", &a), ("s2", &a), ("s3", &b)] {
+        ids.push(snapshot(&mut c, name, src).await.unwrap().snapshot_id);
+    }
+    let list = |snapshot_id: &str, source: &str, token: &str, max: i32| ListSnapshotsRequest {
+        snapshot_id: snapshot_id.into(),
+        source_volume_id: source.into(),
+        starting_token: token.into(),
+        max_entries: max,
+        ..Default::default()
+    };
+    let all = c
+        .controller
+        .list_snapshots(list("", "", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.entries.len(), 3);
+    let of_a = c
+        .controller
+        .list_snapshots(list("", &a, "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(of_a.entries.len(), 2);
+    let one = c
+        .controller
+        .list_snapshots(list(&ids[2], "", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(one.entries.len(), 1);
+    let none = c
+        .controller
+        .list_snapshots(list("snap-00000000000000000000000000000000", "", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(none.entries.is_empty());
+    let bogus = c
+        .controller
+        .list_snapshots(list("../../etc", "", "", 0))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(bogus.entries.is_empty());
+    // Pages of one.
+    let mut seen = vec![];
+    let mut token = String::new();
+    loop {
+        let page = c
+            .controller
+            .list_snapshots(list("", "", &token, 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 1);
+        seen.extend(
+            page.entries
+                .into_iter()
+                .map(|e| e.snapshot.unwrap().snapshot_id),
+        );
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    ids.sort();
+    assert_eq!(seen, ids);
+    assert_code(
+        c.controller
+            .list_snapshots(list("", "", "garbage", 1))
+            .await,
+        Code::Aborted,
+    );
+    // Snapshot class parameters are checked like StorageClass parameters.
+    let bad = c
+        .controller
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: a.clone(),
+            name: "bad".into(),
+            parameters: params(&[("compression", "zstd")]),
+            ..Default::default()
+        })
+        .await;
+    assert_code(bad, Code::InvalidArgument);
+}
+
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+fn free_bytes(path: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    s.blocks_available() as u64 * s.fragment_size() as u64
+}
+
+/// On a root that shares blocks, a 1 GiB volume holding 256 MiB of data is
+/// snapshotted without copying it: the time and the free space say so.
+async fn instant(fs: &str, kind: Kind) {
+    if !need_root() {
+        return;
+    }
+    let img = ImageFs::new(fs, 3 << 30, &["-q"], "").expect("mount image");
+    let root = img.mnt.join("root");
+    let d = Driver::start_with(vec![], Some(root.clone())).await;
+    let mut c = d.clients().await;
+    let v = c.create("big", 1 << 30, &kind.params(), kind.cap()).await;
+    let m = mount(&mut c, &d, &v.volume_id, kind).await;
+    let (written, err) = write_mib(&m.target.join("blob"), 256);
+    assert!(err.is_none() && written == 256);
+    nix::unistd::sync();
+    let free_before = free_bytes(&root);
+    let t = Instant::now();
+    let snap = snapshot(&mut c, "instant", &v.volume_id).await.unwrap();
+    let took = t.elapsed();
+    nix::unistd::sync();
+    let used = free_before.saturating_sub(free_bytes(&root));
+    let data = if kind == Kind::Dir {
+        root.join("snapshots").join(&snap.snapshot_id)
+    } else {
+        root.join("snapshots")
+            .join(format!("{}.img", snap.snapshot_id))
+    };
+    eprintln!(
+        "{fs} root, {kind:?} volume of 1 GiB with 256 MiB written: snapshot in {took:?}, \
+         root space used by it {} KiB, snapshot file allocation {} MiB (shared blocks)",
+        used / 1024,
+        allocated(&data) >> 20
+    );
+    assert!(
+        used < 32 << 20,
+        "the snapshot shares blocks instead of copying: {used} bytes used"
+    );
+    let restored = create_from(&mut c, "r", kind, 1 << 30, from_snapshot(&snap.snapshot_id))
+        .await
+        .unwrap();
+    let r = mount(&mut c, &d, &restored.volume_id, kind).await;
+    assert_eq!(
+        std::fs::metadata(r.target.join("blob")).unwrap().len(),
+        256 << 20
+    );
+    unmount(&mut c, &r).await;
+    unmount(&mut c, &m).await;
+}
+
+#[tokio::test]
+async fn btrfs_root_snapshots_dir_volumes_instantly() {
+    instant("btrfs", Kind::Dir).await;
+}
+
+#[tokio::test]
+async fn btrfs_root_snapshots_loop_volumes_instantly() {
+    instant("btrfs", Kind::Ext4).await;
+}
+
+#[tokio::test]
+async fn xfs_reflink_root_snapshots_loop_volumes_instantly() {
+    instant("xfs", Kind::Ext4).await;
+}
