@@ -323,7 +323,7 @@ fn rpc_rows(title: &str, rpcs: &Value) -> String {
         s += &format!(
             "  {:<26} {:>7} {:>9.3} {:>9.3} {:>9.3}\n",
             r["rpc"].as_str().unwrap_or("?"),
-            r["count"],
+            r["count"].as_u64().unwrap_or(0),
             r["p50_ms"].as_f64().unwrap_or(0.0),
             r["p99_ms"].as_f64().unwrap_or(0.0),
             r["max_ms"].as_f64().unwrap_or(0.0),

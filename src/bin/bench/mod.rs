@@ -128,7 +128,7 @@ pub async fn run_cycles(
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
-    let _progress = Progress::start(format!("{prefix} cycles"), n, done.clone());
+    let _progress = Progress::start("cycles".to_string(), n, done.clone());
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..c.max(1) {
