@@ -1,0 +1,379 @@
+//! A CSI client that plays the Kubernetes side (provisioner, attacher, kubelet)
+//! for one pod at a time, against any driver, recording each RPC's latency.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use hyper_util::rt::TokioIo;
+use tonic::transport::{Channel, Endpoint};
+use tower::service_fn;
+
+use localvol::proto::controller_client::ControllerClient;
+use localvol::proto::controller_service_capability::rpc::Type as CtrlRpc;
+use localvol::proto::identity_client::IdentityClient;
+use localvol::proto::node_client::NodeClient;
+use localvol::proto::node_service_capability::rpc::Type as NodeRpc;
+use localvol::proto::volume_capability::{
+    access_mode::Mode, AccessMode, AccessType, BlockVolume, MountVolume,
+};
+use localvol::proto::*;
+
+use super::stats::Timings;
+use super::BenchError;
+
+/// Connects to `unix:///path` (or a bare path).
+pub async fn connect(endpoint: &str) -> Result<Channel, BenchError> {
+    let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
+    let socket = path.clone();
+    Endpoint::try_from("http://csi.invalid")
+        .expect("static URI")
+        .connect_with_connector(service_fn(move |_| {
+            let socket = socket.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(
+                    tokio::net::UnixStream::connect(socket).await?,
+                ))
+            }
+        }))
+        .await
+        .map_err(|e| BenchError::Connect {
+            endpoint: path.display().to_string(),
+            message: e.to_string(),
+        })
+}
+
+/// What the driver told us about itself once, at start.
+#[derive(Clone, Debug)]
+pub struct DriverInfo {
+    pub name: String,
+    pub version: String,
+    pub node_id: String,
+    pub controller_publish: bool,
+    pub snapshots: bool,
+    pub node_stage: bool,
+}
+
+/// The clients plus what every cycle needs; cheap to clone (one shared HTTP/2 channel).
+#[derive(Clone)]
+pub struct Session {
+    pub controller: ControllerClient<Channel>,
+    pub node: NodeClient<Channel>,
+    pub info: DriverInfo,
+    pub params: HashMap<String, String>,
+    pub size: i64,
+    pub block: bool,
+    pub work_dir: PathBuf,
+}
+
+fn rpc_err(rpc: &'static str, s: tonic::Status) -> BenchError {
+    BenchError::Rpc {
+        rpc,
+        code: s.code(),
+        message: s.message().to_string(),
+    }
+}
+
+/// Times one call into `t` (successful or not: a failure still took that long).
+macro_rules! timed {
+    ($t:expr, $name:literal, $call:expr) => {{
+        let start = Instant::now();
+        let r = $call.await;
+        $t.record($name, start.elapsed());
+        r.map(|r| r.into_inner()).map_err(|s| rpc_err($name, s))
+    }};
+}
+
+impl Session {
+    pub async fn open(
+        endpoint: &str,
+        params: HashMap<String, String>,
+        size: i64,
+        block: bool,
+        work_dir: PathBuf,
+    ) -> Result<Session, BenchError> {
+        let channel = connect(endpoint).await?;
+        let mut identity = IdentityClient::new(channel.clone());
+        let mut controller = ControllerClient::new(channel.clone());
+        let mut node = NodeClient::new(channel);
+        let plugin = identity
+            .get_plugin_info(GetPluginInfoRequest {})
+            .await
+            .map_err(|s| rpc_err("GetPluginInfo", s))?
+            .into_inner();
+        let ctrl_caps: Vec<i32> = controller
+            .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+            .await
+            .map_err(|s| rpc_err("ControllerGetCapabilities", s))?
+            .into_inner()
+            .capabilities
+            .into_iter()
+            .filter_map(|c| match c.r#type {
+                Some(controller_service_capability::Type::Rpc(r)) => Some(r.r#type),
+                _ => None,
+            })
+            .collect();
+        let node_caps: Vec<i32> = node
+            .node_get_capabilities(NodeGetCapabilitiesRequest {})
+            .await
+            .map_err(|s| rpc_err("NodeGetCapabilities", s))?
+            .into_inner()
+            .capabilities
+            .into_iter()
+            .filter_map(|c| match c.r#type {
+                Some(node_service_capability::Type::Rpc(r)) => Some(r.r#type),
+                _ => None,
+            })
+            .collect();
+        let node_id = node
+            .node_get_info(NodeGetInfoRequest {})
+            .await
+            .map_err(|s| rpc_err("NodeGetInfo", s))?
+            .into_inner()
+            .node_id;
+        let info = DriverInfo {
+            name: plugin.name,
+            version: plugin.vendor_version,
+            node_id,
+            controller_publish: ctrl_caps.contains(&(CtrlRpc::PublishUnpublishVolume as i32)),
+            snapshots: ctrl_caps.contains(&(CtrlRpc::CreateDeleteSnapshot as i32)),
+            node_stage: node_caps.contains(&(NodeRpc::StageUnstageVolume as i32)),
+        };
+        Ok(Session {
+            controller,
+            node,
+            info,
+            params,
+            size,
+            block,
+            work_dir,
+        })
+    }
+
+    pub fn capability(&self) -> VolumeCapability {
+        VolumeCapability {
+            access_type: Some(if self.block {
+                AccessType::Block(BlockVolume {})
+            } else {
+                AccessType::Mount(MountVolume::default())
+            }),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        }
+    }
+
+    pub async fn create(
+        &mut self,
+        t: &mut Timings,
+        name: &str,
+        source: Option<VolumeContentSource>,
+    ) -> Result<Volume, BenchError> {
+        let req = CreateVolumeRequest {
+            name: name.to_string(),
+            capacity_range: Some(CapacityRange {
+                required_bytes: self.size,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![self.capability()],
+            parameters: self.params.clone(),
+            volume_content_source: source,
+            ..Default::default()
+        };
+        let resp = timed!(t, "CreateVolume", self.controller.create_volume(req))?;
+        resp.volume.ok_or(BenchError::Protocol(
+            "CreateVolume answered without a volume",
+        ))
+    }
+
+    pub async fn delete(&mut self, t: &mut Timings, id: &str) -> Result<(), BenchError> {
+        let req = DeleteVolumeRequest {
+            volume_id: id.to_string(),
+            secrets: Default::default(),
+        };
+        timed!(t, "DeleteVolume", self.controller.delete_volume(req)).map(|_| ())
+    }
+}
+
+/// One volume as a pod sees it; records which steps are done so a failure in the
+/// middle undoes exactly those and leaves no mount behind.
+pub struct Pod {
+    pub volume: Volume,
+    pub staging: PathBuf,
+    pub target: PathBuf,
+    publish_context: HashMap<String, String>,
+    controller_published: bool,
+    staged: bool,
+    published: bool,
+}
+
+impl Pod {
+    /// Paths under the work dir, named after the volume name (unique per run).
+    pub fn new(s: &Session, volume: Volume, name: &str) -> Pod {
+        Pod {
+            staging: s.work_dir.join("staging").join(name),
+            target: s.work_dir.join("pods").join(name).join("mount"),
+            volume,
+            publish_context: HashMap::new(),
+            controller_published: false,
+            staged: false,
+            published: false,
+        }
+    }
+
+    /// ControllerPublish (if advertised), NodeStage (if advertised), NodePublish.
+    pub async fn up(&mut self, s: &mut Session, t: &mut Timings) -> Result<(), BenchError> {
+        let cap = s.capability();
+        let id = self.volume.volume_id.clone();
+        if s.info.controller_publish {
+            let req = ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: s.info.node_id.clone(),
+                volume_capability: Some(cap.clone()),
+                readonly: false,
+                secrets: Default::default(),
+                volume_context: self.volume.volume_context.clone(),
+            };
+            let r = timed!(
+                t,
+                "ControllerPublishVolume",
+                s.controller.controller_publish_volume(req)
+            )?;
+            self.controller_published = true;
+            self.publish_context = r.publish_context;
+        }
+        if s.info.node_stage {
+            // Kubelet creates the staging directory; the driver only mounts on it.
+            std::fs::create_dir_all(&self.staging).map_err(|e| io_err(&self.staging, e))?;
+            let req = NodeStageVolumeRequest {
+                volume_id: id.clone(),
+                publish_context: self.publish_context.clone(),
+                staging_target_path: self.staging.display().to_string(),
+                volume_capability: Some(cap.clone()),
+                secrets: Default::default(),
+                volume_context: self.volume.volume_context.clone(),
+            };
+            timed!(t, "NodeStageVolume", s.node.node_stage_volume(req))?;
+            self.staged = true;
+        }
+        // Kubelet creates only the parent of the target; the driver makes the target.
+        let parent = self.target.parent().expect("target has a parent");
+        std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
+        let req = NodePublishVolumeRequest {
+            volume_id: id,
+            publish_context: self.publish_context.clone(),
+            staging_target_path: if s.info.node_stage {
+                self.staging.display().to_string()
+            } else {
+                String::new()
+            },
+            target_path: self.target.display().to_string(),
+            volume_capability: Some(cap),
+            readonly: false,
+            secrets: Default::default(),
+            volume_context: self.volume.volume_context.clone(),
+        };
+        // Marked before the call: a timed-out publish may still have mounted.
+        self.published = true;
+        timed!(t, "NodePublishVolume", s.node.node_publish_volume(req))?;
+        Ok(())
+    }
+
+    /// Undoes what `up` did, in reverse; tries every step and returns the first error.
+    pub async fn down(&mut self, s: &mut Session, t: &mut Timings) -> Result<(), BenchError> {
+        let id = self.volume.volume_id.clone();
+        let mut first: Option<BenchError> = None;
+        let mut keep = |r: Result<(), BenchError>| {
+            if let Err(e) = r {
+                first.get_or_insert(e);
+            }
+        };
+        if self.published {
+            let req = NodeUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                target_path: self.target.display().to_string(),
+            };
+            let r = timed!(t, "NodeUnpublishVolume", s.node.node_unpublish_volume(req));
+            self.published = r.is_err();
+            keep(r.map(|_| ()));
+        }
+        if self.staged {
+            let req = NodeUnstageVolumeRequest {
+                volume_id: id.clone(),
+                staging_target_path: self.staging.display().to_string(),
+            };
+            let r = timed!(t, "NodeUnstageVolume", s.node.node_unstage_volume(req));
+            self.staged = r.is_err();
+            keep(r.map(|_| ()));
+        }
+        if self.controller_published {
+            let req = ControllerUnpublishVolumeRequest {
+                volume_id: id,
+                node_id: s.info.node_id.clone(),
+                secrets: Default::default(),
+            };
+            let r = timed!(
+                t,
+                "ControllerUnpublishVolume",
+                s.controller.controller_unpublish_volume(req)
+            );
+            self.controller_published = r.is_err();
+            keep(r.map(|_| ()));
+        }
+        // Only empty directories are removed (never recursively): if a mount is
+        // left behind, its data stays and the error says so.
+        if !self.published && !self.staged {
+            for d in [
+                self.target.as_path(),
+                self.target.parent().unwrap(),
+                &self.staging,
+            ] {
+                match std::fs::remove_dir(d) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => keep(Err(io_err(d, e))),
+                }
+            }
+        }
+        match first {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+pub fn io_err(path: &Path, e: std::io::Error) -> BenchError {
+    BenchError::Io {
+        path: path.to_path_buf(),
+        source: e,
+    }
+}
+
+/// What a pod does with its volume: 4 KiB written and made durable.
+pub fn write_and_fsync(target: &Path) -> Result<(), BenchError> {
+    use std::io::Write;
+    let path = target.join("localvol-bench.dat");
+    let mut f = std::fs::File::create(&path).map_err(|e| io_err(&path, e))?;
+    f.write_all(&[0x5a; 4096]).map_err(|e| io_err(&path, e))?;
+    f.sync_all().map_err(|e| io_err(&path, e))
+}
+
+/// One full pod lifecycle; on failure, undoes what was done and deletes the volume.
+pub async fn cycle(s: &mut Session, t: &mut Timings, name: &str) -> Result<(), BenchError> {
+    let volume = s.create(t, name, None).await?;
+    let mut pod = Pod::new(s, volume, name);
+    let mut result = pod.up(s, t).await;
+    if result.is_ok() && !s.block {
+        let start = Instant::now();
+        result = write_and_fsync(&pod.target);
+        t.record("write+fsync 4KiB", start.elapsed());
+    }
+    let down = pod.down(s, t).await;
+    let result = result.and(down);
+    if pod.published || pod.staged || pod.controller_published {
+        // Deleting a volume still in use would fail anyway; leave it for the user.
+        return result;
+    }
+    let del = s.delete(t, &pod.volume.volume_id.clone()).await;
+    result.and(del)
+}

@@ -1,0 +1,458 @@
+//! The benchmark proper: runs cycles with a number in flight, fills a driver with
+//! volumes, times snapshots and measures I/O; `csi` plays Kubernetes, `stats`
+//! turns latencies into percentiles.
+
+pub mod csi;
+pub mod io;
+pub mod stats;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use csi::Session;
+use stats::Timings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("cannot connect to {endpoint}: {message}")]
+    Connect { endpoint: String, message: String },
+    #[error("{rpc} failed: {code:?}: {message}")]
+    Rpc {
+        rpc: &'static str,
+        code: tonic::Code,
+        message: String,
+    },
+    #[error("driver broke the CSI protocol: {0}")]
+    Protocol(&'static str),
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("worker task failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
+}
+
+/// Prints `label: done/total (rate/s)` to stderr every second until dropped, so
+/// short runs stay quiet and long ones show they are alive.
+pub struct Progress {
+    handle: tokio::task::JoinHandle<()>,
+}
+
+impl Progress {
+    pub fn start(label: String, total: usize, done: Arc<AtomicUsize>) -> Progress {
+        let handle = tokio::spawn(async move {
+            let start = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let d = done.load(Ordering::Relaxed);
+                let rate = d as f64 / start.elapsed().as_secs_f64();
+                eprintln!("{label}: {d}/{total} ({rate:.1}/s)");
+            }
+        });
+        Progress { handle }
+    }
+}
+
+impl Drop for Progress {
+    fn drop(&mut self) {
+        self.handle.abort();
+    }
+}
+
+/// The outcome of `n` cycles with `c` in flight.
+pub struct CycleRun {
+    pub cycles: usize,
+    pub concurrency: usize,
+    pub seconds: f64,
+    pub timings: Timings,
+}
+
+impl CycleRun {
+    pub fn per_second(&self) -> f64 {
+        self.cycles as f64 / self.seconds
+    }
+
+    pub fn to_json(&self) -> Value {
+        json!({
+            "cycles": self.cycles,
+            "concurrency": self.concurrency,
+            "seconds": self.seconds,
+            "cycles_per_second": self.per_second(),
+            "rpcs": rpcs_json(&self.timings),
+        })
+    }
+}
+
+pub fn rpcs_json(t: &Timings) -> Value {
+    Value::Array(
+        t.summaries()
+            .into_iter()
+            .map(|(name, s)| {
+                let mut v = serde_json::to_value(s).expect("plain struct");
+                v["rpc"] = json!(name);
+                v
+            })
+            .collect(),
+    )
+}
+
+pub fn rpcs_table(t: &Timings) -> String {
+    let mut out = format!(
+        "  {:<26} {:>7} {:>9} {:>9} {:>9}\n",
+        "step", "count", "p50 ms", "p99 ms", "max ms"
+    );
+    for (name, s) in t.summaries() {
+        out += &format!(
+            "  {:<26} {:>7} {:>9.3} {:>9.3} {:>9.3}\n",
+            name, s.count, s.p50_ms, s.p99_ms, s.max_ms
+        );
+    }
+    out
+}
+
+/// Runs `n` full cycles, `c` at a time; stops at the first failure (after the
+/// failed cycle has undone its own steps) and returns it.
+pub async fn run_cycles(
+    s: &Session,
+    n: usize,
+    c: usize,
+    prefix: &str,
+) -> Result<CycleRun, BenchError> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let done = Arc::new(AtomicUsize::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let _progress = Progress::start("cycles".to_string(), n, done.clone());
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..c.max(1) {
+        let (mut s, next, done, stop) = (s.clone(), next.clone(), done.clone(), stop.clone());
+        let prefix = prefix.to_string();
+        workers.push(tokio::spawn(async move {
+            let mut t = Timings::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n || stop.load(Ordering::Relaxed) {
+                    return (t, Ok(()));
+                }
+                if let Err(e) = csi::cycle(&mut s, &mut t, &format!("{prefix}-{i}")).await {
+                    stop.store(true, Ordering::Relaxed);
+                    return (t, Err(e));
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    let mut timings = Timings::default();
+    let mut first_err = None;
+    for w in workers {
+        let (t, r) = w.await?;
+        timings.merge(t);
+        if let Err(e) = r {
+            first_err.get_or_insert(e);
+        }
+    }
+    let seconds = start.elapsed().as_secs_f64();
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(CycleRun {
+            cycles: n,
+            concurrency: c.max(1),
+            seconds,
+            timings,
+        }),
+    }
+}
+
+/// Applies `op` to every item, `c` at a time, with progress; returns the
+/// successes, timings and the first error (the rest still run, so a fill that
+/// fails part way can still be deleted).
+pub async fn for_each<T, R, F, Fut>(
+    s: &Session,
+    items: Vec<T>,
+    c: usize,
+    label: &str,
+    op: F,
+) -> (Vec<R>, Timings, Option<BenchError>)
+where
+    T: Send + 'static,
+    R: Send + 'static,
+    F: Fn(Session, Timings, T) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = (Session, Timings, Result<R, BenchError>)> + Send,
+{
+    let total = items.len();
+    let queue = Arc::new(std::sync::Mutex::new(items.into_iter()));
+    let done = Arc::new(AtomicUsize::new(0));
+    let _progress = Progress::start(label.to_string(), total, done.clone());
+    let op = Arc::new(op);
+    let mut workers = Vec::new();
+    for _ in 0..c.max(1) {
+        let (mut s, queue, done, op) = (s.clone(), queue.clone(), done.clone(), op.clone());
+        workers.push(tokio::spawn(async move {
+            let mut t = Timings::default();
+            let mut ok = Vec::new();
+            let mut err = None;
+            loop {
+                let item = queue.lock().expect("queue lock").next();
+                let Some(item) = item else { break };
+                let (s2, t2, r) = op(s, t, item).await;
+                (s, t) = (s2, t2);
+                match r {
+                    Ok(v) => ok.push(v),
+                    Err(e) => {
+                        err.get_or_insert(e);
+                    }
+                }
+                done.fetch_add(1, Ordering::Relaxed);
+            }
+            (ok, t, err)
+        }));
+    }
+    let (mut all, mut timings, mut first) = (Vec::new(), Timings::default(), None);
+    for w in workers {
+        match w.await {
+            Ok((ok, t, err)) => {
+                all.extend(ok);
+                timings.merge(t);
+                if let Some(e) = err {
+                    first.get_or_insert(e);
+                }
+            }
+            Err(e) => {
+                first.get_or_insert(e.into());
+            }
+        }
+    }
+    (all, timings, first)
+}
+
+/// Creates `m` idle volumes, measures, and deletes them again; the ratio is
+/// throughput with them over throughput without (1.0 = no slowdown).
+pub async fn scale(
+    s: &Session,
+    m: usize,
+    n: usize,
+    c: usize,
+    fill_c: usize,
+    prefix: &str,
+) -> Result<Value, BenchError> {
+    let empty = run_cycles(s, n, c, &format!("{prefix}-empty")).await?;
+    let names: Vec<String> = (0..m).map(|i| format!("{prefix}-idle-{i}")).collect();
+    let start = Instant::now();
+    let (ids, fill_t, fill_err) = for_each(
+        s,
+        names,
+        fill_c,
+        "creating idle volumes",
+        |mut s, mut t, name| async move {
+            let r = s.create(&mut t, &name, None).await.map(|v| v.volume_id);
+            (s, t, r)
+        },
+    )
+    .await;
+    let fill_secs = start.elapsed().as_secs_f64();
+    let full = match fill_err {
+        Some(e) => Err(e),
+        None => run_cycles(s, n, c, &format!("{prefix}-full")).await,
+    };
+    let created = ids.len();
+    let start = Instant::now();
+    let (_, del_t, del_err) = for_each(
+        s,
+        ids,
+        fill_c,
+        "deleting idle volumes",
+        |mut s, mut t, id| async move {
+            let r = s.delete(&mut t, &id).await;
+            (s, t, r)
+        },
+    )
+    .await;
+    let del_secs = start.elapsed().as_secs_f64();
+    let full = full?;
+    if let Some(e) = del_err {
+        return Err(e);
+    }
+    Ok(json!({
+        "existing": m,
+        "without": empty.to_json(),
+        "with": full.to_json(),
+        "ratio": full.per_second() / empty.per_second(),
+        "fill": {
+            "volumes": created,
+            "concurrency": fill_c,
+            "seconds": fill_secs,
+            "per_second": created as f64 / fill_secs,
+            "rpcs": rpcs_json(&fill_t),
+        },
+        "delete": {
+            "seconds": del_secs,
+            "per_second": created as f64 / del_secs,
+            "rpcs": rpcs_json(&del_t),
+        },
+    }))
+}
+
+/// Times CreateSnapshot of a volume holding `mib` MiB and a restore from it.
+pub async fn snapshot(s: &Session, mib: usize, prefix: &str) -> Result<Value, BenchError> {
+    use localvol::proto::*;
+    let mut s = s.clone();
+    let mut t = Timings::default();
+    let name = format!("{prefix}-snapsrc");
+    let vol = s.create(&mut t, &name, None).await?;
+    let mut pod = csi::Pod::new(&s, vol, &name);
+    let mut restored = None;
+    let mut snap_id = None;
+    let mut figures = json!({});
+    let result: Result<(), BenchError> = async {
+        pod.up(&mut s, &mut t).await?;
+        let data = if s.block {
+            pod.target.clone()
+        } else {
+            pod.target.join("localvol-bench-snapshot.dat")
+        };
+        let write_start = Instant::now();
+        let d = data.clone();
+        tokio::task::spawn_blocking(move || io::fill(&d, mib)).await??;
+        figures["write_seconds"] = json!(write_start.elapsed().as_secs_f64());
+
+        let start = Instant::now();
+        let r = s
+            .controller
+            .create_snapshot(CreateSnapshotRequest {
+                source_volume_id: pod.volume.volume_id.clone(),
+                name: format!("{prefix}-snap"),
+                ..Default::default()
+            })
+            .await
+            .map_err(|st| BenchError::Rpc {
+                rpc: "CreateSnapshot",
+                code: st.code(),
+                message: st.message().to_string(),
+            })?
+            .into_inner();
+        t.record("CreateSnapshot", start.elapsed());
+        let snap = r
+            .snapshot
+            .ok_or(BenchError::Protocol("CreateSnapshot without a snapshot"))?;
+        snap_id = Some(snap.snapshot_id.clone());
+        figures["create_snapshot_seconds"] = json!(start.elapsed().as_secs_f64());
+        let mut ready = snap.ready_to_use;
+        while !ready {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            let l = s
+                .controller
+                .list_snapshots(ListSnapshotsRequest {
+                    snapshot_id: snap.snapshot_id.clone(),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|st| BenchError::Rpc {
+                    rpc: "ListSnapshots",
+                    code: st.code(),
+                    message: st.message().to_string(),
+                })?
+                .into_inner();
+            ready = l
+                .entries
+                .iter()
+                .any(|e| e.snapshot.as_ref().is_some_and(|x| x.ready_to_use));
+        }
+        figures["snapshot_ready_seconds"] = json!(start.elapsed().as_secs_f64());
+
+        let start = Instant::now();
+        let source = VolumeContentSource {
+            r#type: Some(volume_content_source::Type::Snapshot(
+                volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        };
+        let v = s
+            .create(&mut t, &format!("{prefix}-restored"), Some(source))
+            .await?;
+        restored = Some(v.volume_id);
+        figures["restore_seconds"] = json!(start.elapsed().as_secs_f64());
+        Ok(())
+    }
+    .await;
+    // Clean up in reverse, whatever happened above.
+    let mut cleanup = pod.down(&mut s, &mut t).await;
+    if let Some(id) = restored {
+        cleanup = cleanup.and(s.delete(&mut t, &id).await);
+    }
+    if let Some(id) = snap_id {
+        let r = s
+            .controller
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: id,
+                secrets: Default::default(),
+            })
+            .await;
+        cleanup = cleanup.and(r.map(|_| ()).map_err(|st| BenchError::Rpc {
+            rpc: "DeleteSnapshot",
+            code: st.code(),
+            message: st.message().to_string(),
+        }));
+    }
+    let id = pod.volume.volume_id.clone();
+    cleanup = cleanup.and(s.delete(&mut t, &id).await);
+    result?;
+    cleanup?;
+    figures["mib"] = json!(mib);
+    figures["rpcs"] = rpcs_json(&t);
+    Ok(figures)
+}
+
+/// I/O inside a published volume against a plain file in `compare_dir`.
+pub async fn io(
+    s: &Session,
+    opts: io::IoOptions,
+    compare_dir: PathBuf,
+    prefix: &str,
+) -> Result<Value, BenchError> {
+    let mut s = s.clone();
+    let mut t = Timings::default();
+    let name = format!("{prefix}-io");
+    let vol = s.create(&mut t, &name, None).await?;
+    let mut pod = csi::Pod::new(&s, vol, &name);
+    let result: Result<(io::IoFigures, io::IoFigures), BenchError> = async {
+        pod.up(&mut s, &mut t).await?;
+        let (in_volume, is_device) = if s.block {
+            (pod.target.clone(), true)
+        } else {
+            (pod.target.join("localvol-bench-io.dat"), false)
+        };
+        let plain = compare_dir.join(format!("{prefix}-io.dat"));
+        let o = opts.clone();
+        let (vol, plain) = tokio::task::spawn_blocking(move || {
+            eprintln!("io: inside the volume ({})", in_volume.display());
+            let v = io::measure(&in_volume, is_device, &o)?;
+            eprintln!("io: plain file ({})", plain.display());
+            let p = io::measure(&plain, false, &o);
+            let _ = std::fs::remove_file(&plain);
+            Ok::<_, BenchError>((v, p?))
+        })
+        .await??;
+        Ok((vol, plain))
+    }
+    .await;
+    let mut cleanup = pod.down(&mut s, &mut t).await;
+    let id = pod.volume.volume_id.clone();
+    cleanup = cleanup.and(s.delete(&mut t, &id).await);
+    let (vol, plain) = result?;
+    cleanup?;
+    Ok(json!({
+        "file_mib": opts.file_mib,
+        "volume": vol,
+        "plain": plain,
+        "ratio": vol.ratio(&plain),
+        "rpcs": rpcs_json(&t),
+    }))
+}

@@ -1,0 +1,333 @@
+//! `localvol-bench`: measures what Kubernetes feels from a CSI driver — any
+//! driver on a unix socket, so peers can be compared on the same machine.
+
+#[path = "bench/mod.rs"]
+mod bench;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use bench::csi::Session;
+use bench::BenchError;
+
+#[derive(Parser)]
+#[command(
+    name = "localvol-bench",
+    version,
+    about = "Benchmark a CSI driver over its unix socket the way Kubernetes uses it"
+)]
+struct Cli {
+    /// The driver's CSI socket.
+    #[arg(long, global = true, default_value = "unix:///run/localvol/csi.sock")]
+    endpoint: String,
+    /// A StorageClass parameter for CreateVolume (repeatable), e.g. type=loop.
+    #[arg(long = "param", global = true, value_parser = parse_kv)]
+    params: Vec<(String, String)>,
+    /// Volume size in bytes.
+    #[arg(long, global = true, default_value_t = 64 << 20)]
+    size: i64,
+    /// Use block volumes instead of mounted filesystems.
+    #[arg(long, global = true)]
+    block: bool,
+    /// Where staging and target paths are made; default: a temporary directory
+    /// created and removed by the run.
+    #[arg(long, global = true)]
+    work_dir: Option<PathBuf>,
+    /// The driver's process id, to report its peak resident memory (VmHWM).
+    #[arg(long, global = true)]
+    driver_pid: Option<u32>,
+    /// One JSON object on stdout instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Full pod cycles: create, (controller publish), (stage), publish, write,
+    /// and back down to delete.
+    Cycle {
+        /// Number of cycles.
+        #[arg(short = 'n', default_value_t = 100)]
+        n: usize,
+        /// Cycles in flight.
+        #[arg(short = 'c', default_value_t = 1)]
+        c: usize,
+    },
+    /// Cycle throughput with no other volumes and with M idle ones.
+    Scale {
+        /// Idle volumes present during the second measurement.
+        #[arg(long)]
+        existing: usize,
+        #[arg(short = 'n', default_value_t = 100)]
+        n: usize,
+        #[arg(short = 'c', default_value_t = 1)]
+        c: usize,
+        /// Creates and deletes of idle volumes in flight.
+        #[arg(long, default_value_t = 8)]
+        fill_concurrency: usize,
+    },
+    /// CreateSnapshot of a volume holding S MiB, and a restore from it.
+    Snapshot {
+        #[arg(long, default_value_t = 512)]
+        mib: usize,
+    },
+    /// Direct I/O in a published volume against a plain file.
+    Io {
+        /// Where the plain file goes; default: the work dir.
+        #[arg(long)]
+        compare_dir: Option<PathBuf>,
+        /// Size of the test file in MiB (must fit in --size).
+        #[arg(long, default_value_t = 32)]
+        file_mib: usize,
+        /// Seconds for each random 4 KiB pattern.
+        #[arg(long, default_value_t = 3.0)]
+        random_seconds: f64,
+    },
+}
+
+fn parse_kv(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not key=value")),
+    }
+}
+
+/// Peak resident memory in KiB from /proc/PID/status.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// A temporary work dir that is removed only if empty, so a mount left behind
+/// by a failing driver never has its contents deleted.
+struct WorkDir {
+    path: PathBuf,
+    owned: bool,
+}
+
+impl Drop for WorkDir {
+    fn drop(&mut self) {
+        if self.owned {
+            for sub in ["staging", "pods", ""] {
+                let _ = std::fs::remove_dir(self.path.join(sub));
+            }
+            if self.path.exists() {
+                eprintln!(
+                    "localvol-bench: left {} in place (not empty)",
+                    self.path.display()
+                );
+            }
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("localvol-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), BenchError> {
+    let work = match &cli.work_dir {
+        Some(p) => {
+            std::fs::create_dir_all(p).map_err(|e| bench::csi::io_err(p, e))?;
+            WorkDir {
+                path: p.clone(),
+                owned: false,
+            }
+        }
+        None => {
+            let p = std::env::temp_dir().join(format!("localvol-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&p).map_err(|e| bench::csi::io_err(&p, e))?;
+            WorkDir {
+                path: p,
+                owned: true,
+            }
+        }
+    };
+    let params: HashMap<String, String> = cli.params.iter().cloned().collect();
+    let session = Session::open(
+        &cli.endpoint,
+        params.clone(),
+        cli.size,
+        cli.block,
+        work.path.clone(),
+    )
+    .await?;
+    // Names unique per run, so runs against the same driver never collide.
+    let prefix = format!(
+        "bench-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0)
+    );
+    let info = &session.info;
+    let mut out = json!({
+        "driver": {"name": info.name, "version": info.version, "node_id": info.node_id},
+        "endpoint": cli.endpoint,
+        "access": if cli.block { "block" } else { "mount" },
+        "parameters": params,
+        "size_bytes": cli.size,
+        "controller_publish": info.controller_publish,
+        "node_stage": info.node_stage,
+    });
+    let header = format!(
+        "driver {} {} on node {}, {} volumes of {} bytes, parameters {:?}",
+        info.name,
+        info.version,
+        info.node_id,
+        if cli.block { "block" } else { "mount" },
+        cli.size,
+        params
+    );
+    let mut table = String::new();
+    match cli.command {
+        Command::Cycle { n, c } => {
+            out["command"] = json!("cycle");
+            let r = bench::run_cycles(&session, n, c, &prefix).await?;
+            table += &format!(
+                "{n} cycles, {} in flight, in {:.2} s: {:.1} cycles/s\n",
+                r.concurrency,
+                r.seconds,
+                r.per_second()
+            );
+            table += &bench::rpcs_table(&r.timings);
+            merge(&mut out, r.to_json());
+        }
+        Command::Scale {
+            existing,
+            n,
+            c,
+            fill_concurrency,
+        } => {
+            out["command"] = json!("scale");
+            let r = bench::scale(&session, existing, n, c, fill_concurrency, &prefix).await?;
+            table += &format!(
+                "{n} cycles, {c} in flight: {:.1} cycles/s with 0 volumes, {:.1} with {existing} idle: ratio {:.3}\n",
+                r["without"]["cycles_per_second"].as_f64().unwrap_or(0.0),
+                r["with"]["cycles_per_second"].as_f64().unwrap_or(0.0),
+                r["ratio"].as_f64().unwrap_or(0.0),
+            );
+            table += &format!(
+                "created {existing} idle volumes at {:.1}/s, deleted at {:.1}/s\n",
+                r["fill"]["per_second"].as_f64().unwrap_or(0.0),
+                r["delete"]["per_second"].as_f64().unwrap_or(0.0),
+            );
+            table += &rpc_rows("with 0 volumes", &r["without"]["rpcs"]);
+            table += &rpc_rows(&format!("with {existing} idle volumes"), &r["with"]["rpcs"]);
+            merge(&mut out, r);
+        }
+        Command::Snapshot { mib } => {
+            out["command"] = json!("snapshot");
+            if !info.snapshots {
+                let msg = format!(
+                    "driver {} does not advertise CREATE_DELETE_SNAPSHOT; nothing to measure",
+                    info.name
+                );
+                out["unsupported"] = json!(msg);
+                table += &format!("{msg}\n");
+            } else {
+                let r = bench::snapshot(&session, mib, &prefix).await?;
+                table += &format!(
+                    "{mib} MiB written in {:.3} s; CreateSnapshot {:.3} s (ready after {:.3} s); restore (CreateVolume from snapshot) {:.3} s\n",
+                    r["write_seconds"].as_f64().unwrap_or(0.0),
+                    r["create_snapshot_seconds"].as_f64().unwrap_or(0.0),
+                    r["snapshot_ready_seconds"].as_f64().unwrap_or(0.0),
+                    r["restore_seconds"].as_f64().unwrap_or(0.0),
+                );
+                merge(&mut out, r);
+            }
+        }
+        Command::Io {
+            compare_dir,
+            file_mib,
+            random_seconds,
+        } => {
+            out["command"] = json!("io");
+            let opts = bench::io::IoOptions {
+                file_mib,
+                random_seconds,
+            };
+            let compare = compare_dir.unwrap_or_else(|| work.path.clone());
+            let r = bench::io(&session, opts, compare, &prefix).await?;
+            table += &format!(
+                "  {:<22} {:>12} {:>12} {:>8}\n",
+                "pattern (MiB/s)", "volume", "plain file", "ratio"
+            );
+            for (label, key, ratio) in [
+                ("sequential write 1M", "seq_write_mib_s", "seq_write"),
+                ("sequential read 1M", "seq_read_mib_s", "seq_read"),
+                ("random write 4K", "rand_write_mib_s", "rand_write"),
+                ("random read 4K", "rand_read_mib_s", "rand_read"),
+            ] {
+                table += &format!(
+                    "  {:<22} {:>12.1} {:>12.1} {:>8.3}\n",
+                    label,
+                    r["volume"][key].as_f64().unwrap_or(0.0),
+                    r["plain"][key].as_f64().unwrap_or(0.0),
+                    r["ratio"][ratio].as_f64().unwrap_or(0.0),
+                );
+            }
+            merge(&mut out, r);
+        }
+    }
+    if let Some(pid) = cli.driver_pid {
+        let kib = peak_rss_kib(pid);
+        out["driver_peak_rss_kib"] = json!(kib);
+        match kib {
+            Some(k) => table += &format!("driver peak RSS (VmHWM): {:.1} MiB\n", k as f64 / 1024.0),
+            None => table += &format!("driver peak RSS: /proc/{pid}/status unreadable\n"),
+        }
+    }
+    if cli.json {
+        println!("{out}");
+    } else {
+        print!("{header}\n{table}");
+    }
+    Ok(())
+}
+
+fn merge(out: &mut Value, more: Value) {
+    if let (Value::Object(o), Value::Object(m)) = (out, more) {
+        o.extend(m);
+    }
+}
+
+/// Table rows from the JSON form, for sub-runs that are reported side by side.
+fn rpc_rows(title: &str, rpcs: &Value) -> String {
+    let mut s = format!(
+        "  {:<26} {:>7} {:>9} {:>9} {:>9}   ({title})\n",
+        "step", "count", "p50 ms", "p99 ms", "max ms"
+    );
+    for r in rpcs.as_array().into_iter().flatten() {
+        s += &format!(
+            "  {:<26} {:>7} {:>9.3} {:>9.3} {:>9.3}\n",
+            r["rpc"].as_str().unwrap_or("?"),
+            r["count"].as_u64().unwrap_or(0),
+            r["p50_ms"].as_f64().unwrap_or(0.0),
+            r["p99_ms"].as_f64().unwrap_or(0.0),
+            r["max_ms"].as_f64().unwrap_or(0.0),
+        );
+    }
+    s
+}

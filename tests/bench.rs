@@ -1,0 +1,156 @@
+//! Smoke tests of `localvol-bench` against the real driver: it runs, cleans up
+//! and reports figures. Nothing about speed is asserted.
+
+mod common;
+
+use std::process::Command;
+
+use serde_json::Value;
+
+fn bench(d: &common::Driver, args: &[&str]) -> Value {
+    let out = Command::new(env!("CARGO_BIN_EXE_localvol-bench"))
+        .arg("--endpoint")
+        .arg(format!("unix://{}", d.socket.display()))
+        .arg("--work-dir")
+        .arg(d.path("bench"))
+        .arg("--driver-pid")
+        .arg(d.pid().to_string())
+        .arg("--json")
+        .args(args)
+        .output()
+        .expect("run localvol-bench");
+    assert!(
+        out.status.success(),
+        "localvol-bench {args:?} failed: {}\n{}\ndriver log:\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        d.log()
+    );
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not one JSON object ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+fn rpc_names(run: &Value) -> Vec<String> {
+    run["rpcs"]
+        .as_array()
+        .expect("rpcs array")
+        .iter()
+        .map(|r| {
+            assert!(r["count"].as_u64().unwrap() > 0);
+            assert!(r["p50_ms"].as_f64().unwrap() <= r["p99_ms"].as_f64().unwrap());
+            r["rpc"].as_str().unwrap().to_string()
+        })
+        .collect()
+}
+
+/// No volume and no mount may outlive a run.
+async fn assert_clean(d: &common::Driver) {
+    let mut c = d.clients().await;
+    let left = c
+        .controller
+        .list_volumes(localvol::proto::ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(left.is_empty(), "volumes left behind: {left:?}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let bench_dir = d.path("bench");
+    assert!(
+        localvol::mount::parse_mountinfo(&mounts)
+            .iter()
+            .all(|m| !m.mount_point.starts_with(&bench_dir)),
+        "mounts left below {}",
+        bench_dir.display()
+    );
+}
+
+#[tokio::test]
+async fn cycle_reports_throughput_and_every_rpc() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(&d, &["cycle", "-n", "5", "-c", "2"]);
+    assert_eq!(r["cycles"], 5);
+    assert!(r["cycles_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["driver_peak_rss_kib"].as_u64().unwrap() > 0);
+    let names = rpc_names(&r);
+    for rpc in [
+        "CreateVolume",
+        "ControllerPublishVolume",
+        "NodeStageVolume",
+        "NodePublishVolume",
+        "NodeUnpublishVolume",
+        "NodeUnstageVolume",
+        "ControllerUnpublishVolume",
+        "DeleteVolume",
+    ] {
+        assert!(names.iter().any(|n| n == rpc), "{rpc} missing: {names:?}");
+    }
+    assert_clean(&d).await;
+}
+
+#[tokio::test]
+async fn scale_measures_with_and_without_idle_volumes_and_deletes_them() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(&d, &["scale", "--existing", "20", "-n", "5"]);
+    assert_eq!(r["existing"], 20);
+    assert_eq!(r["fill"]["volumes"], 20);
+    assert!(r["without"]["cycles_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["with"]["cycles_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["ratio"].as_f64().unwrap() > 0.0);
+    assert!(!rpc_names(&r["with"]).is_empty());
+    assert_clean(&d).await;
+}
+
+#[tokio::test]
+async fn snapshot_without_support_says_so_and_succeeds() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(&d, &["snapshot", "--mib", "1"]);
+    if r.get("unsupported").is_some() {
+        assert!(r["unsupported"]
+            .as_str()
+            .unwrap()
+            .contains("CREATE_DELETE_SNAPSHOT"));
+    } else {
+        assert!(r["create_snapshot_seconds"].as_f64().unwrap() >= 0.0);
+    }
+    assert_clean(&d).await;
+}
+
+#[tokio::test]
+async fn io_compares_a_volume_with_a_plain_file() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    // A directory volume: the same code path as loop volumes, on any machine.
+    let r = bench(&d, &["io", "--file-mib", "2", "--random-seconds", "0.05"]);
+    for side in ["volume", "plain"] {
+        for k in [
+            "seq_write_mib_s",
+            "seq_read_mib_s",
+            "rand_write_iops",
+            "rand_read_iops",
+        ] {
+            assert!(r[side][k].as_f64().unwrap() > 0.0, "{side} {k}: {r}");
+        }
+    }
+    assert!(r["ratio"]["seq_read"].as_f64().unwrap() > 0.0);
+    assert_clean(&d).await;
+}
