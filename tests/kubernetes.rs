@@ -465,11 +465,11 @@ impl Cluster {
         let capability = self.capability(&pvc.spec, &fs_type);
         let content_source = pvc.spec.data_source.as_ref().map(|(kind, name)| {
             let r#type = match kind.as_str() {
-                "VolumeSnapshot" => volume_content_source::Type::Snapshot(
-                    volume_content_source::SnapshotSource {
+                "VolumeSnapshot" => {
+                    volume_content_source::Type::Snapshot(volume_content_source::SnapshotSource {
                         snapshot_id: self.snapshot_handle(name),
-                    },
-                ),
+                    })
+                }
                 "PersistentVolumeClaim" => {
                     let src = self.pvcs[name].pv.as_ref().expect("source claim is bound");
                     volume_content_source::Type::Volume(volume_content_source::VolumeSource {
@@ -955,15 +955,14 @@ async fn statefulset_story_end_to_end() {
         assert_eq!(read(&dir, "index.html"), format!("{pod}\n"));
         assert_eq!(starts(&dir), vec![pod.clone()]);
     }
-    let listed = k
-        .c
-        .controller
-        .list_volumes(ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .len();
+    let listed =
+        k.c.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .len();
     assert_eq!(listed, 3);
 
     // 2. web-1 deleted and recreated: same volume, same data, new pod directory.
@@ -1006,13 +1005,20 @@ async fn statefulset_story_end_to_end() {
 
     // 4. Reclaim Delete: scale to 2, delete www-web-2 -> DeleteVolume, data gone.
     k.delete_pod("web-2").await;
+    let data = k
+        .driver
+        .root
+        .join("volumes")
+        .join(&k.pv_of("www-web-2").handle);
+    assert_eq!(
+        read(&data, "index.html"),
+        "web-2\n",
+        "the volume's directory"
+    );
     let (_, pv) = k.delete_pvc("www-web-2").await;
     assert_eq!(pv.reclaim_policy, "Delete", "from the manifest's class");
     assert_code(k.get_volume(&pv.handle).await, Code::NotFound);
-    assert!(
-        !k.driver.root.join("volumes").join(&pv.handle).exists(),
-        "the volume's directory is gone"
-    );
+    assert!(!data.exists(), "the volume's directory is gone");
     // Scaling up again makes a new, empty volume for web-2.
     k.create_pvc("www-web-2", template.clone());
     k.run_pod("web-2", &[("www-web-2", false)]).await.unwrap();
@@ -1025,11 +1031,16 @@ async fn statefulset_story_end_to_end() {
     let mut retained = template.clone();
     retained.storage_class = format!("{}-retain", template.storage_class);
     k.create_pvc("www-archive", retained.clone());
-    k.run_pod("archive", &[("www-archive", false)]).await.unwrap();
+    k.run_pod("archive", &[("www-archive", false)])
+        .await
+        .unwrap();
     web_container(&k.mount_of("archive", "www-archive"), "archive");
     k.delete_pod("archive").await;
     let (_, released) = k.delete_pvc("www-archive").await;
-    assert_eq!(released.reclaim_policy, "Retain", "from the manifest's class");
+    assert_eq!(
+        released.reclaim_policy, "Retain",
+        "from the manifest's class"
+    );
     k.get_volume(&released.handle)
         .await
         .expect("a retained volume is not deleted");
@@ -1088,21 +1099,23 @@ async fn statefulset_story_end_to_end() {
     for c in claims {
         k.delete_pvc(&c).await;
     }
-    let left: Vec<String> = k
-        .c
-        .controller
-        .list_volumes(ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .into_iter()
-        .map(|e| e.volume.unwrap().volume_id)
-        .collect();
+    let left: Vec<String> =
+        k.c.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .map(|e| e.volume.unwrap().volume_id)
+            .collect();
     assert_eq!(left, vec![released.handle.clone()]);
     k.c.delete(&released.handle).await.unwrap();
     assert!(
-        std::fs::read_dir(k.kubelet.join("pods")).unwrap().next().is_none(),
+        std::fs::read_dir(k.kubelet.join("pods"))
+            .unwrap()
+            .next()
+            .is_none(),
         "no pod directory left"
     );
 }
@@ -1186,7 +1199,10 @@ async fn rwop_and_rox_claims_keep_their_promises() {
     // Once the owner is gone, the next pod gets the volume.
     k.delete_pod("single-writer").await;
     k.run_pod("successor", &[("single", false)]).await.unwrap();
-    assert_eq!(read(&k.mount_of("successor", "single"), "owner"), "single-writer");
+    assert_eq!(
+        read(&k.mount_of("successor", "single"), "owner"),
+        "single-writer"
+    );
     k.delete_pod("successor").await;
 
     k.run_example_pod("reader").await.unwrap();
