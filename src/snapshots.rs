@@ -73,7 +73,7 @@ impl Driver {
         let dest = self.snapshot_data(&snap);
         let started = std::time::Instant::now();
         self.copy_volume(&source, &dest, true)?;
-        self.store.snapshots.put(&snap)?;
+        self.store.snapshots.put_new(&snap)?;
         tracing::info!(snapshot = %id, volume = %source.id, ms = started.elapsed().as_millis() as u64, "snapshot created");
         Ok(snap)
     }

@@ -94,6 +94,9 @@ impl Record for SnapshotRecord {
 pub struct Table<T: Record> {
     dir: PathBuf,
     map: RwLock<BTreeMap<String, T>>,
+    /// Ids whose record file exists but cannot be read: their data is never
+    /// treated as a leftover.
+    unreadable: std::collections::BTreeSet<String>,
 }
 
 impl<T: Record> Table<T> {
@@ -102,6 +105,7 @@ impl<T: Record> Table<T> {
     pub fn open(dir: PathBuf) -> Result<Self> {
         fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
         let mut map = BTreeMap::new();
+        let mut unreadable = std::collections::BTreeSet::new();
         for entry in fs::read_dir(&dir).ctx(|| format!("read {}", dir.display()))? {
             let entry = entry.ctx(|| format!("read {}", dir.display()))?;
             let path = entry.path();
@@ -118,13 +122,17 @@ impl<T: Record> Table<T> {
                 Ok(rec) => {
                     map.insert(rec.id().to_string(), rec);
                 }
-                Err(e) => tracing::error!(path = %path.display(), error = %e,
-                    "record is unreadable; it is ignored until repaired or removed"),
+                Err(e) => {
+                    tracing::error!(path = %path.display(), error = %e,
+                        "record is unreadable; it is ignored, and its data kept, until repaired or removed");
+                    unreadable.insert(name.trim_end_matches(".json").to_string());
+                }
             }
         }
         Ok(Table {
             dir,
             map: RwLock::new(map),
+            unreadable,
         })
     }
 
@@ -146,6 +154,43 @@ impl<T: Record> Table<T> {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Whether a record file for `id` exists but could not be read at start-up.
+    pub fn is_unreadable(&self, id: &str) -> bool {
+        self.unreadable.contains(id)
+    }
+
+    /// Writes a record that does not exist yet, durably. Written in place rather
+    /// than through a temporary file and a rename: one journal commit instead of
+    /// two on the create path. A crash mid-write leaves an unreadable file for an
+    /// id whose creation was never acknowledged; the retry replaces it.
+    pub fn put_new(&self, rec: &T) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(rec).expect("records serialize");
+        let path = self.path(rec.id());
+        let create = || {
+            fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+        };
+        let mut f = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
+                create()
+            }
+            other => other,
+        }
+        .ctx(|| format!("create {}", path.display()))?;
+        f.write_all(&bytes)
+            .ctx(|| format!("write {}", path.display()))?;
+        f.sync_all().ctx(|| format!("fsync {}", path.display()))?;
+        sync_dir(&self.dir)?;
+        self.map
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(rec.id().to_string(), rec.clone());
+        Ok(())
     }
 
     /// Writes the record durably, then makes it visible.
@@ -288,6 +333,10 @@ impl Store {
 
     pub fn put_volume(&self, rec: &VolumeRecord) -> Result<()> {
         self.table_for(rec).put(rec)
+    }
+
+    pub fn put_new_volume(&self, rec: &VolumeRecord) -> Result<()> {
+        self.table_for(rec).put_new(rec)
     }
 
     pub fn remove_volume(&self, rec: &VolumeRecord) -> Result<()> {

@@ -204,8 +204,13 @@ impl Driver {
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let id = name.strip_suffix(".img").unwrap_or(&name);
                 let known = match kind {
-                    Kind::Volume => self.store.volume(id).is_some(),
-                    Kind::Snapshot => self.store.snapshots.get(id).is_some(),
+                    Kind::Volume => {
+                        self.store.volume(id).is_some() || self.store.volumes.is_unreadable(id)
+                    }
+                    Kind::Snapshot => {
+                        self.store.snapshots.get(id).is_some()
+                            || self.store.snapshots.is_unreadable(id)
+                    }
                 };
                 if !ids::is_valid_id(kind, id) || known {
                     continue;
@@ -375,14 +380,27 @@ impl Driver {
             attachments: BTreeMap::new(),
         };
         let data = self.data_path(&rec);
-        match (&source, rec.volume_type) {
-            (Some(s), _) => self.fill_from(&rec, s)?,
-            (None, VolumeType::Dir) => dir::create(&data, &id, capacity, self.limits(rec.shared))?,
-            (None, VolumeType::Loop) => loopfile::create(&data, capacity, p.allocation)?,
-        }
-        self.store.put_volume(&rec)?;
+        self.make_data(&rec, source.as_ref())?;
+        // The record's commit carries the data's directory entry with it on
+        // journaling filesystems; the explicit sync below makes that portable
+        // and costs nothing more there.
+        self.store.put_new_volume(&rec)?;
+        crate::store::sync_dir(data.parent().expect("volume paths have a parent"))?;
         tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
         Ok(rec)
+    }
+
+    /// Makes a new volume's data: empty, or filled from its content source.
+    fn make_data(&self, rec: &VolumeRecord, source: Option<&Source>) -> Result<()> {
+        let data = self.data_path(rec);
+        let p = params::parse(&rec.parameters)?;
+        match (source, rec.volume_type) {
+            (Some(s), _) => self.fill_from(rec, s),
+            (None, VolumeType::Dir) => {
+                dir::create(&data, &rec.id, rec.capacity_bytes, self.limits(rec.shared))
+            }
+            (None, VolumeType::Loop) => loopfile::create(&data, rec.capacity_bytes, p.allocation),
+        }
     }
 
     /// The snapshot or volume a new volume is to be filled from, checked against
@@ -474,6 +492,15 @@ impl Driver {
             return conflict("filesystem type");
         }
         Self::check_capabilities(Self::offer_of(&existing), &req.capabilities)?;
+        // A crash between the record's commit and the data directory's can leave a
+        // record (never acknowledged) without data: the retry makes it again.
+        let data = self.data_path(&existing);
+        if fs::symlink_metadata(&data).is_err() && existing.attachments.is_empty() {
+            tracing::warn!(volume = %existing.id, "data of an unacknowledged create is missing; making it again");
+            let source = self.resolve_source(req, p, fs_type)?;
+            self.make_data(&existing, source.as_ref())?;
+            crate::store::sync_dir(data.parent().expect("volume paths have a parent"))?;
+        }
         Ok(existing)
     }
 

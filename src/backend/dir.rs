@@ -8,7 +8,6 @@ use std::path::Path;
 
 use super::{btrfs, projquota, DirLimits};
 use crate::error::{Context, Error, Result};
-use crate::store::sync_dir;
 
 /// Makes an empty volume directory of `size` bytes at `path`, replacing what an
 /// interrupted earlier attempt left there (it was never reported created).
@@ -31,8 +30,7 @@ pub fn create(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()
     }
     // Pods run as any user; access is confined by the bind mount, not the mode.
     fs::set_permissions(path, fs::Permissions::from_mode(0o777))
-        .ctx(|| format!("chmod {}", path.display()))?;
-    sync_dir(path.parent().expect("volume paths have a parent"))
+        .ctx(|| format!("chmod {}", path.display()))
 }
 
 /// Puts a size limit on a volume whose data was copied in (restore, clone). With

@@ -9,7 +9,6 @@ use std::path::Path;
 
 use crate::error::{Context, Error, Result};
 use crate::params::Allocation;
-use crate::store::sync_dir;
 
 /// Makes the backing file at `path` with `size` bytes, replacing what an
 /// interrupted earlier attempt left there (it was never reported created). Without
@@ -29,7 +28,7 @@ pub fn create(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
         let _ = fs::remove_file(path);
         return Err(e);
     }
-    sync_dir(path.parent().expect("volume paths have a parent"))
+    Ok(())
 }
 
 /// Grows the backing file to `size`; a file already that large is left alone.
