@@ -9,6 +9,7 @@ pub mod attach;
 pub mod backend;
 pub mod csi;
 pub mod error;
+pub mod faults;
 pub mod filesystem;
 pub mod ids;
 pub mod inspect;

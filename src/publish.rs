@@ -12,6 +12,7 @@ use crate::access::{self, Capability};
 use crate::attach::publish_rules;
 use crate::backend::{btrfs, DirLimits};
 use crate::error::{Context, Error, Result};
+use crate::faults;
 use crate::filesystem::{self, Content};
 use crate::loopdev;
 use crate::mount::{self, Flags, MountEntry, Usage};
@@ -65,10 +66,12 @@ impl Driver {
             }
             VolumeType::Loop => {
                 let dev = loopdev::attach(&data)?;
+                faults::point("stage.after_attach");
                 fs::create_dir_all(staging).ctx(|| format!("create {}", staging.display()))?;
                 if !cap.is_block() {
                     let fs_type = self.filesystem_for(&rec, cap)?;
                     self.prepare_filesystem(&rec, &dev, &fs_type)?;
+                    faults::point("stage.after_format");
                     // A volume restored or expanded while not staged holds a smaller
                     // filesystem than its device: grow it (ext4 before mounting, xfs
                     // only can once mounted).
@@ -89,6 +92,7 @@ impl Driver {
                 }
             }
         }
+        faults::point("stage.after_mount");
         tracing::info!(volume = %id, staging = %staging.display(), "volume staged");
         Ok(())
     }
@@ -153,6 +157,7 @@ impl Driver {
             }
         }
         self.unmount_volume_at(&rec, staging)?;
+        faults::point("unstage.after_unmount");
         if rec.volume_type == VolumeType::Loop {
             loopdev::detach(&self.data_path(&rec))?;
         }
@@ -246,6 +251,7 @@ impl Driver {
             .map_err(Error::FailedPrecondition)?;
 
         let created = make_target(&req.target_path, block)?;
+        faults::point("publish.after_target");
         let flags = Flags::parse(req.capability.mount_flags())?.readonly(ro);
         if let Err(e) = mount::bind(&source, &req.target_path, &flags) {
             if created {
@@ -289,6 +295,7 @@ impl Driver {
             ))
         })?;
         loopdev::refresh_size(&dev)?;
+        faults::point("node_expand.after_refresh");
         let size = dev.size_bytes()?;
         if required > 0 && size < required as u64 {
             return Err(Error::FailedPrecondition(format!(

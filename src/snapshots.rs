@@ -11,6 +11,7 @@ use std::path::Path;
 
 use crate::backend::{btrfs, copy, dir, loopfile};
 use crate::error::{Error, Result};
+use crate::faults;
 use crate::filesystem;
 use crate::ids::{self, Kind};
 use crate::params::{self, VolumeType};
@@ -73,7 +74,9 @@ impl Driver {
         let dest = self.snapshot_data(&snap);
         let started = std::time::Instant::now();
         self.copy_volume(&source, &dest, true)?;
+        faults::point("snapshot.after_copy");
         self.store.snapshots.put_new(&snap)?;
+        faults::point("snapshot.after_record");
         tracing::info!(snapshot = %id, volume = %source.id, ms = started.elapsed().as_millis() as u64, "snapshot created");
         Ok(snap)
     }
@@ -90,6 +93,7 @@ impl Driver {
             return Ok(());
         };
         self.store.snapshots.remove(id)?;
+        faults::point("delete_snapshot.after_record");
         dir::remove(&self.snapshot_data(&snap))?;
         tracing::info!(snapshot = %id, "snapshot deleted");
         Ok(())
@@ -135,8 +139,14 @@ impl Driver {
         match src.volume_type {
             VolumeType::Dir => copy_dir_data(&data, dest, readonly),
             VolumeType::Loop => {
-                let _frozen = self.freeze_if_mounted(src)?;
-                copy::copy_file(&data, dest).map(|_| ())
+                // Thawed when dropped, after the copy, also on error.
+                let frozen = self.freeze_if_mounted(src)?;
+                if frozen.is_some() {
+                    faults::point("snapshot.frozen");
+                }
+                let copied = copy::copy_file(&data, dest).map(|_| ());
+                drop(frozen);
+                copied
             }
         }?;
         crate::store::sync_dir(dest.parent().expect("data paths have a parent"))

@@ -16,6 +16,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use crate::access::{self, Capability, Offer};
 use crate::backend::{dir, loopfile, DirLimits, Layout};
 use crate::error::{Error, Result};
+use crate::faults;
 use crate::ids::{self, Kind};
 use crate::locks::{KeyGuard, KeyLocks};
 use crate::loopdev;
@@ -381,10 +382,12 @@ impl Driver {
         };
         let data = self.data_path(&rec);
         self.make_data(&rec, source.as_ref())?;
+        faults::point("create.after_data");
         // The record's commit carries the data's directory entry with it on
         // journaling filesystems; the explicit sync below makes that portable
         // and costs nothing more there.
         self.store.put_new_volume(&rec)?;
+        faults::point("create.after_record");
         crate::store::sync_dir(data.parent().expect("volume paths have a parent"))?;
         tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
         Ok(rec)
@@ -536,6 +539,7 @@ impl Driver {
             )));
         }
         self.store.remove_volume(&rec)?;
+        faults::point("delete.after_record");
         let data = self.data_path(&rec);
         match rec.volume_type {
             VolumeType::Dir | VolumeType::Loop => dir::remove(&data)?,
@@ -612,6 +616,7 @@ impl Driver {
             VolumeType::Dir => dir::set_size(&data, wanted, self.limits(rec.shared))?,
             VolumeType::Loop => {
                 loopfile::grow(&data, wanted, p.allocation)?;
+                faults::point("expand.after_grow");
                 // Attached here: let the device see the new size now.
                 if let Some(d) = loopdev::find(&data) {
                     loopdev::refresh_size(&d)?;

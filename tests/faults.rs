@@ -1,0 +1,291 @@
+//! Crash injection: for every crash point in the driver (`localvol::faults`), put
+//! the driver in the state before the step, crash it there (SIGKILL), restart it,
+//! repeat the call as Kubernetes would, check the result, then tear everything
+//! down and check that nothing is orphaned: no stray data under the root, no loop
+//! device, no mount.
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use localvol::proto::volume_capability::access_mode::Mode;
+use localvol::proto::*;
+
+const EXT4: &[(&str, &str)] = &[("type", "loop"), ("fsType", "ext4")];
+const XFS: &[(&str, &str)] = &[("type", "loop"), ("fsType", "xfs")];
+
+fn ext4() -> VolumeCapability {
+    mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[])
+}
+fn xfs() -> VolumeCapability {
+    mount_cap_fs(Mode::SingleNodeWriter, "xfs", &[])
+}
+
+/// Restarts the driver armed to crash at `point`.
+async fn arm(d: &mut Driver, point: &str) -> Clients {
+    d.kill9();
+    d.envs = vec![("LOCALVOL_CRASH_AT".into(), point.into())];
+    d.spawn().await;
+    d.clients().await
+}
+
+/// After the crash: the driver is gone; start it normally.
+async fn recover(d: &mut Driver, r: Result<(), tonic::Status>, point: &str) -> Clients {
+    assert!(
+        r.is_err(),
+        "the call should have crashed the driver at {point}"
+    );
+    d.kill9();
+    assert!(
+        d.log().contains("crashing on purpose"),
+        "{point} was not reached:\n{}",
+        d.log()
+    );
+    d.envs.clear();
+    d.spawn().await;
+    d.clients().await
+}
+
+fn ok<T>(r: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
+    r.map(|_| ())
+}
+
+async fn snapshot(c: &mut Clients, name: &str, vol: &str) -> Result<Snapshot, tonic::Status> {
+    c.controller
+        .create_snapshot(CreateSnapshotRequest {
+            source_volume_id: vol.into(),
+            name: name.into(),
+            ..Default::default()
+        })
+        .await
+        .map(|r| r.into_inner().snapshot.unwrap())
+}
+
+async fn delete_snapshot(c: &mut Clients, id: &str) -> Result<(), tonic::Status> {
+    ok(c.controller
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: id.into(),
+            ..Default::default()
+        })
+        .await)
+}
+
+/// Writes a file with a deadline: a filesystem left frozen would block forever.
+async fn write_with_deadline(path: &Path, bytes: &'static [u8]) {
+    let p = path.to_path_buf();
+    let w = tokio::task::spawn_blocking(move || std::fs::write(p, bytes));
+    tokio::time::timeout(Duration::from_secs(20), w)
+        .await
+        .expect("write blocked: filesystem left frozen")
+        .unwrap()
+        .unwrap();
+}
+
+/// Unpublishes, unstages and deletes everything the driver lists, then checks that
+/// nothing of it is left anywhere.
+async fn teardown_and_check(d: &Driver, c: &mut Clients, point: &str) {
+    for (staging, target) in [("staging", "target")] {
+        let vols = c
+            .controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        for v in vols {
+            let id = v.volume.unwrap().volume_id;
+            c.unpublish(&id, &d.path(target)).await.unwrap();
+            c.unstage(&id, &d.path(staging)).await.unwrap();
+            c.delete(&id).await.unwrap();
+        }
+    }
+    let snaps = c
+        .controller
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    for s in snaps {
+        delete_snapshot(c, &s.snapshot.unwrap().snapshot_id)
+            .await
+            .unwrap();
+    }
+    for sub in ["volumes", "snapshots", "state/volumes", "state/snapshots"] {
+        let left: Vec<_> = std::fs::read_dir(d.root.join(sub))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{point}: {sub} keeps {left:?}");
+    }
+    let root = std::fs::canonicalize(&d.root).unwrap();
+    assert!(
+        !loop_devices().iter().any(|(_, b)| b.starts_with(&root)),
+        "{point}: a loop device is left"
+    );
+    let dir = std::fs::canonicalize(d.dir.path()).unwrap();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        !localvol::mount::parse_mountinfo(&mounts)
+            .iter()
+            .any(|m| m.mount_point.starts_with(&dir)),
+        "{point}: a mount is left"
+    );
+}
+
+async fn walk(point: &str) {
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    match point {
+        "create.after_data" | "create.after_record" => {
+            let mut c = arm(&mut d, point).await;
+            let r = ok(c
+                .controller
+                .create_volume(create_req("v", 64 * MIB, EXT4, ext4()))
+                .await);
+            let mut c = recover(&mut d, r, point).await;
+            let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
+            c.stage(&v.volume_id, &staging, ext4()).await.unwrap();
+            c.publish(&v.volume_id, &staging, &target, ext4(), false)
+                .await
+                .unwrap();
+            std::fs::write(target.join("f"), b"x").unwrap();
+            // And a restore crashing at the same point.
+            let s = snapshot(&mut c, "s", &v.volume_id).await.unwrap();
+            let mut req = create_req("r", 64 * MIB, EXT4, ext4());
+            req.volume_content_source = Some(VolumeContentSource {
+                r#type: Some(volume_content_source::Type::Snapshot(
+                    volume_content_source::SnapshotSource {
+                        snapshot_id: s.snapshot_id.clone(),
+                    },
+                )),
+            });
+            let mut c = arm(&mut d, point).await;
+            let r = ok(c.controller.create_volume(req.clone()).await);
+            let mut c = recover(&mut d, r, point).await;
+            let restored = c.controller.create_volume(req).await.unwrap().into_inner();
+            let rid = restored.volume.unwrap().volume_id;
+            let (rs, rt) = (d.path("rs"), d.path("rt"));
+            c.stage(&rid, &rs, ext4()).await.unwrap();
+            c.publish(&rid, &rs, &rt, ext4(), false).await.unwrap();
+            assert_eq!(std::fs::read(rt.join("f")).unwrap(), b"x");
+            c.unpublish(&rid, &rt).await.unwrap();
+            c.unstage(&rid, &rs).await.unwrap();
+        }
+        "delete.after_record" => {
+            let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
+            let mut c = arm(&mut d, point).await;
+            let r = c.delete(&v.volume_id).await;
+            let mut c = recover(&mut d, r, point).await;
+            c.delete(&v.volume_id).await.unwrap();
+            assert!(!d
+                .root
+                .join("volumes")
+                .join(format!("{}.img", v.volume_id))
+                .exists());
+        }
+        "snapshot.frozen" | "snapshot.after_copy" | "snapshot.after_record" => {
+            let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
+            c.stage(&v.volume_id, &staging, ext4()).await.unwrap();
+            c.publish(&v.volume_id, &staging, &target, ext4(), false)
+                .await
+                .unwrap();
+            std::fs::write(target.join("f"), b"before").unwrap();
+            let mut c = arm(&mut d, point).await;
+            let r = ok(snapshot(&mut c, "s", &v.volume_id).await);
+            let mut c = recover(&mut d, r, point).await;
+            // A filesystem frozen by the crashed run was thawed at start-up.
+            write_with_deadline(&target.join("g"), b"after").await;
+            let s = snapshot(&mut c, "s", &v.volume_id).await.unwrap();
+            assert!(s.ready_to_use);
+        }
+        "delete_snapshot.after_record" => {
+            let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
+            let s = snapshot(&mut c, "s", &v.volume_id).await.unwrap();
+            let mut c = arm(&mut d, point).await;
+            let r = delete_snapshot(&mut c, &s.snapshot_id).await;
+            let mut c = recover(&mut d, r, point).await;
+            delete_snapshot(&mut c, &s.snapshot_id).await.unwrap();
+        }
+        "stage.after_attach" | "stage.after_format" | "stage.after_mount" => {
+            let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
+            // Data from an earlier stage must survive a crash in a later one.
+            c.stage(&v.volume_id, &staging, ext4()).await.unwrap();
+            std::fs::write(staging.join("kept"), b"kept").unwrap();
+            c.unstage(&v.volume_id, &staging).await.unwrap();
+            let mut c = arm(&mut d, point).await;
+            let r = c.stage(&v.volume_id, &staging, ext4()).await;
+            let mut c = recover(&mut d, r, point).await;
+            c.stage(&v.volume_id, &staging, ext4()).await.unwrap();
+            assert_eq!(std::fs::read(staging.join("kept")).unwrap(), b"kept");
+            let root = std::fs::canonicalize(&d.root).unwrap();
+            let attached = loop_devices()
+                .iter()
+                .filter(|(_, b)| b.starts_with(&root))
+                .count();
+            assert_eq!(attached, 1, "attached once, never twice");
+        }
+        "publish.after_target" => {
+            let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
+            c.stage(&v.volume_id, &staging, ext4()).await.unwrap();
+            let mut c = arm(&mut d, point).await;
+            let r = c
+                .publish(&v.volume_id, &staging, &target, ext4(), false)
+                .await;
+            let mut c = recover(&mut d, r, point).await;
+            c.publish(&v.volume_id, &staging, &target, ext4(), false)
+                .await
+                .unwrap();
+            assert!(is_mounted(&target));
+        }
+        "unstage.after_unmount" => {
+            let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
+            c.stage(&v.volume_id, &staging, ext4()).await.unwrap();
+            let mut c = arm(&mut d, point).await;
+            let r = c.unstage(&v.volume_id, &staging).await;
+            let mut c = recover(&mut d, r, point).await;
+            c.unstage(&v.volume_id, &staging).await.unwrap();
+        }
+        "expand.after_grow" | "node_expand.after_refresh" => {
+            let v = c.create("v", 320 * MIB, XFS, xfs()).await;
+            c.stage(&v.volume_id, &staging, xfs()).await.unwrap();
+            c.publish(&v.volume_id, &staging, &target, xfs(), false)
+                .await
+                .unwrap();
+            let mut c = arm(&mut d, point).await;
+            let r = if point == "expand.after_grow" {
+                ok(c.expand(&v.volume_id, 400 * MIB, None).await)
+            } else {
+                ok(c.node_expand(&v.volume_id, &target, 400 * MIB, None).await)
+            };
+            let mut c = recover(&mut d, r, point).await;
+            let e = c.expand(&v.volume_id, 400 * MIB, None).await.unwrap();
+            assert_eq!(e.capacity_bytes, 400 * MIB);
+            let n = c
+                .node_expand(&v.volume_id, &target, 400 * MIB, None)
+                .await
+                .unwrap();
+            assert_eq!(n.capacity_bytes, 400 * MIB);
+            let s = nix::sys::statvfs::statvfs(&target).unwrap();
+            assert!(s.blocks() as u64 * s.fragment_size() as u64 > 320 << 20);
+        }
+        other => panic!("no scenario for crash point {other}"),
+    }
+    let mut c = d.clients().await;
+    teardown_and_check(&d, &mut c, point).await;
+    eprintln!("crash point {point}: recovered, nothing orphaned");
+}
+
+#[tokio::test]
+async fn every_crash_point_recovers_without_orphans() {
+    if !need_root() {
+        return;
+    }
+    for point in localvol::faults::POINTS {
+        walk(point).await;
+    }
+    eprintln!("{} crash points walked", localvol::faults::POINTS.len());
+}
