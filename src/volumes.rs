@@ -751,19 +751,53 @@ impl Driver {
     }
 
     /// The condition of a volume's data as the system shows it.
+    /// The condition of a volume as the system shows it now: its data present and
+    /// of the right kind, readable, and, for a loop filesystem in use, free of
+    /// errors the kernel has counted.
     pub fn condition(&self, rec: &VolumeRecord) -> Condition {
         let data = self.data_path(rec);
+        let dir = rec.volume_type == VolumeType::Dir;
         match fs::symlink_metadata(&data) {
-            Ok(m) if m.is_dir() == (rec.volume_type == VolumeType::Dir) => Condition::ok(),
-            Ok(_) => Condition::abnormal(format!(
-                "volume data {} has the wrong file type",
-                data.display()
-            )),
-            Err(e) => Condition::abnormal(format!(
-                "volume data {} is unavailable: {e}",
-                data.display()
-            )),
+            Ok(m) if m.is_dir() == dir && (dir || m.is_file()) => {}
+            Ok(_) => {
+                return Condition::abnormal(format!(
+                    "volume data {} has the wrong file type",
+                    data.display()
+                ))
+            }
+            Err(e) => {
+                return Condition::abnormal(format!(
+                    "volume data {} is unavailable: {e}",
+                    data.display()
+                ))
+            }
         }
+        let readable = if dir {
+            fs::read_dir(&data).map(|_| ())
+        } else {
+            fs::File::open(&data).map(|_| ())
+        };
+        if let Err(e) = readable {
+            return Condition::abnormal(format!(
+                "volume data {} is not readable: {e}",
+                data.display()
+            ));
+        }
+        if let Some(dev) = self.loop_device(rec) {
+            let errors = fs::read_to_string(format!("/sys/fs/ext4/{}/errors_count", dev.name))
+                .ok()
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            if errors > 0 {
+                return Condition::abnormal(format!(
+                    "the kernel counted {errors} ext4 errors on {} (volume {}); unstage it and run \
+                     e2fsck",
+                    dev.path().display(),
+                    rec.id
+                ));
+            }
+        }
+        Condition::ok()
     }
 }
 

@@ -5,7 +5,8 @@ use std::collections::BTreeMap;
 use tonic::{Request, Response, Status};
 
 use super::{
-    capabilities, capability, capability_to_proto, required, run, segments, topology, Shared,
+    answer, capabilities, capability, capability_to_proto, required, run, segments, topology,
+    Shared,
 };
 use crate::proto::controller_server::Controller;
 use crate::proto::controller_service_capability::{self as csc, rpc};
@@ -265,9 +266,12 @@ impl Controller for ControllerService {
                 r#type: Some(csc::Type::Rpc(csc::Rpc { r#type: *t as i32 })),
             })
             .collect();
-        Ok(Response::new(ControllerGetCapabilitiesResponse {
-            capabilities,
-        }))
+        answer("ControllerGetCapabilities", "", async {
+            Ok(Response::new(ControllerGetCapabilitiesResponse {
+                capabilities,
+            }))
+        })
+        .await
     }
 
     async fn create_snapshot(
@@ -392,9 +396,12 @@ impl Controller for ControllerService {
         &self,
         _: Request<ControllerModifyVolumeRequest>,
     ) -> Result<Response<ControllerModifyVolumeResponse>, Status> {
-        Err(Status::unimplemented(
-            "ControllerModifyVolume is not offered by this driver",
-        ))
+        answer("ControllerModifyVolume", "", async {
+            Err(Status::unimplemented(
+                "ControllerModifyVolume is not offered by this driver (no MODIFY_VOLUME capability)",
+            ))
+        })
+        .await
     }
 }
 

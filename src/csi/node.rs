@@ -2,7 +2,7 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{capability, required, required_capability, run, topology, Shared};
+use super::{answer, capability, required, required_capability, run, topology, Shared};
 use crate::ids::check_path;
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self as nsc, rpc};
@@ -172,17 +172,23 @@ impl Node for NodeService {
                 r#type: Some(nsc::Type::Rpc(nsc::Rpc { r#type: *t as i32 })),
             })
             .collect();
-        Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+        answer("NodeGetCapabilities", "", async {
+            Ok(Response::new(NodeGetCapabilitiesResponse { capabilities }))
+        })
+        .await
     }
 
     async fn node_get_info(
         &self,
         _: Request<NodeGetInfoRequest>,
     ) -> Result<Response<NodeGetInfoResponse>, Status> {
-        Ok(Response::new(NodeGetInfoResponse {
-            node_id: self.driver.cfg.node_id.clone(),
-            max_volumes_per_node: 0,
-            accessible_topology: Some(topology(&self.driver.this_node_segment())),
-        }))
+        answer("NodeGetInfo", "", async {
+            Ok(Response::new(NodeGetInfoResponse {
+                node_id: self.driver.cfg.node_id.clone(),
+                max_volumes_per_node: 0,
+                accessible_topology: Some(topology(&self.driver.this_node_segment())),
+            }))
+        })
+        .await
     }
 }
