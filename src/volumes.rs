@@ -482,6 +482,13 @@ impl Driver {
         block: bool,
     ) -> Result<(u64, bool)> {
         let rec = self.volume(id)?;
+        // Checked before `max(1)` and the u64 casts below, which would read a
+        // negative size as a huge one and "expand" the volume down to 1 MiB.
+        if required < 0 || limit < 0 {
+            return Err(Error::InvalidArgument(
+                "capacity_range values must not be negative".into(),
+            ));
+        }
         let wanted = choose_capacity(required.max(1), limit)?;
         let _guard = self.lock(id)?;
         let mut rec = self.store.volume(id).unwrap_or(rec);
