@@ -461,12 +461,9 @@ fn remove_target(path: &Path) -> Result<()> {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
         Ok(m) if m.is_dir() => match fs::remove_dir(path) {
-            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => {
-                Err(Error::FailedPrecondition(format!(
-                    "target {} is not empty; leaving it",
-                    path.display()
-                )))
-            }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Err(Error::FailedPrecondition(
+                format!("target {} is not empty; leaving it", path.display()),
+            )),
             r => r.ctx(|| format!("remove {}", path.display())),
         },
         Ok(m) if m.is_file() && m.len() == 0 => {

@@ -47,11 +47,62 @@ fn seed() -> u64 {
 
 /// Tokens that sit near the edges of what the validators accept.
 const TOKENS: &[&str] = &[
-    "/", "/", "/", ".", "..", "...", "vol-", "snap-", "a", "0", "f", "9", "F", "g", "-", "_",
-    "\0", "\n", "\t", " ", " - ", "\\040", "\\", "\\7", "\u{85}", "\u{7f}", "é", "𝔵", "\u{202e}",
-    ",", "=", ":", "ro", "rw", "noexec", "bind", "nosuid", "relatime", "type", "loop", "dir",
-    "fsType", "ext4", "xfs", "allocation", "sparse", "preallocate", "enforceSize", "shared",
-    "true", "false", "csi.storage.k8s.io/", "0123456789abcdef", "7:3", "253:0", "shared:1",
+    "/",
+    "/",
+    "/",
+    ".",
+    "..",
+    "...",
+    "vol-",
+    "snap-",
+    "a",
+    "0",
+    "f",
+    "9",
+    "F",
+    "g",
+    "-",
+    "_",
+    "\0",
+    "\n",
+    "\t",
+    " ",
+    " - ",
+    "\\040",
+    "\\",
+    "\\7",
+    "\u{85}",
+    "\u{7f}",
+    "é",
+    "𝔵",
+    "\u{202e}",
+    ",",
+    "=",
+    ":",
+    "ro",
+    "rw",
+    "noexec",
+    "bind",
+    "nosuid",
+    "relatime",
+    "type",
+    "loop",
+    "dir",
+    "fsType",
+    "ext4",
+    "xfs",
+    "allocation",
+    "sparse",
+    "preallocate",
+    "enforceSize",
+    "shared",
+    "true",
+    "false",
+    "csi.storage.k8s.io/",
+    "0123456789abcdef",
+    "7:3",
+    "253:0",
+    "shared:1",
 ];
 
 /// A string built from tokens, random characters and the occasional long run.
@@ -76,11 +127,11 @@ fn string(rng: &mut Rng) -> String {
 }
 
 fn valid_id_shape(id: &str) -> bool {
-    let hash = id
-        .strip_prefix("vol-")
-        .or_else(|| id.strip_prefix("snap-"));
+    let hash = id.strip_prefix("vol-").or_else(|| id.strip_prefix("snap-"));
     hash.is_some_and(|h| {
-        h.len() == 32 && h.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        h.len() == 32
+            && h.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
     })
 }
 
@@ -93,7 +144,11 @@ fn ids_and_names() {
         if rng.below(3) == 0 {
             // Near misses of a real id: a real one, then perhaps one token more.
             let name = string(&mut rng);
-            let kind = if rng.below(2) == 0 { Kind::Volume } else { Kind::Snapshot };
+            let kind = if rng.below(2) == 0 {
+                Kind::Volume
+            } else {
+                Kind::Snapshot
+            };
             let id = ids::id_for_name(kind, &name);
             s = match rng.below(3) {
                 0 => id,
@@ -107,7 +162,11 @@ fn ids_and_names() {
             if ok {
                 accepted += 1;
                 assert!(valid_id_shape(&s), "accepted id {s:?}");
-                let prefix = if kind == Kind::Volume { "vol-" } else { "snap-" };
+                let prefix = if kind == Kind::Volume {
+                    "vol-"
+                } else {
+                    "snap-"
+                };
                 assert!(s.starts_with(prefix), "{s:?} accepted as {kind:?}");
             }
         }
@@ -208,7 +267,10 @@ fn mount_flags() {
         if let Ok(f) = Flags::parse(&flags) {
             accepted += 1;
             for o in &f.fs_options {
-                assert!(!o.is_empty() && !o.contains(',') && !o.contains('\0'), "{o:?}");
+                assert!(
+                    !o.is_empty() && !o.contains(',') && !o.contains('\0'),
+                    "{o:?}"
+                );
                 assert!(o.len() <= 256 && o.trim() == o, "{o:?}");
             }
             let ro = flags

@@ -46,8 +46,7 @@ impl Canary {
         let p = dir.path();
         std::fs::write(p.join("passwd"), "root:x:0:0:root:/root:/bin/sh\n").unwrap();
         std::fs::write(p.join("shadow"), "root:*:19000::::::\n").unwrap();
-        std::fs::set_permissions(p.join("shadow"), std::fs::Permissions::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(p.join("shadow"), std::fs::Permissions::from_mode(0o600)).unwrap();
         std::fs::create_dir(p.join("sub")).unwrap();
         std::fs::write(p.join("sub/hosts"), "127.0.0.1 localhost\n").unwrap();
         std::os::unix::fs::symlink("../passwd", p.join("sub/link")).unwrap();
@@ -63,7 +62,10 @@ impl Canary {
         fn walk(p: &Path, out: &mut BTreeMap<PathBuf, Entry>) {
             let m = std::fs::symlink_metadata(p).unwrap();
             let content = if m.is_symlink() {
-                std::fs::read_link(p).unwrap().into_os_string().into_encoded_bytes()
+                std::fs::read_link(p)
+                    .unwrap()
+                    .into_os_string()
+                    .into_encoded_bytes()
             } else if m.is_file() {
                 std::fs::read(p).unwrap()
             } else {
@@ -227,7 +229,12 @@ fn stage_req(id: &str, staging: &str, cap: VolumeCapability) -> NodeStageVolumeR
     }
 }
 
-fn publish_req(id: &str, staging: &str, target: &str, cap: VolumeCapability) -> NodePublishVolumeRequest {
+fn publish_req(
+    id: &str,
+    staging: &str,
+    target: &str,
+    cap: VolumeCapability,
+) -> NodePublishVolumeRequest {
     NodePublishVolumeRequest {
         volume_id: id.into(),
         staging_target_path: staging.into(),
@@ -242,7 +249,11 @@ async fn every_id_rpc(c: &mut Clients, t: &mut Tally, id: &str, staging: &str, t
     let what = |rpc: &str| format!("{rpc}({:?})", cut(id, 60));
     let r = c.delete(id).await;
     // The spec: deleting what does not exist is done.
-    t.expect(&what("DeleteVolume"), r, &[Code::Ok, Code::InvalidArgument, Code::NotFound]);
+    t.expect(
+        &what("DeleteVolume"),
+        r,
+        &[Code::Ok, Code::InvalidArgument, Code::NotFound],
+    );
     let r = c
         .controller
         .controller_publish_volume(ControllerPublishVolumeRequest {
@@ -262,7 +273,11 @@ async fn every_id_rpc(c: &mut Clients, t: &mut Tally, id: &str, staging: &str, t
         })
         .await;
     // Unpublishing what does not exist is done (the spec's idempotence).
-    t.expect(&what("ControllerUnpublishVolume"), r, &[Code::Ok, Code::InvalidArgument, Code::NotFound]);
+    t.expect(
+        &what("ControllerUnpublishVolume"),
+        r,
+        &[Code::Ok, Code::InvalidArgument, Code::NotFound],
+    );
     let r = c
         .controller
         .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
@@ -281,7 +296,10 @@ async fn every_id_rpc(c: &mut Clients, t: &mut Tally, id: &str, staging: &str, t
     t.expect(&what("ControllerGetVolume"), r, BAD);
     let r = c.expand(id, 2 * MIB, Some(rwo())).await;
     t.expect(&what("ControllerExpandVolume"), r, BAD);
-    let r = c.node.node_stage_volume(stage_req(id, staging, rwo())).await;
+    let r = c
+        .node
+        .node_stage_volume(stage_req(id, staging, rwo()))
+        .await;
     t.expect(&what("NodeStageVolume"), r, BAD);
     let r = c.unstage(id, Path::new(staging)).await;
     t.expect(&what("NodeUnstageVolume"), r, BAD);
@@ -422,7 +440,10 @@ async fn raw_call(
 
 fn no_panic(d: &Driver) {
     let log = d.log();
-    assert!(!log.contains("panicked"), "driver log shows a panic:\n{log}");
+    assert!(
+        !log.contains("panicked"),
+        "driver log shows a panic:\n{log}"
+    );
 }
 
 #[tokio::test]
@@ -454,9 +475,27 @@ async fn hostile_inputs_touch_nothing_outside() {
         }
     }
     for p in outside_paths(canary.path()) {
-        let reads = &[Code::Ok, Code::InvalidArgument, Code::NotFound, Code::FailedPrecondition];
-        every_path_rpc(&mut c, &mut t, &id, &p, &staging_s, &target_s, REFUSED, reads).await;
-        every_path_rpc(&mut c, &mut t, &format!("vol-{}", hex32()), &p, &staging_s, &target_s, BAD, BAD).await;
+        let reads = &[
+            Code::Ok,
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::FailedPrecondition,
+        ];
+        every_path_rpc(
+            &mut c, &mut t, &id, &p, &staging_s, &target_s, REFUSED, reads,
+        )
+        .await;
+        every_path_rpc(
+            &mut c,
+            &mut t,
+            &format!("vol-{}", hex32()),
+            &p,
+            &staging_s,
+            &target_s,
+            BAD,
+            BAD,
+        )
+        .await;
     }
 
     // Names: anything printable is a fine name (it is hashed, never a path);
@@ -515,11 +554,21 @@ async fn hostile_inputs_touch_nothing_outside() {
             .controller
             .create_volume(create_req("params", MIB, kv, rwo()))
             .await;
-        t.expect(&format!("CreateVolume parameters {}", cut(&format!("{kv:?}"), 100)), r, BAD);
+        t.expect(
+            &format!("CreateVolume parameters {}", cut(&format!("{kv:?}"), 100)),
+            r,
+            BAD,
+        );
     }
-    for (i, (bytes, limit)) in [(-1, 0), (0, -1), (2 * MIB, MIB), (i64::MIN, i64::MIN), (i64::MAX, 0)]
-        .into_iter()
-        .enumerate()
+    for (i, (bytes, limit)) in [
+        (-1, 0),
+        (0, -1),
+        (2 * MIB, MIB),
+        (i64::MIN, i64::MIN),
+        (i64::MAX, 0),
+    ]
+    .into_iter()
+    .enumerate()
     {
         let mut req = create_req(&format!("capacity-{i}"), bytes, &[], rwo());
         req.capacity_range.as_mut().unwrap().limit_bytes = limit;
@@ -527,7 +576,12 @@ async fn hostile_inputs_touch_nothing_outside() {
         // A directory volume's size is advisory unless enforced: i64::MAX is
         // accepted as a number, and costs nothing.
         let allowed: &[Code] = if bytes == i64::MAX {
-            &[Code::Ok, Code::InvalidArgument, Code::OutOfRange, Code::ResourceExhausted]
+            &[
+                Code::Ok,
+                Code::InvalidArgument,
+                Code::OutOfRange,
+                Code::ResourceExhausted,
+            ]
         } else {
             &[Code::InvalidArgument, Code::OutOfRange]
         };
@@ -536,16 +590,26 @@ async fn hostile_inputs_touch_nothing_outside() {
                 .await
                 .unwrap();
         }
-        t.expect(&format!("CreateVolume capacity {bytes}/{limit}"), r, allowed);
+        t.expect(
+            &format!("CreateVolume capacity {bytes}/{limit}"),
+            r,
+            allowed,
+        );
     }
     for r in [-1, i64::MIN] {
         let res = c.expand(&id, r, Some(rwo())).await;
-        t.expect(&format!("ControllerExpandVolume {r}"), res, &[Code::InvalidArgument, Code::OutOfRange]);
+        t.expect(
+            &format!("ControllerExpandVolume {r}"),
+            res,
+            &[Code::InvalidArgument, Code::OutOfRange],
+        );
     }
     // A negative size once "expanded" the record down to 1 MiB.
     let got = c
         .controller
-        .controller_get_volume(ControllerGetVolumeRequest { volume_id: id.clone() })
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.clone(),
+        })
         .await
         .unwrap()
         .into_inner();
@@ -566,7 +630,11 @@ async fn hostile_inputs_touch_nothing_outside() {
             .node
             .node_publish_volume(publish_req(&id, &staging_s, &target_s, cap.clone()))
             .await;
-        t.expect(&format!("NodePublishVolume flags {}", cut(&format!("{f:?}"), 100)), r, BAD);
+        t.expect(
+            &format!("NodePublishVolume flags {}", cut(&format!("{f:?}"), 100)),
+            r,
+            BAD,
+        );
         let r = c
             .controller
             .create_volume(create_req("flags", MIB, &[("type", "loop")], cap))
@@ -578,9 +646,12 @@ async fn hostile_inputs_touch_nothing_outside() {
             &[Code::Ok, Code::InvalidArgument, Code::AlreadyExists],
         );
     }
-    c.delete(&localvol::ids::id_for_name(localvol::ids::Kind::Volume, "flags"))
-        .await
-        .unwrap();
+    c.delete(&localvol::ids::id_for_name(
+        localvol::ids::Kind::Volume,
+        "flags",
+    ))
+    .await
+    .unwrap();
     for fs in ["../../../bin/sh", "ext4\0", "btrfs", c_path.as_str()] {
         let cap = mount_cap_fs(Mode::SingleNodeWriter, fs, &[]);
         let r = c
@@ -618,14 +689,34 @@ async fn hostile_inputs_touch_nothing_outside() {
     let stage = stage_req(&id, &staging_s, rwo()).encode_to_vec();
     let publish = publish_req(&id, &staging_s, &target_s, rwo()).encode_to_vec();
     let raw: Vec<(&'static str, Vec<u8>, u32, &[u8])> = vec![
-        ("/csi.v1.Controller/CreateVolume", create_req("x", MIB, &[], rwo()).encode_to_vec(), 1, bad),
+        (
+            "/csi.v1.Controller/CreateVolume",
+            create_req("x", MIB, &[], rwo()).encode_to_vec(),
+            1,
+            bad,
+        ),
         ("/csi.v1.Controller/DeleteVolume", vec![], 1, bad),
         ("/csi.v1.Controller/ControllerGetVolume", vec![], 1, bad),
-        ("/csi.v1.Controller/ControllerUnpublishVolume", vec![], 1, bad),
-        ("/csi.v1.Controller/ControllerUnpublishVolume", vec![], 2, bad),
+        (
+            "/csi.v1.Controller/ControllerUnpublishVolume",
+            vec![],
+            1,
+            bad,
+        ),
+        (
+            "/csi.v1.Controller/ControllerUnpublishVolume",
+            vec![],
+            2,
+            bad,
+        ),
         ("/csi.v1.Node/NodeStageVolume", stage.clone(), 1, bad),
         ("/csi.v1.Node/NodeStageVolume", stage, 3, path_bad),
-        ("/csi.v1.Node/NodePublishVolume", publish.clone(), 3, path_bad),
+        (
+            "/csi.v1.Node/NodePublishVolume",
+            publish.clone(),
+            3,
+            path_bad,
+        ),
         ("/csi.v1.Node/NodePublishVolume", publish, 4, path_bad),
         ("/csi.v1.Node/NodeUnpublishVolume", vec![], 2, path_bad),
         ("/csi.v1.Node/NodeUnstageVolume", vec![], 2, path_bad),
@@ -644,7 +735,10 @@ async fn hostile_inputs_touch_nothing_outside() {
     // The driver still serves, the real volume is still staged, the canary is
     // untouched and nothing is mounted on it.
     c.identity.probe(ProbeRequest {}).await.unwrap();
-    assert!(is_mounted(&staging), "the real volume lost its staging mount");
+    assert!(
+        is_mounted(&staging),
+        "the real volume lost its staging mount"
+    );
     assert_eq!(canary.mounts(), Vec::<PathBuf>::new());
     assert!(canary.snapshot() == before, "the canary changed");
     c.unstage(&id, &staging).await.unwrap();
@@ -673,7 +767,10 @@ async fn symlinks_at_target_and_staging_paths() {
 
         // Staging onto the symlink.
         assert_code(c.stage(&id, &link, rwo()).await, Code::InvalidArgument);
-        assert!(canary.mounts().is_empty(), "{name}: canary mounted by stage");
+        assert!(
+            canary.mounts().is_empty(),
+            "{name}: canary mounted by stage"
+        );
         assert_eq!(
             loop_devices()
                 .iter()
@@ -691,7 +788,10 @@ async fn symlinks_at_target_and_staging_paths() {
             c.publish(&id, &staging, &link, rwo(), false).await,
             Code::InvalidArgument,
         );
-        assert!(canary.mounts().is_empty(), "{name}: canary mounted by publish");
+        assert!(
+            canary.mounts().is_empty(),
+            "{name}: canary mounted by publish"
+        );
         // Unpublish leaves a symlink it did not make alone, and never follows it.
         let r = c.unpublish(&id, &link).await;
         assert!(
@@ -750,7 +850,12 @@ async fn oversized_message_is_refused() {
     let mut c = d.clients().await;
     let v = c.create("small", MIB, &[], rwo()).await;
     c.delete(&v.volume_id).await.unwrap();
-    assert!(!d.root.join("state/volumes").read_dir().unwrap().any(|_| true));
+    assert!(!d
+        .root
+        .join("state/volumes")
+        .read_dir()
+        .unwrap()
+        .any(|_| true));
     no_panic(&d);
 }
 
