@@ -900,3 +900,41 @@ async fn client_disconnecting_mid_stage() {
     c.delete(&id).await.unwrap();
     no_panic(&d);
 }
+
+/// A loop stage that fails after attaching (here: a mount option ext4 refuses)
+/// detaches the device again: the kubelet never unstages a failed stage.
+#[tokio::test]
+async fn failed_loop_stage_detaches() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let id = c
+        .create("bad-option", 64 * MIB, &[("type", "loop")], rwo())
+        .await
+        .volume_id;
+    let staging = d.path("staging");
+    let root = std::fs::canonicalize(&d.root).unwrap();
+    let attached = || {
+        loop_devices()
+            .iter()
+            .filter(|(_, b)| b.starts_with(&root))
+            .count()
+    };
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &["no_such_option"]);
+    assert_code(c.stage(&id, &staging, cap).await, Code::InvalidArgument);
+    assert!(!is_mounted(&staging));
+    assert_eq!(
+        attached(),
+        0,
+        "the failed stage left its loop device attached"
+    );
+    // The volume is intact: a good stage works (and does not reformat).
+    c.stage(&id, &staging, rwo()).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    assert_eq!(attached(), 0);
+    c.delete(&id).await.unwrap();
+    no_panic(&d);
+}
