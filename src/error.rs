@@ -71,8 +71,25 @@ impl From<Error> for tonic::Status {
                 _ => Code::Internal,
             },
         };
-        tonic::Status::new(code, e.to_string())
+        tonic::Status::new(code, bounded(e.to_string()))
     }
+}
+
+/// Longest status message sent, in bytes. Messages quote the caller's input, and
+/// a message beyond the peer's header limit turns the answer into an HTTP/2
+/// protocol error the caller cannot read.
+pub const MAX_STATUS_MESSAGE: usize = 1024;
+
+fn bounded(mut msg: String) -> String {
+    if msg.len() > MAX_STATUS_MESSAGE {
+        let mut end = MAX_STATUS_MESSAGE;
+        while !msg.is_char_boundary(end) {
+            end -= 1;
+        }
+        msg.truncate(end);
+        msg.push_str("...");
+    }
+    msg
 }
 
 #[cfg(test)]
@@ -88,5 +105,12 @@ mod tests {
         );
         let e = Error::io("write", io::Error::from_raw_os_error(libc::EIO));
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+    }
+
+    #[test]
+    fn long_messages_are_cut_on_a_character() {
+        let s = tonic::Status::from(Error::InvalidArgument("é".repeat(4000)));
+        assert!(s.message().len() <= MAX_STATUS_MESSAGE + 3);
+        assert!(s.message().ends_with("..."));
     }
 }

@@ -57,9 +57,11 @@ fn unescape(s: &str) -> PathBuf {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
+        // Only \000..\377 is a byte; anything larger is not an escape.
         if b[i] == b'\\'
             && i + 3 < b.len()
-            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+            && (b'0'..=b'3').contains(&b[i + 1])
+            && b[i + 2..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
         {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
@@ -178,9 +180,10 @@ impl Flags {
             .filter(|s| !s.is_empty())
         {
             if flag.len() > 256 || flag.contains('\0') {
+                // Cut by characters: a byte cut could split one and panic.
                 return Err(Error::InvalidArgument(format!(
                     "mount flag {:?}... is malformed",
-                    &flag[..flag.len().min(32)]
+                    flag.chars().take(32).collect::<String>()
                 )));
             }
             match flag {
@@ -416,5 +419,14 @@ mod tests {
         assert_eq!(f.attr_set & MOUNT_ATTR__ATIME, MOUNT_ATTR_NOATIME);
         assert_eq!(f.fs_options, vec!["discard".to_string()]);
         assert!(!Flags::parse(&[]).unwrap().is_readonly());
+    }
+
+    #[test]
+    fn hostile_text_does_not_panic() {
+        // Found by tests/fuzz_validation.rs: a byte cut inside a character, and
+        // an octal escape above \377.
+        assert!(Flags::parse(&["aé".repeat(200)]).is_err());
+        let t = parse_mountinfo("1 2 7:3 / /a\\777b rw - xfs /dev/loop3 rw\n");
+        assert_eq!(t[0].mount_point, PathBuf::from("/a\\777b"));
     }
 }

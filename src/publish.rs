@@ -61,31 +61,45 @@ impl Driver {
         let flags = Flags::parse(cap.mount_flags())?.readonly(rules.readonly);
         match rec.volume_type {
             VolumeType::Dir => {
-                fs::create_dir_all(staging).ctx(|| format!("create {}", staging.display()))?;
+                make_staging(staging)?;
                 mount::bind(&data, staging, &flags)?;
             }
             VolumeType::Loop => {
+                make_staging(staging)?;
+                let attached_here = loopdev::find(&data).is_none();
                 let dev = loopdev::attach(&data)?;
                 faults::point("stage.after_attach");
-                fs::create_dir_all(staging).ctx(|| format!("create {}", staging.display()))?;
+                // A stage that fails after attaching must not leak the device: the
+                // kubelet never unstages a volume whose stage did not succeed.
+                let detach_on_error = |e: Error| {
+                    if attached_here {
+                        let _ = loopdev::detach_device(&dev);
+                    }
+                    e
+                };
                 if !cap.is_block() {
-                    let fs_type = self.filesystem_for(&rec, cap)?;
-                    self.prepare_filesystem(&rec, &dev, &fs_type)?;
-                    faults::point("stage.after_format");
-                    // A volume restored or expanded while not staged holds a smaller
-                    // filesystem than its device: grow it (ext4 before mounting, xfs
-                    // only can once mounted).
-                    let smaller = !rules.readonly && self.fs_smaller_than_device(&dev, &fs_type)?;
-                    if smaller && fs_type == "ext4" {
-                        filesystem::grow_offline(&dev.path())?;
-                    }
-                    let mut flags = flags.clone();
-                    if fs_type == "xfs" {
-                        // Restores and clones carry their source's filesystem UUID,
-                        // which xfs otherwise refuses to mount twice.
-                        flags.fs_options.push("nouuid".into());
-                    }
-                    filesystem::mount(&dev.path(), staging, &fs_type, &flags)?;
+                    let (fs_type, smaller) = (|| {
+                        let fs_type = self.filesystem_for(&rec, cap)?;
+                        self.prepare_filesystem(&rec, &dev, &fs_type)?;
+                        faults::point("stage.after_format");
+                        // A volume restored or expanded while not staged holds a smaller
+                        // filesystem than its device: grow it (ext4 before mounting, xfs
+                        // only can once mounted).
+                        let smaller =
+                            !rules.readonly && self.fs_smaller_than_device(&dev, &fs_type)?;
+                        if smaller && fs_type == "ext4" {
+                            filesystem::grow_offline(&dev.path())?;
+                        }
+                        let mut flags = flags.clone();
+                        if fs_type == "xfs" {
+                            // Restores and clones carry their source's filesystem UUID,
+                            // which xfs otherwise refuses to mount twice.
+                            flags.fs_options.push("nouuid".into());
+                        }
+                        filesystem::mount(&dev.path(), staging, &fs_type, &flags)?;
+                        Ok((fs_type, smaller))
+                    })()
+                    .map_err(detach_on_error)?;
                     if smaller && fs_type == "xfs" {
                         filesystem::grow(&dev.path(), staging, &fs_type)?;
                     }
@@ -401,24 +415,57 @@ fn make_target(path: &Path, block: bool) -> Result<bool> {
         Ok(()) => Ok(true),
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let m = fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
-            if m.is_symlink() {
-                return Err(Error::InvalidArgument(format!(
-                    "target {} is a symlink; localvol does not mount onto symlinks",
-                    path.display()
-                )));
-            }
-            if m.is_dir() == block {
-                return Err(Error::FailedPrecondition(format!(
-                    "target {} is a {} but a {} volume needs a {}",
-                    path.display(),
-                    if m.is_dir() { "directory" } else { "file" },
-                    if block { "block" } else { "mount" },
-                    if block { "file" } else { "directory" }
-                )));
-            }
+            check_mount_point("target", path, &m, block)?;
             Ok(false)
         }
         Err(e) => Err(Error::io(format!("create {}", path.display()), e)),
+    }
+}
+
+/// Refuses an existing path as a place to mount on: a symlink (it would redirect
+/// the mount), the wrong kind, or anything holding data (a mount would hide it;
+/// the kubelet hands over empty paths, so data there means a wrong path).
+fn check_mount_point(what: &str, path: &Path, m: &fs::Metadata, block: bool) -> Result<()> {
+    if m.is_symlink() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {} is a symlink; localvol does not mount onto symlinks",
+            path.display()
+        )));
+    }
+    if m.is_dir() == block {
+        return Err(Error::FailedPrecondition(format!(
+            "{what} {} is a {} but a {} volume needs a {}",
+            path.display(),
+            if m.is_dir() { "directory" } else { "file" },
+            if block { "block" } else { "mount" },
+            if block { "file" } else { "directory" }
+        )));
+    }
+    let holds_data = if m.is_dir() {
+        fs::read_dir(path)
+            .ctx(|| format!("read {}", path.display()))?
+            .next()
+            .is_some()
+    } else {
+        m.len() > 0
+    };
+    if holds_data {
+        return Err(Error::FailedPrecondition(format!(
+            "{what} {} is not empty; localvol does not mount over data",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Makes the staging directory, or checks the one the kubelet made.
+fn make_staging(path: &Path) -> Result<()> {
+    match fs::symlink_metadata(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            fs::create_dir_all(path).ctx(|| format!("create {}", path.display()))
+        }
+        Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
+        Ok(m) => check_mount_point("staging path", path, &m, false),
     }
 }
 
@@ -428,7 +475,12 @@ fn remove_target(path: &Path) -> Result<()> {
     match fs::symlink_metadata(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(e) => Err(Error::io(format!("stat {}", path.display()), e)),
-        Ok(m) if m.is_dir() => fs::remove_dir(path).ctx(|| format!("remove {}", path.display())),
+        Ok(m) if m.is_dir() => match fs::remove_dir(path) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOTEMPTY) => Err(Error::FailedPrecondition(
+                format!("target {} is not empty; leaving it", path.display()),
+            )),
+            r => r.ctx(|| format!("remove {}", path.display())),
+        },
         Ok(m) if m.is_file() && m.len() == 0 => {
             fs::remove_file(path).ctx(|| format!("remove {}", path.display()))
         }
