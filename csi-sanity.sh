@@ -45,10 +45,12 @@ trap cleanup EXIT
 status=0
 # One run per volume type: directory volumes, ext4 and xfs on loop devices.
 for variant in "dir" "loop-ext4" "loop-xfs"; do
+  size=$((64 << 20))
   case $variant in
     dir) params="type: dir" ;;
     loop-ext4) params=$'type: loop\nfsType: ext4' ;;
-    loop-xfs) params=$'type: loop\nfsType: xfs' ;;
+    # mkfs.xfs needs 300 MiB at least.
+    loop-xfs) params=$'type: loop\nfsType: xfs'; size=$((320 << 20)) ;;
   esac
   root=$work/$variant/root
   mkdir -p "$root" "$work/$variant/k"
@@ -64,8 +66,8 @@ for variant in "dir" "loop-ext4" "loop-xfs"; do
       --csi.stagingdir "$work/$variant/k/staging" \
       --csi.mountdir "$work/$variant/k/target" \
       --csi.testvolumeparameters "$work/$variant/params.yaml" \
-      --csi.testvolumesize $((64 << 20)) \
-      --csi.testvolumeexpandsize $((128 << 20)) \
+      --csi.testvolumesize "$size" \
+      --csi.testvolumeexpandsize $((size * 2)) \
       "$@"; then
     status=1
     echo "csi-sanity failed for $variant; driver log: $work/$variant/driver.log (kept below)" >&2
