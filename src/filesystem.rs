@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::Command;
 
 use crate::error::{Context, Error, Result};
-use crate::mount::{self, Flags};
+use crate::mount::{self, check, Flags};
 
 /// What the first bytes of a device say it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -171,21 +171,11 @@ pub fn size_of(device: &Path, fs_type: &str) -> Result<Option<u64>> {
     })
 }
 
-fn check(ret: libc::c_long, what: impl FnOnce() -> String) -> Result<libc::c_long> {
-    if ret < 0 {
-        Err(Error::io(what(), io::Error::last_os_error()))
-    } else {
-        Ok(ret)
-    }
-}
-
 const FSOPEN_CLOEXEC: libc::c_uint = 1;
 const FSCONFIG_SET_FLAG: libc::c_uint = 0;
 const FSCONFIG_SET_STRING: libc::c_uint = 1;
 const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
 const FSMOUNT_CLOEXEC: libc::c_uint = 1;
-const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
-const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 
 fn cstr(s: &str) -> Result<CString> {
     CString::new(s).map_err(|_| Error::InvalidArgument(format!("{s:?} contains a NUL byte")))
@@ -278,21 +268,9 @@ pub fn mount(device: &Path, target: &Path, fs_type: &str, flags: &Flags) -> Resu
         || format!("create a mount of {}", device.display()),
     )?;
     let mnt = unsafe { OwnedFd::from_raw_fd(mnt as i32) };
-    let empty = c"";
-    check(
-        unsafe {
-            libc::syscall(
-                libc::SYS_move_mount,
-                mnt.as_raw_fd(),
-                empty.as_ptr(),
-                dst.as_raw_fd(),
-                empty.as_ptr(),
-                MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
-            )
-        },
-        || format!("mount {} at {}", device.display(), target.display()),
-    )?;
-    Ok(())
+    mount::attach(&mnt, &dst, || {
+        format!("mount {} at {}", device.display(), target.display())
+    })
 }
 
 #[cfg(test)]

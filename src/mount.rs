@@ -255,7 +255,7 @@ pub fn open_nofollow(path: &Path) -> Result<OwnedFd> {
     Ok(owned)
 }
 
-fn check(ret: libc::c_long, what: impl FnOnce() -> String) -> Result<libc::c_long> {
+pub(crate) fn check(ret: libc::c_long, what: impl FnOnce() -> String) -> Result<libc::c_long> {
     if ret < 0 {
         Err(Error::io(what(), io::Error::last_os_error()))
     } else {
@@ -322,18 +322,27 @@ pub fn bind(source: &Path, target: &Path, flags: &Flags) -> Result<()> {
             || format!("set mount attributes for {}", target.display()),
         )?;
     }
+    attach(&tree, &dst, || {
+        format!("mount {} at {}", source.display(), target.display())
+    })
+}
+
+/// Makes the detached mount `mnt` (from open_tree or fsmount) visible on `dst`, an
+/// O_PATH handle of the target opened without following symlinks.
+pub(crate) fn attach(mnt: &OwnedFd, dst: &OwnedFd, what: impl FnOnce() -> String) -> Result<()> {
+    let empty = c"";
     check(
         unsafe {
             libc::syscall(
                 libc::SYS_move_mount,
-                tree.as_raw_fd(),
+                mnt.as_raw_fd(),
                 empty.as_ptr(),
                 dst.as_raw_fd(),
                 empty.as_ptr(),
                 MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
             )
         },
-        || format!("mount {} at {}", source.display(), target.display()),
+        what,
     )?;
     Ok(())
 }
