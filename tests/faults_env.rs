@@ -166,8 +166,44 @@ async fn full_root_answers_resource_exhausted_and_leaves_nothing_half_made() {
     let e = c.expand(&p.volume_id, 18 * MIB, None).await.unwrap();
     assert_eq!(e.capacity_bytes, 18 * MIB);
 
+    // A restore that does not fit leaves no partial copy behind.
+    let filler = c.create("filler2", 128 * MIB, &[], rwo()).await;
+    mount_vol(&mut c, &d, &filler.volume_id, rwo()).await;
+    let fill = free_mib(&root).saturating_sub(3) as usize;
+    let (n, e) = write_mib(&target(&d, &filler.volume_id).join("fill"), fill);
+    assert!(e.is_none(), "filling {fill} MiB stopped at {n}: {e:?}");
+    let volumes_before = entries(&root.join("volumes"));
+    let mut restore = create_req("restored", 16 * MIB, &[], rwo());
+    restore.volume_content_source = Some(VolumeContentSource {
+        r#type: Some(volume_content_source::Type::Snapshot(
+            volume_content_source::SnapshotSource {
+                snapshot_id: s.snapshot_id.clone(),
+            },
+        )),
+    });
+    assert_code(
+        c.controller.create_volume(restore.clone()).await,
+        Code::ResourceExhausted,
+    );
+    assert_eq!(entries(&root.join("volumes")), volumes_before);
+    unmount_vol(&mut c, &d, &filler.volume_id).await;
+    c.delete(&filler.volume_id).await.unwrap();
+    let restored = c
+        .controller
+        .create_volume(restore)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap();
+
     unmount_vol(&mut c, &d, &src.volume_id).await;
-    for id in [&p.volume_id, &src.volume_id, &big.volume_id] {
+    for id in [
+        &p.volume_id,
+        &src.volume_id,
+        &big.volume_id,
+        &restored.volume_id,
+    ] {
         c.delete(id).await.unwrap();
     }
     c.controller

@@ -30,7 +30,7 @@ use tonic::Code;
 use tower::service_fn;
 
 const TASKS: usize = 7;
-const OPS_PER_TASK: usize = 30;
+const OPS_PER_TASK: usize = 500;
 /// The random phase stops here even if ops remain; checks follow.
 const PHASE: Duration = Duration::from_secs(40);
 /// How long one call may keep getting no answer before the test gives up.
@@ -471,7 +471,6 @@ async fn soak_with_random_kills() {
                 .as_nanos() as u64
         });
     println!("soak seed {seed} (replay with LOCALVOL_SOAK_SEED={seed})");
-    eprintln!("soak seed {seed} (replay with LOCALVOL_SOAK_SEED={seed})");
     let started = Instant::now();
 
     let d = Driver::start().await;
@@ -490,7 +489,7 @@ async fn soak_with_random_kills() {
             let mut rng = Rng::new(seed);
             let mut restarts = 0u64;
             loop {
-                let wait = Duration::from_millis(1000 + rng.below(3000) as u64);
+                let wait = Duration::from_millis(1000 + rng.below(2000) as u64);
                 let until = Instant::now() + wait;
                 while Instant::now() < until {
                     if done.load(Ordering::Relaxed) {
