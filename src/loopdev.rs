@@ -127,6 +127,22 @@ pub fn find(file: &Path) -> Option<LoopDevice> {
         .map(|(d, _)| d)
 }
 
+/// Devices still attached to `file` after it was deleted (its path shows with
+/// " (deleted)"): the data they hold is reachable through them alone.
+pub fn find_deleted(file: &Path) -> Vec<LoopDevice> {
+    let (Some(parent), Some(name)) = (file.parent(), file.file_name()) else {
+        return vec![];
+    };
+    let parent = fs::canonicalize(parent).unwrap_or_else(|_| parent.to_path_buf());
+    let mut shown = parent.join(name).into_os_string();
+    shown.push(" (deleted)");
+    attached()
+        .into_iter()
+        .filter(|(_, backing)| backing.as_os_str() == shown)
+        .map(|(d, _)| d)
+        .collect()
+}
+
 fn ioctl(fd: &impl AsRawFd, req: libc::c_ulong, arg: libc::c_ulong) -> io::Result<libc::c_int> {
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), req as _, arg) };
     if r < 0 {

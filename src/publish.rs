@@ -173,7 +173,17 @@ impl Driver {
         self.unmount_volume_at(&rec, staging)?;
         faults::point("unstage.after_unmount");
         if rec.volume_type == VolumeType::Loop {
-            loopdev::detach(&self.data_path(&rec))?;
+            let data = self.data_path(&rec);
+            loopdev::detach(&data)?;
+            // Data removed behind our back stays attached to its deleted file;
+            // once no mount uses the device, unstaging is its last chance to go.
+            let table = mount::mounts()?;
+            for d in loopdev::find_deleted(&data) {
+                if !table.iter().any(|m| m.dev == d.dev) {
+                    loopdev::detach_device(&d)?;
+                    tracing::warn!(volume = %id, device = %d.path().display(), "detached a loop device whose backing file was removed");
+                }
+            }
         }
         tracing::info!(volume = %id, staging = %staging.display(), "volume unstaged");
         Ok(())

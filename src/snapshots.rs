@@ -73,7 +73,13 @@ impl Driver {
         };
         let dest = self.snapshot_data(&snap);
         let started = std::time::Instant::now();
-        self.copy_volume(&source, &dest, true)?;
+        if let Err(e) = self.copy_volume(&source, &dest, true) {
+            // A partial copy (a full root) is no snapshot: give its space back now.
+            if let Err(re) = dir::remove(&dest) {
+                tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
+            }
+            return Err(e);
+        }
         faults::point("snapshot.after_copy");
         self.store.snapshots.put_new(&snap)?;
         faults::point("snapshot.after_record");

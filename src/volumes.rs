@@ -170,7 +170,42 @@ impl Driver {
             dir_limits,
         };
         driver.remove_leftovers()?;
+        driver.report_found();
         Ok(driver)
+    }
+
+    /// Says in the log what an earlier run (or someone else) left attached and
+    /// mounted for this node's volumes. Nothing is undone: a stage reuses the loop
+    /// device, unpublish and unstage take mounts down, and a mount not ours is
+    /// refused by name when a call meets it.
+    fn report_found(&self) {
+        let Ok(table) = mount::mounts() else {
+            return;
+        };
+        for rec in self.store.volumes.all() {
+            let dev = self.loop_device(&rec);
+            let keys = self.volume_keys(&rec, &table).unwrap_or_default();
+            let at: Vec<String> = table
+                .iter()
+                .filter(|m| keys.contains(&m.key()) && m.mount_point != self.data_path(&rec))
+                .map(|m| m.mount_point.display().to_string())
+                .collect();
+            match (&dev, at.is_empty()) {
+                (None, true) => {}
+                (Some(d), true) => tracing::warn!(
+                    volume = %rec.id,
+                    device = %d.path().display(),
+                    "found loop device attached but not mounted (left by an earlier run); \
+                     kept: the next stage reuses it, unstage detaches it"
+                ),
+                (_, false) => tracing::info!(
+                    volume = %rec.id,
+                    device = dev.as_ref().map(|d| d.path().display().to_string()).unwrap_or_default(),
+                    mounts = ?at,
+                    "found volume in use; kept"
+                ),
+            }
+        }
     }
 
     /// Data under volumes/ or snapshots/ with no record was never reported created
@@ -393,17 +428,25 @@ impl Driver {
         Ok(rec)
     }
 
-    /// Makes a new volume's data: empty, or filled from its content source.
+    /// Makes a new volume's data: empty, or filled from its content source. On
+    /// failure (a full root) the partial data is removed at once, so the space is
+    /// back and nothing half-made waits for the next start-up to be cleaned.
     fn make_data(&self, rec: &VolumeRecord, source: Option<&Source>) -> Result<()> {
         let data = self.data_path(rec);
         let p = params::parse(&rec.parameters)?;
-        match (source, rec.volume_type) {
+        let made = match (source, rec.volume_type) {
             (Some(s), _) => self.fill_from(rec, s),
             (None, VolumeType::Dir) => {
                 dir::create(&data, &rec.id, rec.capacity_bytes, self.limits(rec.shared))
             }
             (None, VolumeType::Loop) => loopfile::create(&data, rec.capacity_bytes, p.allocation),
+        };
+        if made.is_err() {
+            if let Err(e) = dir::remove(&data) {
+                tracing::warn!(path = %data.display(), error = %e, "cannot remove partial volume data");
+            }
         }
+        made
     }
 
     /// The snapshot or volume a new volume is to be filled from, checked against
