@@ -35,10 +35,28 @@ const SIGNATURES: &[(usize, &[u8], &str)] = &[
 ];
 
 /// Reads the device's signatures; the one decision that keeps data from being
-/// formatted over.
+/// formatted over. The device is opened exclusively: a mkfs still running from a
+/// call whose driver was killed holds it so, and formatting again beside it could
+/// overwrite a filesystem that has just been made and used. Such a call is ABORTED
+/// and retried once that mkfs is done.
 pub fn probe(device: &Path) -> Result<Content> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut head = vec![0u8; 65536 + 4096];
-    let mut f = File::open(device).ctx(|| format!("open {}", device.display()))?;
+    let mut f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
+        .open(device)
+    {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            return Err(Error::Aborted(format!(
+                "{} is busy (a format started by an interrupted call may still be running, or \
+                 it is mounted elsewhere); retry",
+                device.display()
+            )))
+        }
+        Err(e) => return Err(Error::io(format!("open {}", device.display()), e)),
+    };
     let mut n = 0;
     while n < head.len() {
         match f.read(&mut head[n..]) {

@@ -376,3 +376,41 @@ async fn node_only_expansion_grows_everything_on_the_node() {
     c.unstage(&id, &staging).await.unwrap();
     c.delete(&id).await.unwrap();
 }
+
+/// A device held exclusively (as by a mkfs still running from a call whose driver
+/// was killed) is never probed or formatted beside it: the stage is ABORTED until
+/// it is free, then goes on.
+#[tokio::test]
+async fn busy_device_is_not_formatted_beside_another_writer() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
+    let v = c
+        .create(
+            "busy",
+            64 * MIB,
+            &[("type", "loop"), ("fsType", "ext4")],
+            cap.clone(),
+        )
+        .await;
+    let img = d.root.join("volumes").join(format!("{}.img", v.volume_id));
+    let dev = localvol::loopdev::attach(&img).unwrap();
+    let holder = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_EXCL)
+        .open(dev.path())
+        .unwrap();
+    let staging = d.path("staging");
+    assert_code(
+        c.stage(&v.volume_id, &staging, cap.clone()).await,
+        Code::Aborted,
+    );
+    drop(holder);
+    c.stage(&v.volume_id, &staging, cap.clone()).await.unwrap();
+    assert_eq!(loops_below(&d.root).len(), 1);
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+}
