@@ -373,6 +373,15 @@ impl Driver {
         if !p.shared {
             self.check_topology(&req)?;
         }
+        // Volumes may overcommit free space (sparse files, unused directories), but
+        // never promise more than the whole filesystem could ever hold.
+        let total = mount::usage(&self.layout.volumes_dir(p.shared))?.total_bytes;
+        if capacity > total {
+            return Err(Error::OutOfRange(format!(
+                "{capacity} bytes is more than the whole filesystem under the driver root \
+                 holds ({total} bytes)"
+            )));
+        }
 
         let id = ids::id_for_name(Kind::Volume, &req.name);
         let _guard = self.lock(&id)?;

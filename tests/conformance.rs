@@ -485,3 +485,15 @@ async fn node_rules() {
         Code::NotFound,
     );
 }
+
+/// A volume larger than the whole root filesystem is refused, not promised.
+#[tokio::test]
+async fn capacity_beyond_the_root_is_out_of_range() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let r = c
+        .controller
+        .create_volume(create_req("huge", i64::MAX / 2, &[], rwo()))
+        .await;
+    assert_code(r, tonic::Code::OutOfRange);
+}
