@@ -34,6 +34,8 @@ const SIGNATURES: &[(usize, &[u8], &str)] = &[
     (510, &[0x55, 0xAA], "DOS partition table or boot sector"),
 ];
 
+const XFS_SB_INPROGRESS: usize = 126;
+
 /// Reads the device's signatures; the one decision that keeps data from being
 /// formatted over. The device is opened exclusively: a mkfs still running from a
 /// call whose driver was killed holds it so, and formatting again beside it could
@@ -72,6 +74,11 @@ pub fn probe(device: &Path) -> Result<Content> {
 fn classify(head: &[u8]) -> Content {
     for (off, sig, what) in SIGNATURES {
         if head.len() >= off + sig.len() && &head[*off..off + sig.len()] == *sig {
+            // mkfs.xfs writes its superblock first, marked in progress until it is
+            // done: one that never finished made a filesystem nobody ever used.
+            if *what == "xfs" && head.get(XFS_SB_INPROGRESS).is_some_and(|b| *b != 0) {
+                return Content::Empty;
+            }
             return match *what {
                 "ext4" | "xfs" | "btrfs" => Content::Filesystem(what.to_string()),
                 _ => Content::Other(what.to_string()),
@@ -125,7 +132,27 @@ pub fn format(device: &Path, fs_type: &str) -> Result<()> {
         }
     };
     cmd.arg(device);
-    run(&mut cmd)?;
+    // A mkfs outliving a killed driver would race the retried stage for the device;
+    // killed with the driver, it leaves at most an unfinished format, which the
+    // probe reads as empty (ext4 writes its superblock last, xfs marks it in
+    // progress) and the retry formats again.
+    unsafe {
+        use std::os::unix::process::CommandExt;
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    run(&mut cmd).map_err(|e| match e {
+        // The device is held (by a program of a killed call that has not exited
+        // yet): nothing was written; the retry formats it.
+        Error::Internal(m) if m.contains("in use") || m.contains("busy") => {
+            Error::Aborted(format!("{}; retry", m))
+        }
+        e => e,
+    })?;
     tracing::info!(device = %device.display(), fs_type, "formatted");
     Ok(())
 }
@@ -253,6 +280,8 @@ pub fn mount(device: &Path, target: &Path, fs_type: &str, flags: &Flags) -> Resu
                 Some(libc::EINVAL) if !key.is_empty() && key != "source" => {
                     Error::InvalidArgument(format!("{what}: the filesystem does not accept it"))
                 }
+                // Held by another program (an fsck or resize left by a killed call).
+                Some(libc::EBUSY) => Error::Aborted(format!("{what}: device busy; retry")),
                 _ => Error::io(what, e),
             });
         }
@@ -305,6 +334,8 @@ mod tests {
         let mut x = vec![0u8; 70000];
         x[..4].copy_from_slice(b"XFSB");
         assert_eq!(classify(&x), Content::Filesystem("xfs".into()));
+        x[XFS_SB_INPROGRESS] = 1;
+        assert_eq!(classify(&x), Content::Empty, "an unfinished mkfs.xfs");
         let mut p = vec![0u8; 70000];
         p[510] = 0x55;
         p[511] = 0xAA;
