@@ -583,6 +583,17 @@ impl Driver {
                 d.path().display()
             )));
         }
+        // Backing file removed behind our back while staged: the device still holds
+        // the pod's data, and the pod still uses it.
+        if rec.volume_type == VolumeType::Loop {
+            if let Some(d) = loopdev::find_deleted(&self.data_path(&rec)).first() {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {id}'s backing file was removed, but {} still holds its data on this \
+                     node; unpublish and unstage it first",
+                    d.path().display()
+                )));
+            }
+        }
         let mounts = self.mounts_of_volume(&rec)?;
         if let Some(m) = mounts.first() {
             return Err(Error::FailedPrecondition(format!(

@@ -106,7 +106,7 @@ async fn full_root_answers_resource_exhausted_and_leaves_nothing_half_made() {
     assert!(e.is_none(), "{e:?}");
     assert_eq!(n, 6);
     // Fill the root, leaving 3 MiB: less than any of the calls below needs.
-    let filler = c.create("filler", 128 * MIB, &[], rwo()).await;
+    let filler = c.create("filler", 48 * MIB, &[], rwo()).await;
     mount_vol(&mut c, &d, &filler.volume_id, rwo()).await;
     let fill = free_mib(&root).saturating_sub(3) as usize;
     let (n, e) = write_mib(&target(&d, &filler.volume_id).join("fill"), fill);
@@ -167,7 +167,7 @@ async fn full_root_answers_resource_exhausted_and_leaves_nothing_half_made() {
     assert_eq!(e.capacity_bytes, 18 * MIB);
 
     // A restore that does not fit leaves no partial copy behind.
-    let filler = c.create("filler2", 128 * MIB, &[], rwo()).await;
+    let filler = c.create("filler2", 48 * MIB, &[], rwo()).await;
     mount_vol(&mut c, &d, &filler.volume_id, rwo()).await;
     let fill = free_mib(&root).saturating_sub(3) as usize;
     let (n, e) = write_mib(&target(&d, &filler.volume_id).join("fill"), fill);
@@ -258,6 +258,9 @@ async fn data_removed_behind_the_drivers_back_is_reported_abnormal() {
     let new = c.create("new", 64 * MIB, EXT4, ext4()).await.volume_id;
     mount_vol(&mut c, &d, &new, ext4()).await;
     std::fs::write(target(&d, &new).join("f"), b"new").unwrap();
+
+    // The device of the removed backing file still holds the pod's data: delete waits.
+    assert_code(c.delete(&gone_img).await, tonic::Code::FailedPrecondition);
 
     // And the broken ones can still be torn down.
     for id in [&gone_dir, &gone_img, &fine, &new] {

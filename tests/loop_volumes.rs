@@ -271,9 +271,18 @@ async fn preallocated_volume_without_room_leaves_nothing() {
     let img = ImageFs::new("ext4", 64 << 20, &["-q"], "").expect("mount ext4 image");
     let d = Driver::start_with(vec![], Some(img.mnt.join("root"))).await;
     let mut c = d.clients().await;
+    // Fill most of it, so that the next volume fits the filesystem but not its room.
+    let first = c
+        .create(
+            "first",
+            24 * MIB,
+            &[("type", "loop"), ("allocation", "preallocate")],
+            rwo(),
+        )
+        .await;
     let free = nix::sys::statvfs::statvfs(&d.root).unwrap();
     let free = free.blocks_available() as u64 * free.fragment_size() as u64;
-    let too_big = (free + (1 << 30)).div_ceil(MIB_U) * MIB_U;
+    let too_big = (free + 4 * MIB_U).div_ceil(MIB_U) * MIB_U;
     let r = c
         .controller
         .create_volume(create_req(
@@ -284,8 +293,27 @@ async fn preallocated_volume_without_room_leaves_nothing() {
         ))
         .await;
     assert_code(r, Code::ResourceExhausted);
-    let left: Vec<_> = std::fs::read_dir(d.root.join("volumes")).unwrap().collect();
-    assert!(left.is_empty(), "nothing left behind: {left:?}");
+    let left: Vec<_> = std::fs::read_dir(d.root.join("volumes"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(
+        left.len(),
+        1,
+        "nothing left behind but the first volume: {left:?}"
+    );
+    c.delete(&first.volume_id).await.unwrap();
+    // More than the whole filesystem can ever hold: OUT_OF_RANGE.
+    let r = c
+        .controller
+        .create_volume(create_req(
+            "impossible",
+            1 << 30,
+            &[("type", "loop"), ("allocation", "preallocate")],
+            rwo(),
+        ))
+        .await;
+    assert_code(r, Code::OutOfRange);
 
     // A preallocated volume that fits is fully allocated.
     let v = c
