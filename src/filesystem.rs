@@ -320,30 +320,6 @@ pub fn mount(device: &Path, target: &Path, fs_type: &str, flags: &Flags) -> Resu
     })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn signatures_are_recognised() {
-        let mut b = vec![0u8; 70000];
-        assert_eq!(classify(&b), Content::Empty);
-        b[1080] = 0x53;
-        b[1081] = 0xEF;
-        assert_eq!(classify(&b), Content::Filesystem("ext4".into()));
-        let mut x = vec![0u8; 70000];
-        x[..4].copy_from_slice(b"XFSB");
-        assert_eq!(classify(&x), Content::Filesystem("xfs".into()));
-        x[XFS_SB_INPROGRESS] = 1;
-        assert_eq!(classify(&x), Content::Empty, "an unfinished mkfs.xfs");
-        let mut p = vec![0u8; 70000];
-        p[510] = 0x55;
-        p[511] = 0xAA;
-        assert!(matches!(classify(&p), Content::Other(_)));
-        assert_eq!(classify(&[]), Content::Empty);
-    }
-}
-
 const FIFREEZE: libc::c_ulong = 0xC004_5877;
 const FITHAW: libc::c_ulong = 0xC004_5878;
 
@@ -388,4 +364,28 @@ pub fn thaw(mount_point: &Path) -> Result<bool> {
         return Err(Error::io(format!("thaw {}", mount_point.display()), e));
     }
     Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn signatures_are_recognised() {
+        let mut b = vec![0u8; 70000];
+        assert_eq!(classify(&b), Content::Empty);
+        b[1080] = 0x53;
+        b[1081] = 0xEF;
+        assert_eq!(classify(&b), Content::Filesystem("ext4".into()));
+        let mut x = vec![0u8; 70000];
+        x[..4].copy_from_slice(b"XFSB");
+        assert_eq!(classify(&x), Content::Filesystem("xfs".into()));
+        x[XFS_SB_INPROGRESS] = 1;
+        assert_eq!(classify(&x), Content::Empty, "an unfinished mkfs.xfs");
+        let mut p = vec![0u8; 70000];
+        p[510] = 0x55;
+        p[511] = 0xAA;
+        assert!(matches!(classify(&p), Content::Other(_)));
+        assert_eq!(classify(&[]), Content::Empty);
+    }
 }

@@ -28,7 +28,7 @@ fn entries(dir: &Path) -> Vec<String> {
 
 fn free_mib(path: &Path) -> u64 {
     let s = nix::sys::statvfs::statvfs(path).unwrap();
-    s.blocks_available() as u64 * s.fragment_size() as u64 >> 20
+    (s.blocks_available() as u64 * s.fragment_size() as u64) >> 20
 }
 
 async fn snapshot(c: &mut Clients, name: &str, vol: &str) -> Result<Snapshot, tonic::Status> {
@@ -344,8 +344,7 @@ async fn stale_loop_device_is_reused_and_foreign_mounts_are_left_alone() {
     let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     let top = localvol::mount::parse_mountinfo(&text)
         .into_iter()
-        .filter(|m| m.mount_point == target)
-        .last()
+        .rfind(|m| m.mount_point == target)
         .unwrap();
     assert_eq!(
         top.source, "foreign-tmpfs",

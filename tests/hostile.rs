@@ -324,6 +324,7 @@ async fn every_id_rpc(c: &mut Clients, t: &mut Tally, id: &str, staging: &str, t
 }
 
 /// Every node RPC that takes a path, with `path` there and `id` a real volume.
+#[allow(clippy::too_many_arguments)]
 async fn every_path_rpc(
     c: &mut Clients,
     t: &mut Tally,

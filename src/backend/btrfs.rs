@@ -98,7 +98,7 @@ fn split(path: &Path) -> Result<(&Path, &OsStr)> {
 
 pub fn is_btrfs(path: &Path) -> bool {
     nix::sys::statfs::statfs(path)
-        .map(|s| s.filesystem_type().0 as i64 == BTRFS_SUPER_MAGIC)
+        .map(|s| s.filesystem_type().0 == BTRFS_SUPER_MAGIC)
         .unwrap_or(false)
 }
 

@@ -136,7 +136,7 @@ pub fn measure(path: &Path, device: bool, o: &IoOptions) -> Result<IoFigures, Be
     let mut run = |write: bool| -> Result<(usize, Duration), BenchError> {
         let start = Instant::now();
         let mut ops = 0usize;
-        while ops % 64 != 0 || start.elapsed() < budget {
+        while !ops.is_multiple_of(64) || start.elapsed() < budget {
             x = xorshift(x);
             let off = (x % blocks) * SMALL as u64;
             if write {
