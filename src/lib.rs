@@ -1,8 +1,15 @@
 //! localvol: a CSI driver for node-local storage.
 //!
 //! Reading order: `server` (socket, shutdown) -> `csi::*` (the gRPC edge, one module
-//! per CSI service) -> `volumes` (the domain: what each operation does) -> the parts
-//! it is made of: `store` (records), `backend` (where data lives), `mount`, `access`.
+//! per CSI service) -> the domain, which knows nothing of gRPC: `volumes`
+//! (controller side: create, delete, expand), `publish` (node side: stage,
+//! publish, node expansion, stats), `snapshots` (snapshots, restores, clones),
+//! `attach` (controller publish) -> the parts they are made of: `store` (records),
+//! `backend` (where data lives: dir, loop files, btrfs, project quotas, copies),
+//! `loopdev` (loop ioctls), `filesystem` (probe, mkfs, mount, grow, freeze),
+//! `mount` (mountinfo, bind mounts), `access` (access-mode rules), `ids`, `params`.
+//! Around them: `metrics`, `status` and `inspect` (what operators see), `faults`
+//! (crash points for tests).
 
 pub mod access;
 pub mod attach;
