@@ -357,10 +357,41 @@ pub fn unmount(target: &Path) -> Result<()> {
     }
 }
 
+/// Whether `path` is the root of a mount, asked of the path itself (statx) rather
+/// than of the whole mount table; None where the kernel cannot say (before 5.8).
+pub fn is_mount_root(path: &Path) -> Option<bool> {
+    const STATX_ATTR_MOUNT_ROOT: u64 = 0x2000;
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW | libc::AT_NO_AUTOMOUNT,
+            0,
+            &mut stx,
+        )
+    };
+    if r != 0 {
+        return match io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOENT) | Some(libc::ENOTDIR) => Some(false),
+            _ => None,
+        };
+    }
+    if stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT == 0 {
+        return None;
+    }
+    Some(stx.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0)
+}
+
 /// Unmounts every mount stacked at `target`.
 pub fn unmount_all(target: &Path) -> Result<()> {
     for _ in 0..16 {
-        if mount_at(&mounts()?, target).is_none() {
+        let mounted = match is_mount_root(target) {
+            Some(m) => m,
+            None => mount_at(&mounts()?, target).is_some(),
+        };
+        if !mounted {
             return Ok(());
         }
         unmount(target)?;

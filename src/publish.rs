@@ -177,8 +177,13 @@ impl Driver {
             loopdev::detach(&data)?;
             // Data removed behind our back stays attached to its deleted file;
             // once no mount uses the device, unstaging is its last chance to go.
-            let table = mount::mounts()?;
-            for d in loopdev::find_deleted(&data) {
+            let deleted = loopdev::find_deleted(&data);
+            let table = if deleted.is_empty() {
+                vec![]
+            } else {
+                mount::mounts()?
+            };
+            for d in deleted {
                 if !table.iter().any(|m| m.dev == d.dev) {
                     loopdev::detach_device(&d)?;
                     tracing::warn!(volume = %id, device = %d.path().display(), "detached a loop device whose backing file was removed");
@@ -192,6 +197,9 @@ impl Driver {
     /// Unmounts the volume from `path` if it is mounted there; refuses to unmount
     /// something that is not this volume.
     fn unmount_volume_at(&self, rec: &VolumeRecord, path: &Path) -> Result<bool> {
+        if mount::is_mount_root(path) == Some(false) {
+            return Ok(false);
+        }
         let table = mount::mounts()?;
         let Some(m) = mount::mount_at(&table, path) else {
             return Ok(false);
