@@ -100,8 +100,13 @@ impl Driver {
                         Ok((fs_type, smaller))
                     })()
                     .map_err(detach_on_error)?;
+                    // Mounted now, so the volume is staged: a failed growth must not
+                    // fail the stage (a retry would find it staged and skip it);
+                    // NodeExpandVolume grows it later.
                     if smaller && fs_type == "xfs" {
-                        filesystem::grow(&dev.path(), staging, &fs_type)?;
+                        if let Err(e) = filesystem::grow(&dev.path(), staging, &fs_type) {
+                            tracing::warn!(volume = %id, error = %e, "growing the filesystem at stage failed");
+                        }
                     }
                 }
             }

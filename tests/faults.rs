@@ -52,26 +52,6 @@ fn ok<T>(r: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
     r.map(|_| ())
 }
 
-async fn snapshot(c: &mut Clients, name: &str, vol: &str) -> Result<Snapshot, tonic::Status> {
-    c.controller
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: vol.into(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().snapshot.unwrap())
-}
-
-async fn delete_snapshot(c: &mut Clients, id: &str) -> Result<(), tonic::Status> {
-    ok(c.controller
-        .delete_snapshot(DeleteSnapshotRequest {
-            snapshot_id: id.into(),
-            ..Default::default()
-        })
-        .await)
-}
-
 /// Writes a file with a deadline: a filesystem left frozen would block forever.
 async fn write_with_deadline(path: &Path, bytes: &'static [u8]) {
     let p = path.to_path_buf();
@@ -109,7 +89,7 @@ async fn teardown_and_check(d: &Driver, c: &mut Clients, point: &str) {
         .into_inner()
         .entries;
     for s in snaps {
-        delete_snapshot(c, &s.snapshot.unwrap().snapshot_id)
+        c.delete_snapshot(&s.snapshot.unwrap().snapshot_id)
             .await
             .unwrap();
     }
@@ -154,7 +134,7 @@ async fn walk(point: &str) {
                 .unwrap();
             std::fs::write(target.join("f"), b"x").unwrap();
             // And a restore crashing at the same point.
-            let s = snapshot(&mut c, "s", &v.volume_id).await.unwrap();
+            let s = c.snapshot("s", &v.volume_id).await.unwrap();
             let mut req = create_req("r", 64 * MIB, EXT4, ext4());
             req.volume_content_source = Some(VolumeContentSource {
                 r#type: Some(volume_content_source::Type::Snapshot(
@@ -195,20 +175,20 @@ async fn walk(point: &str) {
                 .unwrap();
             std::fs::write(target.join("f"), b"before").unwrap();
             let mut c = arm(&mut d, point).await;
-            let r = ok(snapshot(&mut c, "s", &v.volume_id).await);
+            let r = ok(c.snapshot("s", &v.volume_id).await);
             let mut c = recover(&mut d, r, point).await;
             // A filesystem frozen by the crashed run was thawed at start-up.
             write_with_deadline(&target.join("g"), b"after").await;
-            let s = snapshot(&mut c, "s", &v.volume_id).await.unwrap();
+            let s = c.snapshot("s", &v.volume_id).await.unwrap();
             assert!(s.ready_to_use);
         }
         "delete_snapshot.after_record" => {
             let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
-            let s = snapshot(&mut c, "s", &v.volume_id).await.unwrap();
+            let s = c.snapshot("s", &v.volume_id).await.unwrap();
             let mut c = arm(&mut d, point).await;
-            let r = delete_snapshot(&mut c, &s.snapshot_id).await;
+            let r = c.delete_snapshot(&s.snapshot_id).await;
             let mut c = recover(&mut d, r, point).await;
-            delete_snapshot(&mut c, &s.snapshot_id).await.unwrap();
+            c.delete_snapshot(&s.snapshot_id).await.unwrap();
         }
         "stage.after_attach" | "stage.after_format" | "stage.after_mount" => {
             let v = c.create("v", 64 * MIB, EXT4, ext4()).await;

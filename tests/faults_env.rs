@@ -31,17 +31,6 @@ fn free_mib(path: &Path) -> u64 {
     (s.blocks_available() as u64 * s.fragment_size() as u64) >> 20
 }
 
-async fn snapshot(c: &mut Clients, name: &str, vol: &str) -> Result<Snapshot, tonic::Status> {
-    c.controller
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: vol.into(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().snapshot.unwrap())
-}
-
 async fn list_snapshots(c: &mut Clients) -> Vec<ListSnapshotsResponseEntry_> {
     c.controller
         .list_snapshots(ListSnapshotsRequest::default())
@@ -128,7 +117,7 @@ async fn full_root_answers_resource_exhausted_and_leaves_nothing_half_made() {
 
     // CreateSnapshot: the copy does not fit.
     assert_code(
-        snapshot(&mut c, "snap", &src.volume_id).await,
+        c.snapshot("snap", &src.volume_id).await,
         Code::ResourceExhausted,
     );
     assert!(list_snapshots(&mut c).await.is_empty());
@@ -161,7 +150,7 @@ async fn full_root_answers_resource_exhausted_and_leaves_nothing_half_made() {
         free_mib(&root)
     );
     let big = c.create("big", 10 * MIB, &prealloc, block.clone()).await;
-    let s = snapshot(&mut c, "snap", &src.volume_id).await.unwrap();
+    let s = c.snapshot("snap", &src.volume_id).await.unwrap();
     assert!(s.ready_to_use);
     let e = c.expand(&p.volume_id, 18 * MIB, None).await.unwrap();
     assert_eq!(e.capacity_bytes, 18 * MIB);

@@ -910,11 +910,6 @@ fn starts(dir: &Path) -> Vec<String> {
     read(dir, "starts").lines().map(String::from).collect()
 }
 
-fn statvfs_total(path: &Path) -> u64 {
-    let s = nix::sys::statvfs::statvfs(path).unwrap();
-    s.blocks() as u64 * s.fragment_size() as u64
-}
-
 // ----- the story -----
 
 /// Steps 1-6 and 8 of issue 6 on one node with the StatefulSet `web` of
@@ -1137,7 +1132,7 @@ async fn ext4_claim_expands_under_a_running_pod() {
     k.run_pod("web-0", &[("www-web-0", false)]).await.unwrap();
     let dir = k.mount_of("web-0", "www-web-0");
     web_container(&dir, "web-0");
-    let before = statvfs_total(&dir);
+    let before = fs_total_bytes(&dir);
     assert!(before <= spec.request as u64, "df shows the claim's size");
 
     let bigger = spec.request * 2;
@@ -1155,7 +1150,7 @@ async fn ext4_claim_expands_under_a_running_pod() {
     }
     assert!(!k.pv_of("www-web-0").node_resize_pending);
     let dir = k.mount_of("web-0", "www-web-0");
-    let after = statvfs_total(&dir);
+    let after = fs_total_bytes(&dir);
     assert!(
         after > before + (spec.request as u64) / 2,
         "df grew from {before} to {after}"

@@ -5,18 +5,12 @@ mod common;
 
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::OpenOptionsExt;
-use std::path::Path;
 
 use common::*;
 use localvol::proto::volume_capability::access_mode::Mode;
 use tonic::Code;
 
 const MIB_U: u64 = 1 << 20;
-
-fn statvfs_total(path: &Path) -> u64 {
-    let s = nix::sys::statvfs::statvfs(path).unwrap();
-    s.blocks() as u64 * s.fragment_size() as u64
-}
 
 fn has_cap_sys_resource() -> bool {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -27,15 +21,6 @@ fn has_cap_sys_resource() -> bool {
         .unwrap();
     const CAP_SYS_RESOURCE: u32 = 24;
     eff & (1 << CAP_SYS_RESOURCE) != 0
-}
-
-fn loops_below(dir: &Path) -> Vec<String> {
-    let dir = std::fs::canonicalize(dir).unwrap();
-    loop_devices()
-        .into_iter()
-        .filter(|(_, b)| b.starts_with(&dir))
-        .map(|(n, _)| n)
-        .collect()
 }
 
 /// create, stage (mkfs), publish, write, unpublish/unstage (detached), restage
@@ -81,7 +66,7 @@ async fn filesystem_story(fs: &str) {
         .await
         .unwrap();
     std::fs::write(target.join("hello"), b"written before restage").unwrap();
-    let total = statvfs_total(&target);
+    let total = fs_total_bytes(&target);
     // xfs keeps its log out of the total; ext4 its metadata.
     assert!(
         total <= size as u64 && total > size as u64 * 7 / 10,
@@ -142,7 +127,7 @@ async fn filesystem_story(fs: &str) {
         }
         Err(s) => panic!("NodeExpandVolume: {s:?}"),
     }
-    let grown = statvfs_total(&target);
+    let grown = fs_total_bytes(&target);
     assert!(
         grown > total + 200 * MIB_U,
         "df grew from {total} to {grown}"
@@ -383,13 +368,13 @@ async fn node_only_expansion_grows_everything_on_the_node() {
         .await
         .unwrap();
     std::fs::write(target.join("keep"), b"kept").unwrap();
-    let before = statvfs_total(&target);
+    let before = fs_total_bytes(&target);
     let r = c
         .node_expand(&id, &target, 512 * MIB, Some(cap.clone()))
         .await
         .unwrap();
     assert_eq!(r.capacity_bytes, 512 * MIB);
-    assert!(statvfs_total(&target) > before + 150 * MIB_U);
+    assert!(fs_total_bytes(&target) > before + 150 * MIB_U);
     assert_eq!(std::fs::read(target.join("keep")).unwrap(), b"kept");
     let got = c
         .controller

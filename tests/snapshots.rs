@@ -124,17 +124,6 @@ fn read_data(kind: Kind, m: &Mounted) -> Vec<u8> {
     }
 }
 
-async fn snapshot(c: &mut Clients, name: &str, source: &str) -> Result<Snapshot, tonic::Status> {
-    c.controller
-        .create_snapshot(CreateSnapshotRequest {
-            source_volume_id: source.into(),
-            name: name.into(),
-            ..Default::default()
-        })
-        .await
-        .map(|r| r.into_inner().snapshot.unwrap())
-}
-
 fn from_snapshot(id: &str) -> Option<SourceType> {
     Some(SourceType::Snapshot(SnapshotSource {
         snapshot_id: id.into(),
@@ -166,13 +155,13 @@ async fn story(kind: Kind) {
     };
     let source_total = df(&m.target);
 
-    let snap = snapshot(&mut c, "snap", &src.volume_id).await.unwrap();
+    let snap = c.snapshot("snap", &src.volume_id).await.unwrap();
     assert!(snap.ready_to_use);
     assert_eq!(snap.source_volume_id, src.volume_id);
     assert_eq!(snap.size_bytes, size);
     assert!(snap.creation_time.is_some());
     // Retried: the same snapshot.
-    let again = snapshot(&mut c, "snap", &src.volume_id).await.unwrap();
+    let again = c.snapshot("snap", &src.volume_id).await.unwrap();
     assert_eq!(again.snapshot_id, snap.snapshot_id);
     assert_eq!(again.creation_time, snap.creation_time);
     // The source stays writable after the freeze.
@@ -255,12 +244,13 @@ async fn story(kind: Kind) {
         Code::NotFound,
     );
     assert_code(
-        snapshot(&mut c, "orphan", "vol-00000000000000000000000000000000").await,
+        c.snapshot("orphan", "vol-00000000000000000000000000000000")
+            .await,
         Code::NotFound,
     );
     let other = c.create("other", MIB, &[], rwo()).await;
     assert_code(
-        snapshot(&mut c, "snap", &other.volume_id).await,
+        c.snapshot("snap", &other.volume_id).await,
         Code::AlreadyExists,
     );
 
@@ -335,7 +325,7 @@ async fn list_snapshots_filters_and_pages() {
     let b = c.create("b", MIB, &[], rwo()).await.volume_id;
     let mut ids = vec![];
     for (name, src) in [("s1", &a), ("s2", &a), ("s3", &b)] {
-        ids.push(snapshot(&mut c, name, src).await.unwrap().snapshot_id);
+        ids.push(c.snapshot(name, src).await.unwrap().snapshot_id);
     }
     let list = |snapshot_id: &str, source: &str, token: &str, max: i32| ListSnapshotsRequest {
         snapshot_id: snapshot_id.into(),
@@ -448,7 +438,7 @@ async fn instant(fs: &str, kind: Kind) {
     nix::unistd::sync();
     let free_before = free_bytes(&root);
     let t = Instant::now();
-    let snap = snapshot(&mut c, "instant", &v.volume_id).await.unwrap();
+    let snap = c.snapshot("instant", &v.volume_id).await.unwrap();
     let took = t.elapsed();
     nix::unistd::sync();
     let used = free_before.saturating_sub(free_bytes(&root));

@@ -544,3 +544,43 @@ impl Clients {
             .into_inner()
     }
 }
+
+impl Clients {
+    /// CreateSnapshot of `source` named `name`, as csi-snapshotter sends it.
+    pub async fn snapshot(&mut self, name: &str, source: &str) -> Result<Snapshot, tonic::Status> {
+        self.controller
+            .create_snapshot(CreateSnapshotRequest {
+                source_volume_id: source.into(),
+                name: name.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().snapshot.unwrap())
+    }
+
+    pub async fn delete_snapshot(&mut self, id: &str) -> Result<(), tonic::Status> {
+        self.controller
+            .delete_snapshot(DeleteSnapshotRequest {
+                snapshot_id: id.into(),
+                ..Default::default()
+            })
+            .await
+            .map(|_| ())
+    }
+}
+
+/// Loop devices (names) whose backing file is below `dir`.
+pub fn loops_below(dir: &Path) -> Vec<String> {
+    let dir = std::fs::canonicalize(dir).unwrap();
+    loop_devices()
+        .into_iter()
+        .filter(|(_, b)| b.starts_with(&dir))
+        .map(|(n, _)| n)
+        .collect()
+}
+
+/// Size of the filesystem at `path`, as `df` shows it.
+pub fn fs_total_bytes(path: &Path) -> u64 {
+    let s = nix::sys::statvfs::statvfs(path).unwrap();
+    s.blocks() as u64 * s.fragment_size() as u64
+}
