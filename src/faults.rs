@@ -13,6 +13,7 @@ pub const POINTS: &[&str] = &[
     "snapshot.frozen",
     "snapshot.after_copy",
     "snapshot.after_record",
+    "snapshot.before_ready",
     "delete_snapshot.after_record",
     "stage.after_attach",
     "stage.after_format",

@@ -83,11 +83,18 @@ pub async fn serve(
 ) -> Result<(), String> {
     let path = socket_path(endpoint)?;
     let root = cfg.root.clone();
-    let driver = tokio::task::spawn_blocking(move || Driver::open(cfg))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("cannot open driver root {}: {e}", root.display()))?;
+    let (driver, unfinished) = tokio::task::spawn_blocking(move || {
+        let driver = Driver::open(cfg)?;
+        let unfinished = driver.unfinished_snapshots()?;
+        Ok::<_, crate::error::Error>((driver, unfinished))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("cannot open driver root {}: {e}", root.display()))?;
     let driver = Arc::new(driver);
+    for id in unfinished {
+        crate::snapshots::finish_in_background(&driver, id);
+    }
     if let Some(addr) = metrics_address {
         let listener = crate::metrics::bind(addr).await?;
         let local = listener.local_addr().map_err(|e| e.to_string())?;

@@ -3,9 +3,14 @@
 //! other. The copy is as cheap as the filesystem allows (`backend::copy`, btrfs
 //! subvolume snapshots); a mounted loop filesystem is frozen for the instant of it.
 //!
-//! As with volumes, data is made first and the record written last: a snapshot is
-//! reported (and ready_to_use) only once its data is complete and durable, and a
-//! crash before that leaves leftovers that the retry replaces and start-up removes.
+//! As with volumes, data is made first and the record written last: a crash before
+//! the record leaves leftovers that the retry replaces and start-up removes. A copy
+//! that shares no blocks is reported as soon as it is cut (copied into the page
+//! cache, the source thawed) with ready_to_use false, and made durable in the
+//! background; CSI allows this, and the CO waits for ready_to_use before
+//! restoring. Its record says which boot cut it: after a crash within the same
+//! boot the copy is whole in the page cache and start-up finishes it; after a
+//! reboot it may be partial, so it is discarded and the CO's retry cuts it again.
 
 use std::path::Path;
 
@@ -54,7 +59,9 @@ impl Driver {
                     existing.source_volume_id
                 )));
             }
-            return Ok(existing);
+            drop(_guard);
+            // The CO asks again until it is ready: this call finishes it.
+            return self.finish_snapshot(&id);
         }
         let source = self.volume(source_volume_id)?;
         let _source_guard = self.lock(&source.id)?;
@@ -70,21 +77,89 @@ impl Driver {
             parameters: parameters.clone(),
             created_unix: secs,
             created_nanos: nanos,
+            syncing_boot: None,
         };
         let dest = self.snapshot_data(&snap);
         let started = std::time::Instant::now();
-        if let Err(e) = self.copy_volume(&source, &dest, true) {
-            // A partial copy (a full root) is no snapshot: give its space back now.
-            if let Err(re) = dir::remove(&dest) {
-                tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
+        let shared = match self.copy_volume(&source, &dest, true) {
+            Ok(shared) => shared,
+            Err(e) => {
+                // A partial copy (a full root) is no snapshot: give its space back now.
+                if let Err(re) = dir::remove(&dest) {
+                    tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
+                }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         faults::point("snapshot.after_copy");
+        // Shared blocks cost nothing to make durable: ready at once. A full copy
+        // is handed to the background (`finish_snapshot`).
+        let snap = if shared {
+            copy::make_durable(&dest)?;
+            snap
+        } else {
+            SnapshotRecord {
+                syncing_boot: Some(this_boot().to_string()),
+                ..snap
+            }
+        };
         self.store.snapshots.put_new(&snap)?;
         faults::point("snapshot.after_record");
-        tracing::info!(snapshot = %id, volume = %source.id, ms = started.elapsed().as_millis() as u64, "snapshot created");
+        tracing::info!(snapshot = %id, volume = %source.id, ms = started.elapsed().as_millis() as u64,
+            ready = snap.ready(), "snapshot cut");
         Ok(snap)
+    }
+
+    /// Makes a cut snapshot durable and marks it ready; a ready one is returned as
+    /// is. Runs in the background after CreateSnapshot, on the CO's retries and at
+    /// start-up; whichever comes first does the work.
+    pub fn finish_snapshot(&self, id: &str) -> Result<SnapshotRecord> {
+        let snap = self.snapshot(id)?;
+        if snap.ready() {
+            return Ok(snap);
+        }
+        let started = std::time::Instant::now();
+        // Outside the lock: a DeleteSnapshot meanwhile is fine (checked below).
+        let synced = copy::make_durable(&self.snapshot_data(&snap));
+        let _guard = self.lock(id)?;
+        let Some(snap) = self.store.snapshots.get(id) else {
+            return Err(Error::NotFound(format!(
+                "snapshot {id} was deleted while it was being made durable"
+            )));
+        };
+        if snap.ready() {
+            return Ok(snap);
+        }
+        synced?;
+        faults::point("snapshot.before_ready");
+        let snap = SnapshotRecord {
+            syncing_boot: None,
+            ..snap
+        };
+        self.store.snapshots.put(&snap)?;
+        tracing::info!(snapshot = %id, ms = started.elapsed().as_millis() as u64, "snapshot durable and ready");
+        Ok(snap)
+    }
+
+    /// Snapshots left cut but not durable by an earlier run: those of this boot
+    /// are returned for `finish_snapshot`; those of an earlier boot may have lost
+    /// data in the power cut and are discarded.
+    pub fn unfinished_snapshots(&self) -> Result<Vec<String>> {
+        let mut this = vec![];
+        for snap in self.store.snapshots.all() {
+            match &snap.syncing_boot {
+                None => {}
+                Some(b) if b == this_boot() => this.push(snap.id),
+                Some(_) => {
+                    tracing::warn!(snapshot = %snap.id, volume = %snap.source_volume_id,
+                        "snapshot was not yet durable when the node went down; discarded \
+                         (it was never reported ready; the CO's retry takes it again)");
+                    self.store.snapshots.remove(&snap.id)?;
+                    dir::remove(&self.snapshot_data(&snap))?;
+                }
+            }
+        }
+        Ok(this)
     }
 
     pub fn delete_snapshot(&self, id: &str) -> Result<()> {
@@ -133,13 +208,14 @@ impl Driver {
     }
 
     /// Copies a volume's data to `dest` (which must not exist yet), consistent as
-    /// of one instant for loop filesystems (frozen while copied).
+    /// of one instant for loop filesystems (frozen while copied). Not yet durable;
+    /// returns whether every block is shared with the source (nothing to write).
     pub(crate) fn copy_volume(
         &self,
         src: &VolumeRecord,
         dest: &Path,
         readonly: bool,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         dir::remove(dest)?;
         let data = self.data_path(src);
         match src.volume_type {
@@ -150,12 +226,11 @@ impl Driver {
                 if frozen.is_some() {
                     faults::point("snapshot.frozen");
                 }
-                let copied = copy::copy_file(&data, dest).map(|_| ());
+                let copied = copy::copy_file(&data, dest);
                 drop(frozen);
-                copied
+                Ok(copied? == copy::Method::Reflink)
             }
-        }?;
-        crate::store::sync_dir(dest.parent().expect("data paths have a parent"))
+        }
     }
 
     /// Freezes the loop volume's filesystem where this node has it mounted.
@@ -182,15 +257,16 @@ impl Driver {
                 dir::remove(&dest)?;
                 let data = self.snapshot_data(snap);
                 match snap.volume_type {
-                    VolumeType::Dir => copy_dir_data(&data, &dest, false)?,
-                    VolumeType::Loop => {
-                        copy::copy_file(&data, &dest)?;
-                    }
+                    VolumeType::Dir => copy_dir_data(&data, &dest, false).map(|_| ())?,
+                    VolumeType::Loop => copy::copy_file(&data, &dest).map(|_| ())?,
                 }
-                crate::store::sync_dir(dest.parent().expect("data paths have a parent"))?;
             }
-            Source::Volume(v) => self.copy_volume(v, &dest, false)?,
+            Source::Volume(v) => {
+                self.copy_volume(v, &dest, false)?;
+            }
         }
+        // A new volume's record follows its data: durable first.
+        copy::make_durable(&dest)?;
         match rec.volume_type {
             VolumeType::Dir => {
                 dir::limit_new(&dest, &rec.id, rec.capacity_bytes, self.limits(rec.shared))
@@ -200,6 +276,22 @@ impl Driver {
                 loopfile::grow(&dest, rec.capacity_bytes, p.allocation)
             }
         }
+    }
+}
+
+/// Finishes a cut snapshot on a thread of its own, so that it becomes ready
+/// without waiting for the CO to ask again.
+pub fn finish_in_background(driver: &std::sync::Arc<Driver>, id: String) {
+    let driver = driver.clone();
+    let spawned = std::thread::Builder::new()
+        .name("snapshot-sync".into())
+        .spawn(move || {
+            if let Err(e) = driver.finish_snapshot(&id) {
+                tracing::warn!(snapshot = %id, error = %e, "making the snapshot durable failed; the CO's next CreateSnapshot retries it");
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start a thread to finish a snapshot; the CO's next CreateSnapshot finishes it");
     }
 }
 
@@ -231,14 +323,25 @@ impl Source {
 }
 
 /// A directory's data: a btrfs snapshot where source and destination allow it
-/// (instant), else a tree copy.
-fn copy_dir_data(src: &Path, dest: &Path, readonly: bool) -> Result<()> {
+/// (instant), else a tree copy. Returns whether every block is shared.
+fn copy_dir_data(src: &Path, dest: &Path, readonly: bool) -> Result<bool> {
     if btrfs::is_subvolume(src) {
         match btrfs::snapshot(src, dest, readonly) {
-            Ok(()) => return Ok(()),
+            Ok(()) => return Ok(true),
             // Another filesystem (a shared root), or snapshots refused: copy instead.
             Err(e) => tracing::debug!("btrfs snapshot not possible ({e}); copying"),
         }
     }
-    copy::copy_tree(src, dest).map(|_| ())
+    copy::copy_tree(src, dest).map(|(_, all_reflink)| all_reflink)
+}
+
+/// This boot's id: a pending snapshot from another boot may have lost data.
+fn this_boot() -> &'static str {
+    static BOOT: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BOOT.get_or_init(|| {
+        std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+            .map(|s| s.trim().to_string())
+            // Without a boot id every restart counts as a reboot: safe, never wrong.
+            .unwrap_or_else(|_| format!("unknown-{}", std::process::id()))
+    })
 }

@@ -81,6 +81,8 @@ pub struct SnapshotRow {
     pub volume_type: String,
     pub size_bytes: u64,
     pub created_unix: i64,
+    /// False while a full copy is still being written to disk.
+    pub ready: bool,
     pub problems: Vec<String>,
 }
 
@@ -290,6 +292,7 @@ pub fn inspect(root: &Path) -> Result<Report, StatusError> {
                 volume_type: inspect::type_name(s.volume_type),
                 size_bytes: s.size_bytes,
                 created_unix: s.created_unix,
+                ready: s.ready(),
                 problems,
             }
         })
@@ -429,6 +432,7 @@ pub fn snapshots_table(rows: &[SnapshotRow]) -> String {
                 s.volume_type.clone(),
                 human_bytes(s.size_bytes),
                 s.created_unix.to_string(),
+                if s.ready { "yes" } else { "syncing" }.to_string(),
                 health(&s.problems),
             ]
         })
@@ -440,6 +444,7 @@ pub fn snapshots_table(rows: &[SnapshotRow]) -> String {
             "TYPE",
             "SIZE",
             "CREATED (UNIX)",
+            "READY",
             "HEALTH",
         ],
         &rows,

@@ -71,6 +71,18 @@ pub struct SnapshotRecord {
     pub created_unix: i64,
     #[serde(default)]
     pub created_nanos: i32,
+    /// Set while the copy is cut but not yet durable: the boot it was cut in. A
+    /// restart within that boot finishes it (the page cache survived a crash); a
+    /// snapshot pending across a reboot may be partial and is discarded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub syncing_boot: Option<String>,
+}
+
+impl SnapshotRecord {
+    /// CSI's ready_to_use: the data is complete and durable.
+    pub fn ready(&self) -> bool {
+        self.syncing_boot.is_none()
+    }
 }
 
 /// Something stored one file per id.
@@ -381,6 +393,7 @@ mod tests {
             parameters: BTreeMap::new(),
             created_unix: 0,
             created_nanos: 0,
+            syncing_boot: None,
         }
     }
 

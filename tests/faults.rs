@@ -167,7 +167,10 @@ async fn walk(point: &str) {
                 .join(format!("{}.img", v.volume_id))
                 .exists());
         }
-        "snapshot.frozen" | "snapshot.after_copy" | "snapshot.after_record" => {
+        "snapshot.frozen"
+        | "snapshot.after_copy"
+        | "snapshot.after_record"
+        | "snapshot.before_ready" => {
             let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
             c.stage(&v.volume_id, &staging, ext4()).await.unwrap();
             c.publish(&v.volume_id, &staging, &target, ext4(), false)
@@ -181,6 +184,26 @@ async fn walk(point: &str) {
             write_with_deadline(&target.join("g"), b"after").await;
             let s = c.snapshot("s", &v.volume_id).await.unwrap();
             assert!(s.ready_to_use);
+            // Once cut (reported, not yet durable), the snapshot keeps the instant
+            // it was cut at: the restart finishes that copy, never takes another.
+            let cut = matches!(point, "snapshot.after_record" | "snapshot.before_ready");
+            let mut req = create_req("r", 64 * MIB, EXT4, ext4());
+            req.volume_content_source = Some(VolumeContentSource {
+                r#type: Some(volume_content_source::Type::Snapshot(
+                    volume_content_source::SnapshotSource {
+                        snapshot_id: s.snapshot_id.clone(),
+                    },
+                )),
+            });
+            let restored = c.controller.create_volume(req).await.unwrap().into_inner();
+            let rid = restored.volume.unwrap().volume_id;
+            let (rs, rt) = (d.path("rs"), d.path("rt"));
+            c.stage(&rid, &rs, ext4()).await.unwrap();
+            c.publish(&rid, &rs, &rt, ext4(), false).await.unwrap();
+            assert_eq!(std::fs::read(rt.join("f")).unwrap(), b"before");
+            assert_eq!(rt.join("g").exists(), !cut, "{point}");
+            c.unpublish(&rid, &rt).await.unwrap();
+            c.unstage(&rid, &rs).await.unwrap();
         }
         "delete_snapshot.after_record" => {
             let v = c.create("v", 64 * MIB, EXT4, ext4()).await;

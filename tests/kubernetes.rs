@@ -558,22 +558,27 @@ impl Cluster {
             content,
         );
         let handle = self.pv_of(&source).handle.clone();
-        let snap = self
-            .c
-            .controller
-            .create_snapshot(CreateSnapshotRequest {
-                source_volume_id: handle.clone(),
-                name: format!("snapshot-{uid}"),
-                parameters,
-                ..Default::default()
-            })
-            .await
-            .unwrap_or_else(|s| panic!("CreateSnapshot {name}: {s:?}"))
-            .into_inner()
-            .snapshot
-            .expect("snapshot");
+        // The snapshotter calls again until the snapshot is ready to use.
+        let snap = loop {
+            let snap = self
+                .c
+                .controller
+                .create_snapshot(CreateSnapshotRequest {
+                    source_volume_id: handle.clone(),
+                    name: format!("snapshot-{uid}"),
+                    parameters: parameters.clone(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_or_else(|s| panic!("CreateSnapshot {name}: {s:?}"))
+                .into_inner()
+                .snapshot
+                .expect("snapshot");
+            if snap.ready_to_use {
+                break snap;
+            }
+        };
         assert_eq!(snap.source_volume_id, handle);
-        assert!(snap.ready_to_use, "a local snapshot is ready at once");
         self.snapshots.insert(name.into(), snap.snapshot_id);
     }
 

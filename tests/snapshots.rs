@@ -438,8 +438,9 @@ async fn instant(fs: &str, kind: Kind) {
     nix::unistd::sync();
     let free_before = free_bytes(&root);
     let t = Instant::now();
-    let snap = c.snapshot("instant", &v.volume_id).await.unwrap();
+    let snap = c.snapshot_once("instant", &v.volume_id).await.unwrap();
     let took = t.elapsed();
+    assert!(snap.ready_to_use, "shared blocks are durable at once");
     nix::unistd::sync();
     let used = free_before.saturating_sub(free_bytes(&root));
     let data = if kind == Kind::Dir {
@@ -483,4 +484,107 @@ async fn btrfs_root_snapshots_loop_volumes_instantly() {
 #[tokio::test]
 async fn xfs_reflink_root_snapshots_loop_volumes_instantly() {
     instant("xfs", Kind::Ext4).await;
+}
+
+/// A copy that shares no blocks is reported once cut, not yet ready; it becomes
+/// ready without another call (ListSnapshots shows it), and a retried
+/// CreateSnapshot returns the same snapshot.
+#[tokio::test]
+async fn a_full_copy_is_cut_first_and_ready_once_durable() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let v = c
+        .create("v", 64 << 20, &[], mount_cap(Mode::SingleNodeWriter))
+        .await;
+    let data = d.root.join("volumes").join(&v.volume_id);
+    let (written, err) = write_mib(&data.join("blob"), 32);
+    assert!(err.is_none() && written == 32);
+    let t = Instant::now();
+    let cut = c.snapshot_once("s", &v.volume_id).await.unwrap();
+    let cut_took = t.elapsed();
+    let ready_took = loop {
+        let listed = c
+            .controller
+            .list_snapshots(ListSnapshotsRequest {
+                snapshot_id: cut.snapshot_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .entries;
+        assert_eq!(listed.len(), 1);
+        if listed[0].snapshot.as_ref().unwrap().ready_to_use {
+            break t.elapsed();
+        }
+        assert!(t.elapsed().as_secs() < 120, "never became ready");
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    eprintln!(
+        "32 MiB dir snapshot: reported after {cut_took:?} (ready_to_use {}), ready after {ready_took:?}",
+        cut.ready_to_use
+    );
+    let again = c.snapshot_once("s", &v.volume_id).await.unwrap();
+    assert_eq!(again.snapshot_id, cut.snapshot_id);
+    assert!(again.ready_to_use);
+    assert_eq!(again.creation_time, cut.creation_time, "the same cut");
+    let r = create_from(
+        &mut c,
+        "r",
+        Kind::Dir,
+        64 << 20,
+        from_snapshot(&cut.snapshot_id),
+    )
+    .await
+    .unwrap();
+    let restored = d.root.join("volumes").join(&r.volume_id).join("blob");
+    assert_eq!(std::fs::metadata(restored).unwrap().len(), 32 << 20);
+}
+
+/// A snapshot cut but not yet durable when the node went down (another boot id
+/// in its record) may be partial: start-up discards it, and the CO's retry cuts
+/// it again.
+#[tokio::test]
+async fn a_snapshot_not_durable_before_a_reboot_is_discarded() {
+    if !need_root() {
+        return;
+    }
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let v = c
+        .create("v", 64 << 20, &[], mount_cap(Mode::SingleNodeWriter))
+        .await;
+    std::fs::write(d.root.join("volumes").join(&v.volume_id).join("f"), b"x").unwrap();
+    d.kill9();
+    d.envs = vec![("LOCALVOL_CRASH_AT".into(), "snapshot.after_record".into())];
+    d.spawn().await;
+    let mut c = d.clients().await;
+    assert!(c.snapshot_once("s", &v.volume_id).await.is_err(), "crashed");
+    d.kill9();
+    let id = localvol::ids::id_for_name(localvol::ids::Kind::Snapshot, "s");
+    let record = d.root.join("state/snapshots").join(format!("{id}.json"));
+    let text = std::fs::read_to_string(&record).unwrap();
+    let mut rec: serde_json::Value = serde_json::from_str(&text).unwrap();
+    assert!(rec["syncing_boot"].is_string(), "cut, not durable: {text}");
+    rec["syncing_boot"] = "an-earlier-boot".into();
+    std::fs::write(&record, serde_json::to_vec(&rec).unwrap()).unwrap();
+    d.envs.clear();
+    d.spawn().await;
+    let mut c = d.clients().await;
+    let listed = c
+        .controller
+        .list_snapshots(ListSnapshotsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(listed.is_empty(), "discarded: {listed:?}");
+    assert!(!d.root.join("snapshots").join(&id).exists());
+    assert!(d.log().contains("discarded"), "{}", d.log());
+    let s = c.snapshot("s", &v.volume_id).await.unwrap();
+    assert_eq!(s.snapshot_id, id);
+    assert!(d.root.join("snapshots").join(&id).join("f").exists());
 }

@@ -275,18 +275,22 @@ impl Client {
             name: name.into(),
             ..Default::default()
         };
-        let s = self
-            .call(&format!("CreateSnapshot {name}"), |mut c| {
-                let req = req.clone();
-                async move { c.controller.create_snapshot(req).await }
-            })
-            .await
-            .unwrap_or_else(|e| panic!("snapshot {name} of {vol}: {e:?}"))
-            .into_inner()
-            .snapshot
-            .unwrap();
-        assert!(s.ready_to_use, "snapshot {name} acknowledged but not ready");
-        s.snapshot_id
+        // Called again until ready, as the snapshotter does.
+        loop {
+            let s = self
+                .call(&format!("CreateSnapshot {name}"), |mut c| {
+                    let req = req.clone();
+                    async move { c.controller.create_snapshot(req).await }
+                })
+                .await
+                .unwrap_or_else(|e| panic!("snapshot {name} of {vol}: {e:?}"))
+                .into_inner()
+                .snapshot
+                .unwrap();
+            if s.ready_to_use {
+                return s.snapshot_id;
+            }
+        }
     }
 
     async fn delete_snapshot(&mut self, id: &str) {

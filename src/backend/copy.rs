@@ -108,7 +108,9 @@ fn buffered(src: &File, dst: &File, mut at: i64, mut left: usize) -> io::Result<
     Ok(())
 }
 
-/// Copies the file `src` to the new file `dst` (which must not exist), durably.
+/// Copies the file `src` to the new file `dst` (which must not exist). The copy
+/// is in the page cache only: `make_durable` is the caller's separate step, so a
+/// snapshot's cut (and a loop filesystem's freeze) does not wait for the disk.
 pub fn copy_file(src: &Path, dst: &Path) -> Result<Method> {
     let s = fs::OpenOptions::new()
         .read(true)
@@ -122,9 +124,7 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<Method> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(dst)
         .ctx(|| format!("create {}", dst.display()))?;
-    let method = copy_fd(&s, &d).map_err(|e| copy_error(e, src, dst))?;
-    d.sync_all().ctx(|| format!("sync {}", dst.display()))?;
-    Ok(method)
+    copy_fd(&s, &d).map_err(|e| copy_error(e, src, dst))
 }
 
 fn copy_error(e: io::Error, src: &Path, dst: &Path) -> Error {
@@ -176,7 +176,8 @@ fn open_beneath(base: &File, rel: &Path, flags: i32) -> io::Result<File> {
 /// Copies the directory tree `src` into the new directory `dst`: regular files
 /// (reflinked or sparse-copied), directories, symlinks (as links, never followed),
 /// fifos and device nodes, with owners and modes. Sockets are skipped. Returns the
-/// number of files copied and whether every one was a reflink.
+/// number of files copied and whether every one was a reflink. Not yet durable:
+/// see `make_durable`.
 pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
     let base = fs::OpenOptions::new()
         .read(true)
@@ -248,7 +249,6 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
             }
         }
     }
-    sync_tree(dst)?;
     Ok((files, all_reflink))
 }
 
@@ -262,16 +262,28 @@ fn copy_owner_mode(meta: &fs::Metadata, path: &Path) -> Result<()> {
     .ctx(|| format!("chmod {}", path.display()))
 }
 
-/// Makes a copied tree durable: syncfs covers every file and directory in one call.
-fn sync_tree(dst: &Path) -> Result<()> {
+/// Makes a copy durable, with its name in its parent: a file by fsync, a tree by
+/// syncfs, which covers every file and directory of it in one call. A btrfs
+/// subvolume snapshot was committed by the ioctl that made it.
+pub fn make_durable(dst: &Path) -> Result<()> {
     let f = File::open(dst).ctx(|| format!("open {}", dst.display()))?;
-    if unsafe { libc::syncfs(f.as_raw_fd()) } < 0 {
-        return Err(Error::io(
-            format!("sync {}", dst.display()),
-            io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
+    let synced = if super::btrfs::is_subvolume(dst) {
+        Ok(())
+    } else if f
+        .metadata()
+        .ctx(|| format!("stat {}", dst.display()))?
+        .is_dir()
+    {
+        if unsafe { libc::syncfs(f.as_raw_fd()) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    } else {
+        f.sync_all()
+    };
+    synced.map_err(|e| Error::io(format!("sync {}", dst.display()), e))?;
+    crate::store::sync_dir(dst.parent().expect("data paths have a parent"))
 }
 
 #[cfg(test)]

@@ -285,6 +285,9 @@ impl Controller for ControllerService {
         let driver = self.driver.clone();
         run("CreateSnapshot", &source.clone(), move || {
             let snap = driver.create_snapshot(&name, &source, &parameters)?;
+            if !snap.ready() {
+                crate::snapshots::finish_in_background(&driver, snap.id.clone());
+            }
             Ok(Response::new(CreateSnapshotResponse {
                 snapshot: Some(snapshot_to_proto(&snap)),
             }))
@@ -405,8 +408,7 @@ impl Controller for ControllerService {
     }
 }
 
-/// A snapshot as CSI shows it: only complete, durable snapshots have records, so
-/// every one is ready to use.
+/// A snapshot as CSI shows it: ready once its data is durable.
 fn snapshot_to_proto(s: &SnapshotRecord) -> Snapshot {
     Snapshot {
         size_bytes: s.size_bytes as i64,
@@ -416,7 +418,7 @@ fn snapshot_to_proto(s: &SnapshotRecord) -> Snapshot {
             seconds: s.created_unix,
             nanos: s.created_nanos,
         }),
-        ready_to_use: true,
+        ready_to_use: s.ready(),
         group_snapshot_id: String::new(),
     }
 }

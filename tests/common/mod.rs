@@ -547,7 +547,23 @@ impl Clients {
 
 impl Clients {
     /// CreateSnapshot of `source` named `name`, as csi-snapshotter sends it.
+    /// CreateSnapshot as the external-snapshotter calls it: again until the
+    /// snapshot is ready to use (a full copy is cut first, made durable after).
     pub async fn snapshot(&mut self, name: &str, source: &str) -> Result<Snapshot, tonic::Status> {
+        loop {
+            let s = self.snapshot_once(name, source).await?;
+            if s.ready_to_use {
+                return Ok(s);
+            }
+        }
+    }
+
+    /// One CreateSnapshot call, ready or not.
+    pub async fn snapshot_once(
+        &mut self,
+        name: &str,
+        source: &str,
+    ) -> Result<Snapshot, tonic::Status> {
         self.controller
             .create_snapshot(CreateSnapshotRequest {
                 source_volume_id: source.into(),
