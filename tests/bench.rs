@@ -154,3 +154,67 @@ async fn io_compares_a_volume_with_a_plain_file() {
     assert!(r["ratio"]["seq_read"].as_f64().unwrap() > 0.0);
     assert_clean(&d).await;
 }
+
+#[tokio::test]
+async fn scale_with_published_volumes_takes_them_down_again() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(
+        &d,
+        &[
+            "scale",
+            "--existing",
+            "6",
+            "-n",
+            "4",
+            "-c",
+            "2",
+            "--published",
+        ],
+    );
+    assert_eq!(r["existing"], 6);
+    assert_eq!(r["published"], true);
+    assert_eq!(r["fill"]["volumes"], 6);
+    assert_eq!(r["publish"]["volumes"], 6);
+    assert_eq!(r["unpublish"]["volumes"], 6);
+    let published = rpc_names(&r["publish"]);
+    assert!(published.iter().any(|n| n == "NodePublishVolume"));
+    assert!(r["without"]["cycles_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["with"]["cycles_per_second"].as_f64().unwrap() > 0.0);
+    assert!(r["ratio"].as_f64().unwrap() > 0.0);
+    assert!(rpc_names(&r["with"])
+        .iter()
+        .any(|n| n == "NodeUnpublishVolume"));
+    assert_clean(&d).await;
+}
+
+#[tokio::test]
+async fn no_controller_publish_skips_the_controller_publish_rpcs() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(
+        &d,
+        &["--no-controller-publish", "cycle", "-n", "3", "-c", "1"],
+    );
+    assert_eq!(r["cycles"], 3);
+    assert!(r["cycles_per_second"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["controller_publish"], false);
+    assert_eq!(r["controller_publish_advertised"], true);
+    let names = rpc_names(&r);
+    assert!(
+        !names
+            .iter()
+            .any(|n| n.starts_with("ControllerPublish") || n.starts_with("ControllerUnpublish")),
+        "{names:?}"
+    );
+    for rpc in ["CreateVolume", "NodePublishVolume", "DeleteVolume"] {
+        assert!(names.iter().any(|n| n == rpc), "{rpc} missing: {names:?}");
+    }
+    assert_clean(&d).await;
+}

@@ -40,6 +40,11 @@ struct Cli {
     /// The driver's process id, to report its peak resident memory (VmHWM).
     #[arg(long, global = true)]
     driver_pid: Option<u32>,
+    /// Skip ControllerPublish/ControllerUnpublish even when the driver advertises
+    /// PUBLISH_UNPUBLISH_VOLUME, as Kubernetes does when the CSIDriver object says
+    /// `attachRequired: false` (how deploy/ installs localvol).
+    #[arg(long, global = true)]
+    no_controller_publish: bool,
     /// One JSON object on stdout instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -71,6 +76,11 @@ enum Command {
         /// Creates and deletes of idle volumes in flight.
         #[arg(long, default_value_t = 8)]
         fill_concurrency: usize,
+        /// Also stage and publish the idle volumes before the second measurement
+        /// (2 mounts each for a directory volume), to show whether node RPCs slow
+        /// down with the number of mounts on the node.
+        #[arg(long)]
+        published: bool,
     },
     /// CreateSnapshot of a volume holding S MiB, and a restore from it.
     Snapshot {
@@ -164,7 +174,7 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         }
     };
     let params: HashMap<String, String> = cli.params.iter().cloned().collect();
-    let session = Session::open(
+    let mut session = Session::open(
         &cli.endpoint,
         params.clone(),
         cli.size,
@@ -172,6 +182,7 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         work.path.clone(),
     )
     .await?;
+    session.controller_publish = session.info.controller_publish && !cli.no_controller_publish;
     // Names unique per run, so runs against the same driver never collide.
     let prefix = format!(
         "bench-{}-{}",
@@ -188,17 +199,23 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         "access": if cli.block { "block" } else { "mount" },
         "parameters": params,
         "size_bytes": cli.size,
-        "controller_publish": info.controller_publish,
+        "controller_publish": session.controller_publish,
+        "controller_publish_advertised": info.controller_publish,
         "node_stage": info.node_stage,
     });
     let header = format!(
-        "driver {} {} on node {}, {} volumes of {} bytes, parameters {:?}",
+        "driver {} {} on node {}, {} volumes of {} bytes, parameters {:?}\nControllerPublish: {}",
         info.name,
         info.version,
         info.node_id,
         if cli.block { "block" } else { "mount" },
         cli.size,
-        params
+        params,
+        match (session.controller_publish, info.controller_publish) {
+            (true, _) => "yes (advertised)",
+            (false, true) => "no (advertised, skipped by --no-controller-publish)",
+            (false, false) => "no (not advertised)",
+        }
     );
     let mut table = String::new();
     match cli.command {
@@ -219,11 +236,29 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             n,
             c,
             fill_concurrency,
+            published,
         } => {
             out["command"] = json!("scale");
-            let r = bench::scale(&session, existing, n, c, fill_concurrency, &prefix).await?;
+            let r = bench::scale(
+                &session,
+                existing,
+                n,
+                c,
+                fill_concurrency,
+                published,
+                &prefix,
+            )
+            .await?;
+            let idle = format!(
+                "{existing} idle volumes ({})",
+                if published {
+                    "published"
+                } else {
+                    "not published"
+                }
+            );
             table += &format!(
-                "{n} cycles, {c} in flight: {:.1} cycles/s with 0 volumes, {:.1} with {existing} idle: ratio {:.3}\n",
+                "{n} cycles, {c} in flight: {:.1} cycles/s with 0 volumes, {:.1} with {idle}: ratio {:.3}\n",
                 r["without"]["cycles_per_second"].as_f64().unwrap_or(0.0),
                 r["with"]["cycles_per_second"].as_f64().unwrap_or(0.0),
                 r["ratio"].as_f64().unwrap_or(0.0),
@@ -233,8 +268,15 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
                 r["fill"]["per_second"].as_f64().unwrap_or(0.0),
                 r["delete"]["per_second"].as_f64().unwrap_or(0.0),
             );
+            if published {
+                table += &format!(
+                    "published them at {:.1}/s, unpublished at {:.1}/s\n",
+                    r["publish"]["per_second"].as_f64().unwrap_or(0.0),
+                    r["unpublish"]["per_second"].as_f64().unwrap_or(0.0),
+                );
+            }
             table += &rpc_rows("with 0 volumes", &r["without"]["rpcs"]);
-            table += &rpc_rows(&format!("with {existing} idle volumes"), &r["with"]["rpcs"]);
+            table += &rpc_rows(&format!("with {idle}"), &r["with"]["rpcs"]);
             merge(&mut out, r);
         }
         Command::Snapshot { mib } => {

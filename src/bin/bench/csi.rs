@@ -64,6 +64,9 @@ pub struct Session {
     pub size: i64,
     pub block: bool,
     pub work_dir: PathBuf,
+    /// Whether pods go through ControllerPublish/Unpublish: advertised and not
+    /// skipped by the user.
+    pub controller_publish: bool,
 }
 
 fn rpc_err(rpc: &'static str, s: tonic::Status) -> BenchError {
@@ -142,6 +145,7 @@ impl Session {
         Ok(Session {
             controller,
             node,
+            controller_publish: info.controller_publish,
             info,
             params,
             size,
@@ -221,11 +225,12 @@ impl Pod {
         }
     }
 
-    /// ControllerPublish (if advertised), NodeStage (if advertised), NodePublish.
+    /// ControllerPublish (if advertised and not skipped), NodeStage (if
+    /// advertised), NodePublish.
     pub async fn up(&mut self, s: &mut Session, t: &mut Timings) -> Result<(), BenchError> {
         let cap = s.capability();
         let id = self.volume.volume_id.clone();
-        if s.info.controller_publish {
+        if s.controller_publish {
             let req = ControllerPublishVolumeRequest {
                 volume_id: id.clone(),
                 node_id: s.info.node_id.clone(),

@@ -232,40 +232,122 @@ where
     (all, timings, first)
 }
 
-/// Creates `m` idle volumes, measures, and deletes them again; the ratio is
-/// throughput with them over throughput without (1.0 = no slowdown).
+/// Creates `m` idle volumes (staged and published too if `published`, as pods
+/// of other workloads would hold them), measures, and takes them down again;
+/// the ratio is throughput with them over throughput without (1.0 = no slowdown).
 pub async fn scale(
     s: &Session,
     m: usize,
     n: usize,
     c: usize,
     fill_c: usize,
+    published: bool,
     prefix: &str,
 ) -> Result<Value, BenchError> {
     let empty = run_cycles(s, n, c, &format!("{prefix}-empty")).await?;
     let names: Vec<String> = (0..m).map(|i| format!("{prefix}-idle-{i}")).collect();
     let start = Instant::now();
-    let (ids, fill_t, fill_err) = for_each(
+    let (volumes, fill_t, mut first_err) = for_each(
         s,
         names,
         fill_c,
         "creating idle volumes",
         |mut s, mut t, name| async move {
-            let r = s.create(&mut t, &name, None).await.map(|v| v.volume_id);
+            let r = s.create(&mut t, &name, None).await.map(|v| (name, v));
             (s, t, r)
         },
     )
     .await;
     let fill_secs = start.elapsed().as_secs_f64();
-    let full = match fill_err {
+    let created = volumes.len();
+    let ids: Vec<String> = volumes.iter().map(|(_, v)| v.volume_id.clone()).collect();
+
+    let mut publish = None;
+    let mut pods = Vec::new();
+    if published && first_err.is_none() {
+        let start = Instant::now();
+        let (up, t, err) = for_each(
+            s,
+            volumes,
+            fill_c,
+            "publishing idle volumes",
+            |mut s, mut t, (name, volume)| async move {
+                let mut pod = csi::Pod::new(&s, volume, &name);
+                let r = match pod.up(&mut s, &mut t).await {
+                    Ok(()) => Ok(pod),
+                    // Undo the part that was done; the volume itself is deleted below.
+                    Err(e) => Err(match pod.down(&mut s, &mut t).await {
+                        Ok(()) => e,
+                        Err(down) => {
+                            eprintln!(
+                                "localvol-bench: undoing a failed publish of {} failed too: {down}",
+                                pod.volume.volume_id
+                            );
+                            e
+                        }
+                    }),
+                };
+                (s, t, r)
+            },
+        )
+        .await;
+        let secs = start.elapsed().as_secs_f64();
+        publish = Some(json!({
+            "volumes": up.len(),
+            "seconds": secs,
+            "per_second": up.len() as f64 / secs,
+            "rpcs": rpcs_json(&t),
+        }));
+        pods = up;
+        first_err = err;
+    }
+
+    let full = match first_err {
         Some(e) => Err(e),
         None => run_cycles(s, n, c, &format!("{prefix}-full")).await,
     };
-    let created = ids.len();
+
+    // Volumes whose unpublish failed stay (deleting them would fail anyway), and
+    // so do their mounts, for the user to inspect.
+    let mut stuck: std::collections::HashSet<String> =
+        pods.iter().map(|p| p.volume.volume_id.clone()).collect();
+    let mut unpublish = None;
+    let mut unpublish_err = None;
+    if !pods.is_empty() {
+        let count = pods.len();
+        let start = Instant::now();
+        let (down, t, err) = for_each(
+            s,
+            pods,
+            fill_c,
+            "unpublishing idle volumes",
+            |mut s, mut t, mut pod| async move {
+                let r = pod
+                    .down(&mut s, &mut t)
+                    .await
+                    .map(|()| pod.volume.volume_id);
+                (s, t, r)
+            },
+        )
+        .await;
+        let secs = start.elapsed().as_secs_f64();
+        for id in &down {
+            stuck.remove(id);
+        }
+        unpublish = Some(json!({
+            "volumes": count,
+            "seconds": secs,
+            "per_second": count as f64 / secs,
+            "rpcs": rpcs_json(&t),
+        }));
+        unpublish_err = err;
+    }
+    let to_delete: Vec<String> = ids.into_iter().filter(|id| !stuck.contains(id)).collect();
+    let deleted = to_delete.len();
     let start = Instant::now();
     let (_, del_t, del_err) = for_each(
         s,
-        ids,
+        to_delete,
         fill_c,
         "deleting idle volumes",
         |mut s, mut t, id| async move {
@@ -275,12 +357,19 @@ pub async fn scale(
     )
     .await;
     let del_secs = start.elapsed().as_secs_f64();
+    if !stuck.is_empty() {
+        eprintln!(
+            "localvol-bench: {} idle volumes left published (unpublish failed)",
+            stuck.len()
+        );
+    }
     let full = full?;
-    if let Some(e) = del_err {
+    if let Some(e) = unpublish_err.or(del_err) {
         return Err(e);
     }
     Ok(json!({
         "existing": m,
+        "published": published,
         "without": empty.to_json(),
         "with": full.to_json(),
         "ratio": full.per_second() / empty.per_second(),
@@ -291,9 +380,11 @@ pub async fn scale(
             "per_second": created as f64 / fill_secs,
             "rpcs": rpcs_json(&fill_t),
         },
+        "publish": publish,
+        "unpublish": unpublish,
         "delete": {
             "seconds": del_secs,
-            "per_second": created as f64 / del_secs,
+            "per_second": deleted as f64 / del_secs,
             "rpcs": rpcs_json(&del_t),
         },
     }))
