@@ -152,6 +152,8 @@ async fn io_compares_a_volume_with_a_plain_file() {
         }
     }
     assert!(r["ratio"]["seq_read"].as_f64().unwrap() > 0.0);
+    assert_eq!(r["rounds"], 3);
+    assert_eq!(r["ratio_per_round"].as_array().unwrap().len(), 3);
     assert_clean(&d).await;
 }
 

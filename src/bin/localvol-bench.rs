@@ -98,6 +98,9 @@ enum Command {
         /// Seconds for each random 4 KiB pattern.
         #[arg(long, default_value_t = 3.0)]
         random_seconds: f64,
+        /// Turns of volume and plain file; the medians are reported.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
 }
 
@@ -304,17 +307,19 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             compare_dir,
             file_mib,
             random_seconds,
+            rounds,
         } => {
             out["command"] = json!("io");
             let opts = bench::io::IoOptions {
                 file_mib,
                 random_seconds,
+                rounds,
             };
             let compare = compare_dir.unwrap_or_else(|| work.path.clone());
             let r = bench::io(&session, opts, compare, &prefix).await?;
             table += &format!(
-                "  {:<22} {:>12} {:>12} {:>8}\n",
-                "pattern (MiB/s)", "volume", "plain file", "ratio"
+                "  {:<22} {:>12} {:>12} {:>8}   (medians of {} rounds)\n",
+                "pattern (MiB/s)", "volume", "plain file", "ratio", r["rounds"]
             );
             for (label, key, ratio) in [
                 ("sequential write 1M", "seq_write_mib_s", "seq_write"),

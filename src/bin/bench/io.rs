@@ -20,6 +20,9 @@ pub struct IoOptions {
     pub file_mib: usize,
     /// Time budget of each random pattern.
     pub random_seconds: f64,
+    /// Volume and plain file take turns this many times; medians are reported,
+    /// so a disk whose speed drifts from second to second favours neither.
+    pub rounds: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -41,6 +44,29 @@ impl IoFigures {
             "rand_write": self.rand_write_mib_s / plain.rand_write_mib_s,
             "rand_read": self.rand_read_mib_s / plain.rand_read_mib_s,
         })
+    }
+}
+
+impl IoFigures {
+    /// The median of each figure over several rounds.
+    pub fn median(rounds: &[IoFigures]) -> IoFigures {
+        let m = |f: fn(&IoFigures) -> f64| {
+            let mut v: Vec<f64> = rounds.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            match v.len() {
+                0 => 0.0,
+                n if n % 2 == 1 => v[n / 2],
+                n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+            }
+        };
+        IoFigures {
+            seq_write_mib_s: m(|f| f.seq_write_mib_s),
+            seq_read_mib_s: m(|f| f.seq_read_mib_s),
+            rand_write_mib_s: m(|f| f.rand_write_mib_s),
+            rand_read_mib_s: m(|f| f.rand_read_mib_s),
+            rand_write_iops: m(|f| f.rand_write_iops),
+            rand_read_iops: m(|f| f.rand_read_iops),
+        }
     }
 }
 

@@ -513,7 +513,7 @@ pub async fn io(
     let name = format!("{prefix}-io");
     let vol = s.create(&mut t, &name, None).await?;
     let mut pod = csi::Pod::new(&s, vol, &name);
-    let result: Result<(io::IoFigures, io::IoFigures), BenchError> = async {
+    let result: Result<(Vec<io::IoFigures>, Vec<io::IoFigures>), BenchError> = async {
         pod.up(&mut s, &mut t).await?;
         let (in_volume, is_device) = if s.block {
             (pod.target.clone(), true)
@@ -523,12 +523,29 @@ pub async fn io(
         let plain = compare_dir.join(format!("{prefix}-io.dat"));
         let o = opts.clone();
         let (vol, plain) = tokio::task::spawn_blocking(move || {
-            eprintln!("io: inside the volume ({})", in_volume.display());
-            let v = io::measure(&in_volume, is_device, &o)?;
-            eprintln!("io: plain file ({})", plain.display());
-            let p = io::measure(&plain, false, &o);
+            let (mut v, mut p) = (vec![], vec![]);
+            let measured = (|| {
+                for round in 0..o.rounds.max(1) {
+                    // Alternate who goes first, so a drift of the disk evens out.
+                    for volume_turn in [round % 2 == 0, round % 2 == 1] {
+                        if volume_turn {
+                            eprintln!(
+                                "io round {}: inside the volume ({})",
+                                round + 1,
+                                in_volume.display()
+                            );
+                            v.push(io::measure(&in_volume, is_device, &o)?);
+                        } else {
+                            eprintln!("io round {}: plain file ({})", round + 1, plain.display());
+                            p.push(io::measure(&plain, false, &o)?);
+                        }
+                    }
+                }
+                Ok::<_, BenchError>(())
+            })();
             let _ = std::fs::remove_file(&plain);
-            Ok::<_, BenchError>((v, p?))
+            measured?;
+            Ok::<_, BenchError>((v, p))
         })
         .await??;
         Ok((vol, plain))
@@ -537,13 +554,17 @@ pub async fn io(
     let mut cleanup = pod.down(&mut s, &mut t).await;
     let id = pod.volume.volume_id.clone();
     cleanup = cleanup.and(s.delete(&mut t, &id).await);
-    let (vol, plain) = result?;
+    let (vols, plains) = result?;
     cleanup?;
+    let (vol, plain) = (io::IoFigures::median(&vols), io::IoFigures::median(&plains));
+    let per_round: Vec<Value> = vols.iter().zip(&plains).map(|(v, p)| v.ratio(p)).collect();
     Ok(json!({
         "file_mib": opts.file_mib,
+        "rounds": vols.len(),
         "volume": vol,
         "plain": plain,
         "ratio": vol.ratio(&plain),
+        "ratio_per_round": per_round,
         "rpcs": rpcs_json(&t),
     }))
 }
