@@ -1,15 +1,20 @@
 //! Loop devices through the kernel's loop-control and loop ioctls.
 //!
 //! Which device holds which backing file is read from sysfs
-//! (`/sys/block/loopN/loop/backing_file`) every time it is asked, never remembered:
-//! after a restart, or a reboot that cleared every device, the answer is still right,
-//! and a file that is already attached is found and reused instead of attached twice.
+//! (`/sys/block/loopN/loop/backing_file`) every time it is asked: after a restart,
+//! or a reboot that cleared every device, the answer is still right, and a file that
+//! is already attached is found and reused instead of attached twice. The device a
+//! file was last seen on is remembered only as a place to look first, so the usual
+//! question reads one device's sysfs entry instead of every device's; the hint is
+//! believed only after sysfs confirms it.
 
+use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
 
 use crate::error::{Context, Error, Result};
 
@@ -117,14 +122,48 @@ pub fn attached() -> Vec<(LoopDevice, PathBuf)> {
     out
 }
 
+/// Canonical backing file -> device name it was last found on. Only a hint.
+fn hints() -> &'static Mutex<HashMap<PathBuf, String>> {
+    static HINTS: OnceLock<Mutex<HashMap<PathBuf, String>>> = OnceLock::new();
+    HINTS.get_or_init(Default::default)
+}
+
+fn remember(file: &Path, d: &LoopDevice) {
+    if let Ok(file) = fs::canonicalize(file) {
+        hints().lock().unwrap().insert(file, d.name.clone());
+    }
+}
+
+/// The device `name` if sysfs says it holds exactly `file` now.
+fn confirmed(name: &str, file: &Path) -> Option<LoopDevice> {
+    let backing = fs::read_to_string(sysfs(name).join("loop/backing_file")).ok()?;
+    if Path::new(backing.trim_end_matches('\n')) != file {
+        return None;
+    }
+    Some(LoopDevice {
+        name: name.to_string(),
+        dev: read_dev(name)?,
+    })
+}
+
 /// The device `file` is attached to, if any. A file deleted while attached shows
 /// as "<path> (deleted)" and is not matched: it is no longer this path's data.
 pub fn find(file: &Path) -> Option<LoopDevice> {
     let file = fs::canonicalize(file).ok()?;
-    attached()
+    let hint = hints().lock().unwrap().get(&file).cloned();
+    if let Some(d) = hint.and_then(|name| confirmed(&name, &file)) {
+        return Some(d);
+    }
+    let found = attached()
         .into_iter()
         .find(|(_, backing)| *backing == file)
-        .map(|(d, _)| d)
+        .map(|(d, _)| d);
+    let mut hints = hints().lock().unwrap();
+    match &found {
+        Some(d) => hints.insert(file, d.name.clone()),
+        None => hints.remove(&file),
+    };
+    found
 }
 
 /// Devices still attached to `file` after it was deleted (its path shows with
@@ -200,6 +239,7 @@ pub fn attach(file: &Path) -> Result<LoopDevice> {
             })?,
             name,
         };
+        remember(file, &d);
         tracing::info!(device = %d.path().display(), file = %file.display(), direct_io = d.direct_io(), "loop device attached");
         return Ok(d);
     }
@@ -298,5 +338,45 @@ mod tests {
     fn structs_have_the_kernel_layout() {
         assert_eq!(std::mem::size_of::<LoopInfo64>(), 232);
         assert_eq!(std::mem::size_of::<LoopConfig>(), 304);
+    }
+
+    struct Detach(PathBuf);
+    impl Drop for Detach {
+        fn drop(&mut self) {
+            let _ = detach(&self.0);
+        }
+    }
+
+    /// A hint is a place to look, never an answer: wrong or stale, it is checked
+    /// against sysfs and replaced by the scan's answer.
+    #[test]
+    fn a_wrong_hint_is_never_believed() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("img");
+        File::create(&file).unwrap().set_len(1 << 20).unwrap();
+        let canon = fs::canonicalize(&file).unwrap();
+        // Not attached: a hint naming some device is dropped.
+        hints()
+            .lock()
+            .unwrap()
+            .insert(canon.clone(), "loop0".into());
+        assert_eq!(find(&file), None);
+        assert!(!hints().lock().unwrap().contains_key(&canon));
+
+        let d = attach(&file).unwrap();
+        let _guard = Detach(file.clone());
+        assert_eq!(find(&file), Some(d.clone()));
+        // A hint pointing elsewhere (a device reused by another file).
+        hints()
+            .lock()
+            .unwrap()
+            .insert(canon.clone(), "loop-none".into());
+        assert_eq!(find(&file), Some(d.clone()));
+        assert_eq!(hints().lock().unwrap().get(&canon), Some(&d.name));
+        detach(&file).unwrap();
+        assert_eq!(find(&file), None);
     }
 }

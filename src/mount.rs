@@ -1,9 +1,14 @@
-//! Mounts: the kernel's mount table is the truth about what is mounted where, so it
-//! is read from /proc/self/mountinfo on every question and never copied.
+//! Mounts: the kernel is the truth about what is mounted where, and it is asked
+//! on every question, never copied. A question about one path (what is mounted
+//! here, which data would a bind of this show) goes to that path's own mount
+//! (statx, statmount), so its cost does not grow with the node's mount count;
+//! questions about every mount of some data read /proc/self/mountinfo.
 //!
 //! Bind mounts use the new mount API (open_tree, mount_setattr, move_mount): the
 //! mount is made read-only before it becomes visible, and the target is opened
 //! without following symlinks, so a planted symlink cannot redirect a mount.
+
+mod statmount;
 
 use std::ffi::CString;
 use std::fs;
@@ -27,7 +32,8 @@ pub struct MountEntry {
     pub options: String,
     pub fs_type: String,
     pub source: String,
-    /// Options of the filesystem itself (prjquota, ...).
+    /// Options of the filesystem itself (prjquota, ...); only "ro" or "rw" in an
+    /// entry read for one path (statmount), which projquota does not rely on.
     pub super_options: String,
 }
 
@@ -115,28 +121,52 @@ pub fn canonical(path: &Path) -> PathBuf {
     }
 }
 
-/// The topmost mount at exactly `path`, if any.
-pub fn mount_at(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
+/// The topmost mount at exactly `path`, if any (a symlink there is not followed).
+pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
+    match statmount::mount_at(path) {
+        Some(answer) => Ok(answer),
+        None => Ok(mount_at_in(&mounts()?, path)),
+    }
+}
+
+/// The key of the data a bind mount of `path` would show (symlinks followed).
+pub fn key_of(path: &Path) -> Result<MountKey> {
+    let canon = fs::canonicalize(path).ctx(|| format!("resolve {}", path.display()))?;
+    if let Some(m) = statmount::mount_holding(&canon) {
+        if let Some(key) = key_below(&m, &canon) {
+            return Ok(key);
+        }
+    }
+    key_of_in(&mounts()?, path)
+}
+
+/// [`mount_at`] answered from a mount table read once for many questions.
+pub fn mount_at_in(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
     let path = canonical(path);
     table.iter().rev().find(|m| m.mount_point == path).cloned()
 }
 
-/// The key of the data a bind mount of `path` would show.
-pub fn key_of(table: &[MountEntry], path: &Path) -> Result<MountKey> {
+/// [`key_of`] answered from a mount table read once for many questions.
+pub fn key_of_in(table: &[MountEntry], path: &Path) -> Result<MountKey> {
     let path = fs::canonicalize(path).ctx(|| format!("resolve {}", path.display()))?;
+    // max_by_key keeps the last of equals: the topmost of a stack, as statx sees.
     let m = table
         .iter()
-        .rev()
         .filter(|m| path.starts_with(&m.mount_point))
         .max_by_key(|m| m.mount_point.as_os_str().len())
         .ok_or_else(|| Error::Internal(format!("no mount holds {}", path.display())))?;
-    let rel = path.strip_prefix(&m.mount_point).expect("prefix checked");
+    Ok(key_below(m, &path).expect("prefix checked"))
+}
+
+/// The key of canonical `path` inside mount `m`; None if `m` is not above it.
+fn key_below(m: &MountEntry, path: &Path) -> Option<MountKey> {
+    let rel = path.strip_prefix(&m.mount_point).ok()?;
     let root = if rel.as_os_str().is_empty() {
         m.root.clone()
     } else {
         m.root.join(rel)
     };
-    Ok(MountKey { dev: m.dev, root })
+    Some(MountKey { dev: m.dev, root })
 }
 
 /// Every mount that shows the data of `key`.
@@ -389,7 +419,7 @@ pub fn unmount_all(target: &Path) -> Result<()> {
     for _ in 0..16 {
         let mounted = match is_mount_root(target) {
             Some(m) => m,
-            None => mount_at(&mounts()?, target).is_some(),
+            None => mount_at(target)?.is_some(),
         };
         if !mounted {
             return Ok(());
@@ -468,5 +498,117 @@ mod tests {
         assert!(Flags::parse(&["aé".repeat(200)]).is_err());
         let t = parse_mountinfo("1 2 7:3 / /a\\777b rw - xfs /dev/loop3 rw\n");
         assert_eq!(t[0].mount_point, PathBuf::from("/a\\777b"));
+    }
+
+    fn is_root() -> bool {
+        nix::unistd::Uid::effective().is_root()
+    }
+
+    /// The per-path answers (statmount) agree with the mount table for every
+    /// mount a path can still reach.
+    #[test]
+    fn statmount_agrees_with_mountinfo() {
+        if !is_root() {
+            return;
+        }
+        let table = mounts().unwrap();
+        let mut compared = 0;
+        for (i, line) in table.iter().enumerate() {
+            let mp = &line.mount_point;
+            // Shadowed: mounted over later, at this point or above it.
+            if table[i + 1..]
+                .iter()
+                .any(|m| mp.starts_with(&m.mount_point))
+            {
+                continue;
+            }
+            if fs::canonicalize(mp).ok().as_ref() != Some(mp) {
+                continue; // not reachable by this name
+            }
+            let Some(fast) = statmount::mount_at(mp) else {
+                panic!("statmount cannot answer for {}", mp.display());
+            };
+            let fast = fast.unwrap_or_else(|| panic!("{} is not a mount root", mp.display()));
+            assert_eq!(fast.mount_point, *mp);
+            assert_eq!(fast.dev, line.dev, "dev of {}", mp.display());
+            assert_eq!(fast.root, line.root, "root of {}", mp.display());
+            assert_eq!(
+                fast.is_readonly(),
+                line.is_readonly(),
+                "ro of {}",
+                mp.display()
+            );
+            assert_eq!(fast.fs_type, line.fs_type, "type of {}", mp.display());
+            compared += 1;
+        }
+        assert!(compared > 0);
+    }
+
+    /// Unmounts what a test mounted, also when it fails.
+    struct Unmount(Vec<PathBuf>);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            for p in self.0.iter().rev() {
+                let _ = unmount_all(p);
+            }
+        }
+    }
+
+    #[test]
+    fn binds_read_the_same_both_ways() {
+        if !is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(dir.path()).unwrap();
+        let data = base.join("data");
+        fs::create_dir_all(data.join("sub/deeper")).unwrap();
+        let targets: Vec<PathBuf> = ["rw", "ro", "sub", "stacked"]
+            .iter()
+            .map(|n| base.join(n))
+            .collect();
+        for t in &targets {
+            fs::create_dir(t).unwrap();
+        }
+        let guard = Unmount(targets.clone());
+        let ro = Flags::default().readonly(true);
+        bind(&data, &targets[0], &Flags::default()).unwrap();
+        bind(&data, &targets[1], &ro).unwrap();
+        bind(&data.join("sub"), &targets[2], &Flags::default()).unwrap();
+        bind(&data, &targets[3], &Flags::default()).unwrap();
+        bind(&data.join("sub"), &targets[3], &ro).unwrap();
+
+        let table = mounts().unwrap();
+        for t in &targets {
+            let fast = mount_at(t).unwrap().expect("mounted");
+            let scan = mount_at_in(&table, t).expect("mounted");
+            assert_eq!(fast.mount_point, scan.mount_point);
+            assert_eq!(fast.key(), scan.key(), "{}", t.display());
+            assert_eq!(fast.is_readonly(), scan.is_readonly(), "{}", t.display());
+            assert_eq!(fast.fs_type, scan.fs_type);
+            assert_eq!(fast.source, scan.source);
+            assert_eq!(key_of(t).unwrap(), key_of_in(&table, t).unwrap());
+            let inner = t.join("deeper");
+            if inner.exists() {
+                assert_eq!(key_of(&inner).unwrap(), key_of_in(&table, &inner).unwrap());
+            }
+        }
+        let sub = mount_at(&targets[2]).unwrap().unwrap();
+        assert_ne!(sub.root, Path::new("/"));
+        assert_eq!(sub.key(), key_of(&data.join("sub")).unwrap());
+        assert_eq!(
+            mount_at(&targets[0]).unwrap().unwrap().key(),
+            key_of(&data).unwrap()
+        );
+        assert!(mount_at(&targets[1]).unwrap().unwrap().is_readonly());
+        assert!(!mount_at(&targets[0]).unwrap().unwrap().is_readonly());
+        // The top of the stack answers.
+        let top = mount_at(&targets[3]).unwrap().unwrap();
+        assert!(top.is_readonly() && top.root.ends_with("sub"));
+        // Not a mount, and not there at all.
+        assert_eq!(mount_at(&data).unwrap(), mount_at_in(&table, &data));
+        assert_eq!(mount_at(&base.join("missing")).unwrap(), None);
+        drop(guard);
+        assert_eq!(mount_at(&targets[0]).unwrap(), None);
     }
 }

@@ -32,8 +32,8 @@ pub struct PublishRequest {
 impl Driver {
     /// Whether `m` shows this volume's data (its directory, its loop filesystem, or
     /// its loop device node).
-    fn is_ours(&self, rec: &VolumeRecord, table: &[MountEntry], m: &MountEntry) -> Result<bool> {
-        Ok(self.volume_keys(rec, table)?.contains(&m.key()))
+    fn is_ours(&self, rec: &VolumeRecord, m: &MountEntry) -> Result<bool> {
+        Ok(self.volume_keys(rec)?.contains(&m.key()))
     }
 
     pub fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
@@ -47,9 +47,8 @@ impl Driver {
                 data.display()
             )));
         }
-        let table = mount::mounts()?;
-        if let Some(m) = mount::mount_at(&table, staging) {
-            if self.is_ours(&rec, &table, &m)? {
+        if let Some(m) = mount::mount_at(staging)? {
+            if self.is_ours(&rec, &m)? {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
@@ -202,14 +201,10 @@ impl Driver {
     /// Unmounts the volume from `path` if it is mounted there; refuses to unmount
     /// something that is not this volume.
     fn unmount_volume_at(&self, rec: &VolumeRecord, path: &Path) -> Result<bool> {
-        if mount::is_mount_root(path) == Some(false) {
-            return Ok(false);
-        }
-        let table = mount::mounts()?;
-        let Some(m) = mount::mount_at(&table, path) else {
+        let Some(m) = mount::mount_at(path)? else {
             return Ok(false);
         };
-        let keys = self.volume_keys(rec, &table)?;
+        let keys = self.volume_keys(rec)?;
         // With the volume's data gone there is no key to compare: unmount anyway,
         // the kubelet asked for this path to be freed.
         if !keys.is_empty() && !keys.contains(&m.key()) {
@@ -228,8 +223,7 @@ impl Driver {
         let rec = self.volume(&req.volume_id)?;
         let rules = publish_rules(&rec, &req.capability, req.readonly)?;
         let _guard = self.lock(&rec.id)?;
-        let table = mount::mounts()?;
-        let keys = self.volume_keys(&rec, &table)?;
+        let keys = self.volume_keys(&rec)?;
         let not_staged = || {
             Error::FailedPrecondition(format!(
                 "volume {} is not staged at {}; call NodeStageVolume first",
@@ -245,7 +239,7 @@ impl Driver {
         let source = if block {
             self.loop_device(&rec).ok_or_else(not_staged)?.path()
         } else {
-            match mount::mount_at(&table, &req.staging_path) {
+            match mount::mount_at(&req.staging_path)? {
                 Some(m) if keys.contains(&m.key()) => req.staging_path.clone(),
                 _ => return Err(not_staged()),
             }
@@ -257,7 +251,7 @@ impl Driver {
                 .get(&self.cfg.node_id)
                 .is_some_and(|a| a.readonly);
         let target = mount::canonical(&req.target_path);
-        if let Some(m) = mount::mount_at(&table, &target) {
+        if let Some(m) = mount::mount_at(&target)? {
             let ours = keys.contains(&m.key());
             if ours && m.is_readonly() == ro {
                 return Ok(());
@@ -278,12 +272,18 @@ impl Driver {
             )));
         }
         let staging = mount::canonical(&req.staging_path);
-        let others: Vec<String> = table
-            .iter()
-            .filter(|m| keys.contains(&m.key()))
-            .filter(|m| m.mount_point != staging && m.mount_point != target)
-            .map(|m| m.mount_point.display().to_string())
-            .collect();
+        // Only a single-publisher volume needs every mount of its data: the one
+        // question here whose cost grows with the node's mounts.
+        let others: Vec<String> = if rules.single_publisher {
+            mount::mounts()?
+                .iter()
+                .filter(|m| keys.contains(&m.key()))
+                .filter(|m| m.mount_point != staging && m.mount_point != target)
+                .map(|m| m.mount_point.display().to_string())
+                .collect()
+        } else {
+            vec![]
+        };
         access::check_node_publish(rules.single_publisher, &others)
             .map_err(Error::FailedPrecondition)?;
 
@@ -343,9 +343,8 @@ impl Driver {
         if block || path.is_file() {
             return Ok(size);
         }
-        let table = mount::mounts()?;
-        let keys = self.volume_keys(&rec, &table)?;
-        let m = mount::mount_at(&table, path)
+        let keys = self.volume_keys(&rec)?;
+        let m = mount::mount_at(path)?
             .filter(|m| keys.contains(&m.key()))
             .ok_or_else(|| {
                 Error::NotFound(format!("volume {id} is not mounted at {}", path.display()))
@@ -370,10 +369,9 @@ impl Driver {
                 path.display()
             )));
         }
-        let table = mount::mounts()?;
-        let keys = self.volume_keys(&rec, &table)?;
+        let keys = self.volume_keys(&rec)?;
         let mut condition = self.condition(&rec);
-        let mounted = mount::mount_at(&table, path).filter(|m| keys.contains(&m.key()));
+        let mounted = mount::mount_at(path)?.filter(|m| keys.contains(&m.key()));
         if !condition.abnormal && mounted.is_none() {
             condition = Condition::abnormal(format!(
                 "volume {} is not mounted at {}",

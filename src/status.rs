@@ -154,7 +154,7 @@ fn mounts_of_volume<'a>(
     loops: &[&LoopDevice],
 ) -> Vec<&'a MountEntry> {
     if t == VolumeType::Dir {
-        return match mount::key_of(table, data) {
+        return match mount::key_of_in(table, data) {
             Ok(key) => table
                 .iter()
                 .filter(|m| m.key() == key && m.mount_point != data)

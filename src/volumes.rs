@@ -184,7 +184,7 @@ impl Driver {
         };
         for rec in self.store.volumes.all() {
             let dev = self.loop_device(&rec);
-            let keys = self.volume_keys(&rec, &table).unwrap_or_default();
+            let keys = self.volume_keys(&rec).unwrap_or_default();
             let at: Vec<String> = table
                 .iter()
                 .filter(|m| keys.contains(&m.key()) && m.mount_point != self.data_path(&rec))
@@ -253,7 +253,7 @@ impl Driver {
                 }
                 let path = entry.path();
                 let in_use = loopdev::find(&path).is_some()
-                    || mount::key_of(&table, &path)
+                    || mount::key_of_in(&table, &path)
                         .map(|k| mount::mounts_of(&table, &k).any(|m| m.mount_point != path))
                         .unwrap_or(false);
                 if in_use {
@@ -695,7 +695,7 @@ impl Driver {
     /// Every mount on this node that shows the volume's data.
     pub fn mounts_of_volume(&self, rec: &VolumeRecord) -> Result<Vec<mount::MountEntry>> {
         let table = mount::mounts()?;
-        let keys = self.volume_keys(rec, &table)?;
+        let keys = self.volume_keys(rec)?;
         Ok(table
             .iter()
             .filter(|m| keys.contains(&m.key()))
@@ -705,18 +705,14 @@ impl Driver {
 
     /// The keys every mount of this volume's data carries on this node: the data
     /// directory's, or a loop volume's filesystem and device node.
-    pub fn volume_keys(
-        &self,
-        rec: &VolumeRecord,
-        table: &[mount::MountEntry],
-    ) -> Result<Vec<mount::MountKey>> {
+    pub fn volume_keys(&self, rec: &VolumeRecord) -> Result<Vec<mount::MountKey>> {
         match rec.volume_type {
             VolumeType::Dir => {
                 let data = self.data_path(rec);
                 if !data.exists() {
                     return Ok(vec![]);
                 }
-                Ok(vec![mount::key_of(table, &data)?])
+                Ok(vec![mount::key_of(&data)?])
             }
             VolumeType::Loop => {
                 let Some(d) = self.loop_device(rec) else {
@@ -726,7 +722,7 @@ impl Driver {
                     dev: d.dev,
                     root: PathBuf::from("/"),
                 }];
-                if let Ok(k) = mount::key_of(table, &d.path()) {
+                if let Ok(k) = mount::key_of(&d.path()) {
                     keys.push(k);
                 }
                 Ok(keys)

@@ -1,0 +1,287 @@
+//! Per-mount questions asked of the kernel directly: statx names the mount that
+//! holds a path, statmount(2) (Linux 6.8) describes that one mount. Each answer
+//! costs the same whether the node has ten mounts or ten thousand, where reading
+//! /proc/self/mountinfo costs a line per mount.
+//!
+//! Every function returns None where the kernel cannot answer (too old, or the
+//! mount went away between the two calls); the caller then reads the mount table.
+
+use std::ffi::{CString, OsStr};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use super::MountEntry;
+
+/// statmount(2): the same number on every architecture but alpha.
+const SYS_STATMOUNT: libc::c_long = 457;
+const MNT_ID_REQ_SIZE_VER0: u32 = 24;
+
+const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
+const STATX_ATTR_MOUNT_ROOT: u64 = 0x2000;
+
+const STATMOUNT_SB_BASIC: u64 = 0x1;
+const STATMOUNT_MNT_BASIC: u64 = 0x2;
+const STATMOUNT_MNT_ROOT: u64 = 0x8;
+const STATMOUNT_MNT_POINT: u64 = 0x10;
+const STATMOUNT_FS_TYPE: u64 = 0x20;
+/// Both since 6.13; older kernels refuse the mask, so they are asked for once.
+const STATMOUNT_FS_SUBTYPE: u64 = 0x100;
+const STATMOUNT_SB_SOURCE: u64 = 0x200;
+
+const BASE_MASK: u64 = STATMOUNT_SB_BASIC
+    | STATMOUNT_MNT_BASIC
+    | STATMOUNT_MNT_ROOT
+    | STATMOUNT_MNT_POINT
+    | STATMOUNT_FS_TYPE;
+const FULL_MASK: u64 = BASE_MASK | STATMOUNT_FS_SUBTYPE | STATMOUNT_SB_SOURCE;
+
+const SB_RDONLY: u32 = 0x1;
+
+const MOUNT_ATTR_RDONLY: u64 = 0x1;
+const MOUNT_ATTR_NOSUID: u64 = 0x2;
+const MOUNT_ATTR_NODEV: u64 = 0x4;
+const MOUNT_ATTR_NOEXEC: u64 = 0x8;
+const MOUNT_ATTR__ATIME: u64 = 0x70;
+const MOUNT_ATTR_RELATIME: u64 = 0x0;
+const MOUNT_ATTR_NOATIME: u64 = 0x10;
+const MOUNT_ATTR_NODIRATIME: u64 = 0x80;
+const MOUNT_ATTR_NOSYMFOLLOW: u64 = 0x20_0000;
+
+/// What the kernel accepts; narrowed once on a kernel that refuses the full mask.
+static MASK: AtomicU64 = AtomicU64::new(FULL_MASK);
+/// Cleared for good once statx or statmount turns out to be missing.
+static AVAILABLE: AtomicBool = AtomicBool::new(true);
+
+#[repr(C)]
+struct MntIdReq {
+    size: u32,
+    spare: u32,
+    mnt_id: u64,
+    param: u64,
+}
+
+/// The fixed part of `struct statmount` (include/uapi/linux/mount.h); the strings
+/// follow it in the same buffer, at offsets relative to its end.
+#[repr(C)]
+#[allow(dead_code)] // spelled out to keep the kernel's layout; not all are read
+struct StatMount {
+    size: u32,
+    mnt_opts: u32,
+    mask: u64,
+    sb_dev_major: u32,
+    sb_dev_minor: u32,
+    sb_magic: u64,
+    sb_flags: u32,
+    fs_type: u32,
+    mnt_id: u64,
+    mnt_parent_id: u64,
+    mnt_id_old: u32,
+    mnt_parent_id_old: u32,
+    mnt_attr: u64,
+    mnt_propagation: u64,
+    mnt_peer_group: u64,
+    mnt_master: u64,
+    propagate_from: u64,
+    mnt_root: u32,
+    mnt_point: u32,
+    mnt_ns_id: u64,
+    fs_subtype: u32,
+    sb_source: u32,
+    spare: [u32; 4],
+    spare2: [u64; 46],
+}
+
+/// The unique id of the mount that holds `path` and whether `path` is its root.
+fn holder(path: &Path, follow: bool) -> Option<io::Result<(u64, bool)>> {
+    if !AVAILABLE.load(Ordering::Relaxed) {
+        return None;
+    }
+    let c = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    let flags = libc::AT_NO_AUTOMOUNT | if follow { 0 } else { libc::AT_SYMLINK_NOFOLLOW };
+    let r = unsafe {
+        libc::statx(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            flags,
+            STATX_MNT_ID_UNIQUE,
+            &mut stx,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            AVAILABLE.store(false, Ordering::Relaxed);
+            return None;
+        }
+        return Some(Err(e));
+    }
+    if stx.stx_mask & STATX_MNT_ID_UNIQUE == 0
+        || stx.stx_attributes_mask & STATX_ATTR_MOUNT_ROOT == 0
+    {
+        AVAILABLE.store(false, Ordering::Relaxed);
+        return None;
+    }
+    Some(Ok((
+        stx.stx_mnt_id,
+        stx.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0,
+    )))
+}
+
+/// Describes the mount with unique id `id`, as its mountinfo line would.
+pub(super) fn describe(id: u64) -> Option<MountEntry> {
+    if !AVAILABLE.load(Ordering::Relaxed) {
+        return None;
+    }
+    // u64 elements keep the buffer aligned for the struct.
+    let mut buf: Vec<u64> = vec![0; 1024];
+    loop {
+        let mask = MASK.load(Ordering::Relaxed);
+        let req = MntIdReq {
+            size: MNT_ID_REQ_SIZE_VER0,
+            spare: 0,
+            mnt_id: id,
+            param: mask,
+        };
+        let len = buf.len() * 8;
+        let r = unsafe {
+            libc::syscall(
+                SYS_STATMOUNT,
+                &req as *const MntIdReq,
+                buf.as_mut_ptr(),
+                len,
+                0 as libc::c_uint,
+            )
+        };
+        if r == 0 {
+            return parse(&buf, len);
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EOVERFLOW) if len < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            Some(libc::EINVAL) if mask != BASE_MASK => MASK.store(BASE_MASK, Ordering::Relaxed),
+            Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+                AVAILABLE.store(false, Ordering::Relaxed);
+                return None;
+            }
+            // Unmounted since statx named it (ENOENT), or not ours to see.
+            _ => return None,
+        }
+    }
+}
+
+fn parse(buf: &[u64], len: usize) -> Option<MountEntry> {
+    let head = std::mem::size_of::<StatMount>();
+    // SAFETY: the buffer is larger than the struct, aligned to 8, and every bit
+    // pattern is a valid StatMount.
+    let sm = unsafe { &*(buf.as_ptr() as *const StatMount) };
+    let bytes = unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, len) };
+    let strings = bytes.get(head..(sm.size as usize).min(len))?;
+    let string = |bit: u64, off: u32| -> Option<&[u8]> {
+        if sm.mask & bit == 0 {
+            return None;
+        }
+        let s = strings.get(off as usize..)?;
+        Some(&s[..s.iter().position(|&b| b == 0)?])
+    };
+    let want = STATMOUNT_SB_BASIC | STATMOUNT_MNT_BASIC;
+    if sm.mask & want != want {
+        return None;
+    }
+    let path = |b: &[u8]| PathBuf::from(OsStr::from_bytes(b));
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    let mut fs_type = text(string(STATMOUNT_FS_TYPE, sm.fs_type)?);
+    if let Some(sub) = string(STATMOUNT_FS_SUBTYPE, sm.fs_subtype).filter(|s| !s.is_empty()) {
+        fs_type = format!("{fs_type}.{}", text(sub));
+    }
+    Some(MountEntry {
+        dev: (sm.sb_dev_major, sm.sb_dev_minor),
+        root: path(string(STATMOUNT_MNT_ROOT, sm.mnt_root)?),
+        mount_point: path(string(STATMOUNT_MNT_POINT, sm.mnt_point)?),
+        options: options(sm.mnt_attr),
+        fs_type,
+        source: string(STATMOUNT_SB_SOURCE, sm.sb_source)
+            .map(text)
+            .unwrap_or_default(),
+        super_options: if sm.sb_flags & SB_RDONLY != 0 {
+            "ro"
+        } else {
+            "rw"
+        }
+        .into(),
+    })
+}
+
+/// The per-mount options as mountinfo spells them, in its order.
+fn options(attr: u64) -> String {
+    let mut o = vec![if attr & MOUNT_ATTR_RDONLY != 0 {
+        "ro"
+    } else {
+        "rw"
+    }];
+    for (bit, name) in [
+        (MOUNT_ATTR_NOSUID, "nosuid"),
+        (MOUNT_ATTR_NODEV, "nodev"),
+        (MOUNT_ATTR_NOEXEC, "noexec"),
+    ] {
+        if attr & bit != 0 {
+            o.push(name);
+        }
+    }
+    if attr & MOUNT_ATTR__ATIME == MOUNT_ATTR_NOATIME {
+        o.push("noatime");
+    }
+    if attr & MOUNT_ATTR_NODIRATIME != 0 {
+        o.push("nodiratime");
+    }
+    if attr & MOUNT_ATTR__ATIME == MOUNT_ATTR_RELATIME {
+        o.push("relatime");
+    }
+    if attr & MOUNT_ATTR_NOSYMFOLLOW != 0 {
+        o.push("nosymfollow");
+    }
+    o.join(",")
+}
+
+/// The topmost mount at exactly `path` (not following a symlink there): Some(None)
+/// when nothing is mounted there, None when the kernel cannot say.
+pub(super) fn mount_at(path: &Path) -> Option<Option<MountEntry>> {
+    match holder(path, false)? {
+        Ok((_, false)) => Some(None),
+        Ok((id, true)) => describe(id).map(Some),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT) | Some(libc::ENOTDIR)) => {
+            Some(None)
+        }
+        Err(_) => None,
+    }
+}
+
+/// The mount holding `path`, a canonical path.
+pub(super) fn mount_holding(path: &Path) -> Option<MountEntry> {
+    let (id, _) = holder(path, true)?.ok()?;
+    describe(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn structs_have_the_kernel_layout() {
+        assert_eq!(std::mem::size_of::<MntIdReq>(), 24);
+        assert_eq!(std::mem::size_of::<StatMount>(), 512);
+        assert_eq!(std::mem::offset_of!(StatMount, mnt_attr), 64);
+        assert_eq!(std::mem::offset_of!(StatMount, mnt_root), 104);
+        assert_eq!(std::mem::offset_of!(StatMount, sb_source), 124);
+    }
+
+    #[test]
+    fn options_read_like_mountinfo() {
+        assert_eq!(options(0), "rw,relatime");
+        assert_eq!(
+            options(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NOATIME),
+            "ro,nosuid,noatime"
+        );
+    }
+}
