@@ -585,8 +585,9 @@ impl Driver {
         }
         // Backing file removed behind our back while staged: the device still holds
         // the pod's data, and the pod still uses it.
-        if rec.volume_type == VolumeType::Loop {
-            if let Some(d) = loopdev::find_deleted(&self.data_path(&rec)).first() {
+        let data = self.data_path(&rec);
+        if rec.volume_type == VolumeType::Loop && fs::symlink_metadata(&data).is_err() {
+            if let Some(d) = loopdev::find_deleted(&data).first() {
                 return Err(Error::FailedPrecondition(format!(
                     "volume {id}'s backing file was removed, but {} still holds its data on this \
                      node; unpublish and unstage it first",
@@ -603,7 +604,6 @@ impl Driver {
         }
         self.store.remove_volume(&rec)?;
         faults::point("delete.after_record");
-        let data = self.data_path(&rec);
         match rec.volume_type {
             VolumeType::Dir | VolumeType::Loop => dir::remove(&data)?,
         }
