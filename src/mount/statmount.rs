@@ -3,6 +3,10 @@
 //! costs the same whether the node has ten mounts or ten thousand, where reading
 //! /proc/self/mountinfo costs a line per mount.
 //!
+//! listmount(2) (also 6.8) names every mount by id, so "which mounts show this
+//! data" costs a cheap statmount per mount instead of formatting and parsing a
+//! text line per mount; only mounts on the right device are asked for strings.
+//!
 //! Every function returns None where the kernel cannot answer (too old, or the
 //! mount went away between the two calls); the caller then reads the mount table.
 
@@ -12,10 +16,13 @@ use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
-use super::MountEntry;
+use super::{MountEntry, MountKey};
 
-/// statmount(2): the same number on every architecture but alpha.
+/// statmount(2) and listmount(2): the same numbers on every architecture but alpha.
 const SYS_STATMOUNT: libc::c_long = 457;
+const SYS_LISTMOUNT: libc::c_long = 458;
+/// listmount's "every mount below this process's root".
+const LSMT_ROOT: u64 = u64::MAX;
 const MNT_ID_REQ_SIZE_VER0: u32 = 24;
 
 const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
@@ -53,6 +60,8 @@ const MOUNT_ATTR_NOSYMFOLLOW: u64 = 0x20_0000;
 static MASK: AtomicU64 = AtomicU64::new(FULL_MASK);
 /// Cleared for good once statx or statmount turns out to be missing.
 static AVAILABLE: AtomicBool = AtomicBool::new(true);
+/// Cleared for good once listmount turns out to be missing or refuses.
+static LIST_AVAILABLE: AtomicBool = AtomicBool::new(true);
 
 #[repr(C)]
 struct MntIdReq {
@@ -242,6 +251,143 @@ fn options(attr: u64) -> String {
         o.push("nosymfollow");
     }
     o.join(",")
+}
+
+/// Unique ids of every mount this process's root reaches, in id order (the
+/// mounts mountinfo lists); None when listmount cannot answer.
+pub(super) fn list_ids() -> Option<Vec<u64>> {
+    if !AVAILABLE.load(Ordering::Relaxed) || !LIST_AVAILABLE.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut ids = Vec::new();
+    let mut page: Vec<u64> = vec![0; 1024];
+    let mut last = 0;
+    loop {
+        let req = MntIdReq {
+            size: MNT_ID_REQ_SIZE_VER0,
+            spare: 0,
+            mnt_id: LSMT_ROOT,
+            // Ids are listed in increasing order: a full page resumes after its last.
+            param: last,
+        };
+        let r = unsafe {
+            libc::syscall(
+                SYS_LISTMOUNT,
+                &req as *const MntIdReq,
+                page.as_mut_ptr(),
+                page.len(),
+                0 as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+                LIST_AVAILABLE.store(false, Ordering::Relaxed);
+            }
+            tracing::debug!(error = %e, "listmount failed; reading mountinfo");
+            return None;
+        }
+        let n = (r as usize).min(page.len());
+        ids.extend_from_slice(&page[..n]);
+        if n < page.len() {
+            return Some(ids);
+        }
+        last = page[n - 1];
+    }
+}
+
+/// Asks statmount for `mask` only, growing `buf` when the strings do not fit.
+/// Err carries the errno: ENOENT when the mount is gone.
+fn ask(id: u64, mask: u64, buf: &mut Vec<u64>) -> Result<(), i32> {
+    loop {
+        let req = MntIdReq {
+            size: MNT_ID_REQ_SIZE_VER0,
+            spare: 0,
+            mnt_id: id,
+            param: mask,
+        };
+        let len = buf.len() * 8;
+        let r = unsafe {
+            libc::syscall(
+                SYS_STATMOUNT,
+                &req as *const MntIdReq,
+                buf.as_mut_ptr(),
+                len,
+                0 as libc::c_uint,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EOVERFLOW) if len < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            e => return Err(e.unwrap_or(0)),
+        }
+    }
+}
+
+/// The fixed part of the answer in `buf`.
+fn head(buf: &[u64]) -> &StatMount {
+    assert!(buf.len() * 8 >= std::mem::size_of::<StatMount>());
+    // SAFETY: large enough (checked), aligned to 8, any bit pattern is valid.
+    unsafe { &*(buf.as_ptr() as *const StatMount) }
+}
+
+/// Every mount that shows the data of one of `keys`, in mount id order. None
+/// when the kernel cannot answer for every mount; mounts that vanish while
+/// being asked about are left out, as a later reading of mountinfo would.
+pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
+    let ids = list_ids()?;
+    let mut found = Vec::new();
+    // The bare struct: asking for no strings is the cheap question.
+    let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8 + 512];
+    for id in ids {
+        let dev = match ask(id, STATMOUNT_SB_BASIC, &mut buf) {
+            Ok(()) => {
+                let sm = head(&buf);
+                if sm.mask & STATMOUNT_SB_BASIC == 0 {
+                    return None;
+                }
+                (sm.sb_dev_major, sm.sb_dev_minor)
+            }
+            Err(libc::ENOENT) => continue,
+            Err(_) => return None,
+        };
+        if !keys.iter().any(|k| k.dev == dev) {
+            continue;
+        }
+        match ask(id, STATMOUNT_MNT_ROOT, &mut buf) {
+            Ok(()) => {
+                let sm = head(&buf);
+                if sm.mask & STATMOUNT_MNT_ROOT == 0 {
+                    return None;
+                }
+                let strings = &bytes(&buf)[std::mem::size_of::<StatMount>()..];
+                let root = strings.get(sm.mnt_root as usize..)?;
+                let root = &root[..root.iter().position(|&b| b == 0)?];
+                if !keys
+                    .iter()
+                    .any(|k| k.dev == dev && k.root.as_os_str().as_bytes() == root)
+                {
+                    continue;
+                }
+            }
+            Err(libc::ENOENT) => continue,
+            Err(_) => return None,
+        }
+        match describe(id) {
+            Some(m) => found.push(m),
+            // Gone since (the cheap question now fails too), or not answerable.
+            None if ask(id, STATMOUNT_SB_BASIC, &mut buf) == Err(libc::ENOENT) => continue,
+            None => return None,
+        }
+    }
+    Some(found)
+}
+
+fn bytes(buf: &[u64]) -> &[u8] {
+    // SAFETY: the same memory, read as bytes.
+    unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, buf.len() * 8) }
 }
 
 /// The topmost mount at exactly `path` (not following a symlink there): Some(None)
