@@ -10,11 +10,13 @@
 //! Every function returns None where the kernel cannot answer (too old, or the
 //! mount went away between the two calls); the caller then reads the mount table.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use super::{MountEntry, MountKey};
 
@@ -333,56 +335,75 @@ fn head(buf: &[u64]) -> &StatMount {
     unsafe { &*(buf.as_ptr() as *const StatMount) }
 }
 
+/// Device and root (as bytes) of every mount seen so far, by unique mount id.
+/// Ids are never reused within a boot and a mount's superblock and root
+/// directory never change, so each mount is asked about once; a later call
+/// pays one listmount and a lookup per mount. What this cannot see is a rename
+/// of a mount's root directory after it was first seen: for a volume's data
+/// directory that leaves the volume without data, and so without a key.
+static SEEN: Mutex<Option<HashMap<u64, ((u32, u32), Vec<u8>)>>> = Mutex::new(None);
+
 /// Every mount that shows the data of one of `keys`, in mount id order. None
 /// when the kernel cannot answer for every mount; mounts that vanish while
 /// being asked about are left out, as a later reading of mountinfo would.
 pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
     let ids = list_ids()?;
+    let mut candidates = Vec::new();
+    {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = seen.get_or_insert_with(HashMap::new);
+        // Both lists are in id order; forget the mounts that are gone.
+        if seen.len() > ids.len() + ids.len() / 8 {
+            seen.retain(|id, _| ids.binary_search(id).is_ok());
+        }
+        let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8 + 512];
+        for &id in &ids {
+            let (dev, root) = match seen.get(&id) {
+                Some(known) => known,
+                None => match ask(id, STATMOUNT_SB_BASIC | STATMOUNT_MNT_ROOT, &mut buf) {
+                    Ok(()) => {
+                        let sm = head(&buf);
+                        let want = STATMOUNT_SB_BASIC | STATMOUNT_MNT_ROOT;
+                        if sm.mask & want != want {
+                            return None;
+                        }
+                        let strings = &bytes(&buf)[std::mem::size_of::<StatMount>()..];
+                        let root = strings.get(sm.mnt_root as usize..)?;
+                        let root = root[..root.iter().position(|&b| b == 0)?].to_vec();
+                        seen.entry(id)
+                            .or_insert(((sm.sb_dev_major, sm.sb_dev_minor), root))
+                    }
+                    Err(libc::ENOENT) => continue,
+                    Err(_) => return None,
+                },
+            };
+            if keys
+                .iter()
+                .any(|k| k.dev == *dev && k.root.as_os_str().as_bytes() == root.as_slice())
+            {
+                candidates.push(id);
+            }
+        }
+    }
     let mut found = Vec::new();
-    // The bare struct: asking for no strings is the cheap question.
-    let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8 + 512];
-    for id in ids {
-        let dev = match ask(id, STATMOUNT_SB_BASIC, &mut buf) {
-            Ok(()) => {
-                let sm = head(&buf);
-                if sm.mask & STATMOUNT_SB_BASIC == 0 {
-                    return None;
-                }
-                (sm.sb_dev_major, sm.sb_dev_minor)
-            }
-            Err(libc::ENOENT) => continue,
-            Err(_) => return None,
-        };
-        if !keys.iter().any(|k| k.dev == dev) {
-            continue;
-        }
-        match ask(id, STATMOUNT_MNT_ROOT, &mut buf) {
-            Ok(()) => {
-                let sm = head(&buf);
-                if sm.mask & STATMOUNT_MNT_ROOT == 0 {
-                    return None;
-                }
-                let strings = &bytes(&buf)[std::mem::size_of::<StatMount>()..];
-                let root = strings.get(sm.mnt_root as usize..)?;
-                let root = &root[..root.iter().position(|&b| b == 0)?];
-                if !keys
-                    .iter()
-                    .any(|k| k.dev == dev && k.root.as_os_str().as_bytes() == root)
-                {
-                    continue;
-                }
-            }
-            Err(libc::ENOENT) => continue,
-            Err(_) => return None,
-        }
+    let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8];
+    for id in candidates {
         match describe(id) {
-            Some(m) => found.push(m),
+            // Asked afresh: the answer is today's, not the remembered one.
+            Some(m) if keys.contains(&m.key()) => found.push(m),
+            Some(_) => {}
             // Gone since (the cheap question now fails too), or not answerable.
-            None if ask(id, STATMOUNT_SB_BASIC, &mut buf) == Err(libc::ENOENT) => continue,
+            None if ask(id, STATMOUNT_SB_BASIC, &mut buf) == Err(libc::ENOENT) => {}
             None => return None,
         }
     }
     Some(found)
+}
+
+/// Forgets every mount seen, for measuring the first call.
+#[cfg(test)]
+pub(super) fn forget() {
+    *SEEN.lock().unwrap() = None;
 }
 
 fn bytes(buf: &[u64]) -> &[u8] {
