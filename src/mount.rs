@@ -2,8 +2,8 @@
 //! on every question, never copied. A question about one path (what is mounted
 //! here, which data would a bind of this show) goes to that path's own mount
 //! (statx, statmount), so its cost does not grow with the node's mount count.
-//! Every mount of some data is found by listing mount ids (listmount) and asking
-//! each for its device, strings only where the device matches; the whole table
+//! Every mount of some data is found by listing mount ids (listmount), asking
+//! statmount only about mounts not seen before; the whole table
 //! (/proc/self/mountinfo) is read at start-up, for status and where the kernel
 //! cannot answer.
 //!

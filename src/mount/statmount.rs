@@ -4,8 +4,8 @@
 //! /proc/self/mountinfo costs a line per mount.
 //!
 //! listmount(2) (also 6.8) names every mount by id, so "which mounts show this
-//! data" costs a cheap statmount per mount instead of formatting and parsing a
-//! text line per mount; only mounts on the right device are asked for strings.
+//! data" asks statmount only about mounts not seen before, instead of formatting
+//! and parsing a text line per mount.
 //!
 //! Every function returns None where the kernel cannot answer (too old, or the
 //! mount went away between the two calls); the caller then reads the mount table.
