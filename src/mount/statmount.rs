@@ -341,7 +341,10 @@ fn head(buf: &[u64]) -> &StatMount {
 /// pays one listmount and a lookup per mount. What this cannot see is a rename
 /// of a mount's root directory after it was first seen: for a volume's data
 /// directory that leaves the volume without data, and so without a key.
-static SEEN: Mutex<Option<HashMap<u64, ((u32, u32), Vec<u8>)>>> = Mutex::new(None);
+static SEEN: Mutex<Option<HashMap<u64, Seen>>> = Mutex::new(None);
+
+/// A mount's superblock device and root inside its filesystem.
+type Seen = ((u32, u32), Vec<u8>);
 
 /// Every mount that shows the data of one of `keys`, in mount id order. None
 /// when the kernel cannot answer for every mount; mounts that vanish while
