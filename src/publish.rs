@@ -281,9 +281,8 @@ impl Driver {
         // Only a single-publisher volume needs every mount of its data: the one
         // question here whose cost grows with the node's mounts.
         let others: Vec<String> = if rules.single_publisher {
-            mount::mounts()?
+            mount::mounts_showing(&keys)?
                 .iter()
-                .filter(|m| keys.contains(&m.key()))
                 .filter(|m| m.mount_point != staging && m.mount_point != target)
                 .map(|m| m.mount_point.display().to_string())
                 .collect()

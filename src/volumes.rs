@@ -694,13 +694,7 @@ impl Driver {
 
     /// Every mount on this node that shows the volume's data.
     pub fn mounts_of_volume(&self, rec: &VolumeRecord) -> Result<Vec<mount::MountEntry>> {
-        let table = mount::mounts()?;
-        let keys = self.volume_keys(rec)?;
-        Ok(table
-            .iter()
-            .filter(|m| keys.contains(&m.key()))
-            .cloned()
-            .collect())
+        mount::mounts_showing(&self.volume_keys(rec)?)
     }
 
     /// The keys every mount of this volume's data carries on this node: the data

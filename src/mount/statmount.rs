@@ -3,19 +3,28 @@
 //! costs the same whether the node has ten mounts or ten thousand, where reading
 //! /proc/self/mountinfo costs a line per mount.
 //!
+//! listmount(2) (also 6.8) names every mount by id, so "which mounts show this
+//! data" asks statmount only about mounts not seen before, instead of formatting
+//! and parsing a text line per mount.
+//!
 //! Every function returns None where the kernel cannot answer (too old, or the
 //! mount went away between the two calls); the caller then reads the mount table.
 
+use std::collections::HashMap;
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Mutex;
 
-use super::MountEntry;
+use super::{MountEntry, MountKey};
 
-/// statmount(2): the same number on every architecture but alpha.
+/// statmount(2) and listmount(2): the same numbers on every architecture but alpha.
 const SYS_STATMOUNT: libc::c_long = 457;
+const SYS_LISTMOUNT: libc::c_long = 458;
+/// listmount's "every mount below this process's root".
+const LSMT_ROOT: u64 = u64::MAX;
 const MNT_ID_REQ_SIZE_VER0: u32 = 24;
 
 const STATX_MNT_ID_UNIQUE: u32 = 0x4000;
@@ -53,6 +62,8 @@ const MOUNT_ATTR_NOSYMFOLLOW: u64 = 0x20_0000;
 static MASK: AtomicU64 = AtomicU64::new(FULL_MASK);
 /// Cleared for good once statx or statmount turns out to be missing.
 static AVAILABLE: AtomicBool = AtomicBool::new(true);
+/// Cleared for good once listmount turns out to be missing or refuses.
+static LIST_AVAILABLE: AtomicBool = AtomicBool::new(true);
 
 #[repr(C)]
 struct MntIdReq {
@@ -242,6 +253,165 @@ fn options(attr: u64) -> String {
         o.push("nosymfollow");
     }
     o.join(",")
+}
+
+/// Unique ids of every mount this process's root reaches, in id order (the
+/// mounts mountinfo lists); None when listmount cannot answer.
+pub(super) fn list_ids() -> Option<Vec<u64>> {
+    if !AVAILABLE.load(Ordering::Relaxed) || !LIST_AVAILABLE.load(Ordering::Relaxed) {
+        return None;
+    }
+    let mut ids = Vec::new();
+    let mut page: Vec<u64> = vec![0; 1024];
+    let mut last = 0;
+    loop {
+        let req = MntIdReq {
+            size: MNT_ID_REQ_SIZE_VER0,
+            spare: 0,
+            mnt_id: LSMT_ROOT,
+            // Ids are listed in increasing order: a full page resumes after its last.
+            param: last,
+        };
+        let r = unsafe {
+            libc::syscall(
+                SYS_LISTMOUNT,
+                &req as *const MntIdReq,
+                page.as_mut_ptr(),
+                page.len(),
+                0 as libc::c_uint,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if matches!(e.raw_os_error(), Some(libc::ENOSYS) | Some(libc::EINVAL)) {
+                LIST_AVAILABLE.store(false, Ordering::Relaxed);
+            }
+            tracing::debug!(error = %e, "listmount failed; reading mountinfo");
+            return None;
+        }
+        let n = (r as usize).min(page.len());
+        ids.extend_from_slice(&page[..n]);
+        if n < page.len() {
+            return Some(ids);
+        }
+        last = page[n - 1];
+    }
+}
+
+/// Asks statmount for `mask` only, growing `buf` when the strings do not fit.
+/// Err carries the errno: ENOENT when the mount is gone.
+fn ask(id: u64, mask: u64, buf: &mut Vec<u64>) -> Result<(), i32> {
+    loop {
+        let req = MntIdReq {
+            size: MNT_ID_REQ_SIZE_VER0,
+            spare: 0,
+            mnt_id: id,
+            param: mask,
+        };
+        let len = buf.len() * 8;
+        let r = unsafe {
+            libc::syscall(
+                SYS_STATMOUNT,
+                &req as *const MntIdReq,
+                buf.as_mut_ptr(),
+                len,
+                0 as libc::c_uint,
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EOVERFLOW) if len < 1 << 20 => buf.resize(buf.len() * 4, 0),
+            e => return Err(e.unwrap_or(0)),
+        }
+    }
+}
+
+/// The fixed part of the answer in `buf`.
+fn head(buf: &[u64]) -> &StatMount {
+    assert!(buf.len() * 8 >= std::mem::size_of::<StatMount>());
+    // SAFETY: large enough (checked), aligned to 8, any bit pattern is valid.
+    unsafe { &*(buf.as_ptr() as *const StatMount) }
+}
+
+/// Device and root (as bytes) of every mount seen so far, by unique mount id.
+/// Ids are never reused within a boot and a mount's superblock and root
+/// directory never change, so each mount is asked about once; a later call
+/// pays one listmount and a lookup per mount. What this cannot see is a rename
+/// of a mount's root directory after it was first seen: for a volume's data
+/// directory that leaves the volume without data, and so without a key.
+static SEEN: Mutex<Option<HashMap<u64, Seen>>> = Mutex::new(None);
+
+/// A mount's superblock device and root inside its filesystem.
+type Seen = ((u32, u32), Vec<u8>);
+
+/// Every mount that shows the data of one of `keys`, in mount id order. None
+/// when the kernel cannot answer for every mount; mounts that vanish while
+/// being asked about are left out, as a later reading of mountinfo would.
+pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
+    let ids = list_ids()?;
+    let mut candidates = Vec::new();
+    {
+        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+        let seen = seen.get_or_insert_with(HashMap::new);
+        // Both lists are in id order; forget the mounts that are gone.
+        if seen.len() > ids.len() + ids.len() / 8 {
+            seen.retain(|id, _| ids.binary_search(id).is_ok());
+        }
+        let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8 + 512];
+        for &id in &ids {
+            let (dev, root) = match seen.get(&id) {
+                Some(known) => known,
+                None => match ask(id, STATMOUNT_SB_BASIC | STATMOUNT_MNT_ROOT, &mut buf) {
+                    Ok(()) => {
+                        let sm = head(&buf);
+                        let want = STATMOUNT_SB_BASIC | STATMOUNT_MNT_ROOT;
+                        if sm.mask & want != want {
+                            return None;
+                        }
+                        let strings = &bytes(&buf)[std::mem::size_of::<StatMount>()..];
+                        let root = strings.get(sm.mnt_root as usize..)?;
+                        let root = root[..root.iter().position(|&b| b == 0)?].to_vec();
+                        seen.entry(id)
+                            .or_insert(((sm.sb_dev_major, sm.sb_dev_minor), root))
+                    }
+                    Err(libc::ENOENT) => continue,
+                    Err(_) => return None,
+                },
+            };
+            if keys
+                .iter()
+                .any(|k| k.dev == *dev && k.root.as_os_str().as_bytes() == root.as_slice())
+            {
+                candidates.push(id);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8];
+    for id in candidates {
+        match describe(id) {
+            // Asked afresh: the answer is today's, not the remembered one.
+            Some(m) if keys.contains(&m.key()) => found.push(m),
+            Some(_) => {}
+            // Gone since (the cheap question now fails too), or not answerable.
+            None if ask(id, STATMOUNT_SB_BASIC, &mut buf) == Err(libc::ENOENT) => {}
+            None => return None,
+        }
+    }
+    Some(found)
+}
+
+/// Forgets every mount seen, for measuring the first call.
+#[cfg(test)]
+pub(super) fn forget() {
+    *SEEN.lock().unwrap() = None;
+}
+
+fn bytes(buf: &[u64]) -> &[u8] {
+    // SAFETY: the same memory, read as bytes.
+    unsafe { std::slice::from_raw_parts(buf.as_ptr() as *const u8, buf.len() * 8) }
 }
 
 /// The topmost mount at exactly `path` (not following a symlink there): Some(None)
