@@ -174,8 +174,8 @@ impl<T: Record> Table<T> {
     }
 
     /// Writes a record that does not exist yet, durably. Written in place rather
-    /// than through a temporary file and a rename: one journal commit instead of
-    /// two on the create path. A crash mid-write leaves an unreadable file for an
+    /// than through a temporary file and a rename: on the create path that saves a
+    /// sync (a journal commit, or on a journal-less filesystem a synchronous write). A crash mid-write leaves an unreadable file for an
     /// id whose creation was never acknowledged; the retry replaces it.
     pub fn put_new(&self, rec: &T) -> Result<()> {
         let bytes = serde_json::to_vec_pretty(rec).expect("records serialize");
