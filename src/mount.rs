@@ -572,23 +572,33 @@ mod tests {
         }
     }
 
+    /// A temporary `data` tree (with `dirs` inside) and empty mount targets named
+    /// `targets` beside it, unmounted by the returned guard.
+    fn bind_scene(
+        dirs: &[&str],
+        targets: &[&str],
+    ) -> (tempfile::TempDir, PathBuf, PathBuf, Vec<PathBuf>, Unmount) {
+        let dir = tempfile::tempdir().unwrap();
+        let base = fs::canonicalize(dir.path()).unwrap();
+        let data = base.join("data");
+        for d in dirs {
+            fs::create_dir_all(data.join(d)).unwrap();
+        }
+        let targets: Vec<PathBuf> = targets.iter().map(|n| base.join(n)).collect();
+        for t in &targets {
+            fs::create_dir(t).unwrap();
+        }
+        let guard = Unmount(targets.clone());
+        (dir, base, data, targets, guard)
+    }
+
     #[test]
     fn binds_read_the_same_both_ways() {
         if !is_root() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let base = fs::canonicalize(dir.path()).unwrap();
-        let data = base.join("data");
-        fs::create_dir_all(data.join("sub/deeper")).unwrap();
-        let targets: Vec<PathBuf> = ["rw", "ro", "sub", "stacked"]
-            .iter()
-            .map(|n| base.join(n))
-            .collect();
-        for t in &targets {
-            fs::create_dir(t).unwrap();
-        }
-        let guard = Unmount(targets.clone());
+        let (_dir, base, data, targets, guard) =
+            bind_scene(&["sub/deeper"], &["rw", "ro", "sub", "stacked"]);
         let ro = Flags::default().readonly(true);
         bind(&data, &targets[0], &Flags::default()).unwrap();
         bind(&data, &targets[1], &ro).unwrap();
@@ -681,19 +691,8 @@ mod tests {
         if !is_root() {
             return;
         }
-        let dir = tempfile::tempdir().unwrap();
-        let base = fs::canonicalize(dir.path()).unwrap();
-        let data = base.join("data");
-        fs::create_dir_all(data.join("sub")).unwrap();
-        fs::create_dir_all(data.join("unmounted")).unwrap();
-        let targets: Vec<PathBuf> = ["rw", "ro", "sub", "rw2"]
-            .iter()
-            .map(|n| base.join(n))
-            .collect();
-        for t in &targets {
-            fs::create_dir(t).unwrap();
-        }
-        let guard = Unmount(targets.clone());
+        let (_dir, _base, data, targets, guard) =
+            bind_scene(&["sub", "unmounted"], &["rw", "ro", "sub", "rw2"]);
         bind(&data, &targets[0], &Flags::default()).unwrap();
         bind(&data, &targets[1], &Flags::default().readonly(true)).unwrap();
         bind(&data.join("sub"), &targets[2], &Flags::default()).unwrap();

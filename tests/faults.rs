@@ -23,31 +23,6 @@ fn xfs() -> VolumeCapability {
     mount_cap_fs(Mode::SingleNodeWriter, "xfs", &[])
 }
 
-/// Restarts the driver armed to crash at `point`.
-async fn arm(d: &mut Driver, point: &str) -> Clients {
-    d.kill9();
-    d.envs = vec![("LOCALVOL_CRASH_AT".into(), point.into())];
-    d.spawn().await;
-    d.clients().await
-}
-
-/// After the crash: the driver is gone; start it normally.
-async fn recover(d: &mut Driver, r: Result<(), tonic::Status>, point: &str) -> Clients {
-    assert!(
-        r.is_err(),
-        "the call should have crashed the driver at {point}"
-    );
-    d.kill9();
-    assert!(
-        d.log().contains("crashing on purpose"),
-        "{point} was not reached:\n{}",
-        d.log()
-    );
-    d.envs.clear();
-    d.spawn().await;
-    d.clients().await
-}
-
 fn ok<T>(r: Result<T, tonic::Status>) -> Result<(), tonic::Status> {
     r.map(|_| ())
 }

@@ -558,11 +558,9 @@ async fn a_snapshot_not_durable_before_a_reboot_is_discarded() {
         .create("v", 64 << 20, &[], mount_cap(Mode::SingleNodeWriter))
         .await;
     std::fs::write(d.root.join("volumes").join(&v.volume_id).join("f"), b"x").unwrap();
-    d.kill9();
-    d.envs = vec![("LOCALVOL_CRASH_AT".into(), "snapshot.after_record".into())];
-    d.spawn().await;
-    let mut c = d.clients().await;
-    assert!(c.snapshot_once("s", &v.volume_id).await.is_err(), "crashed");
+    let mut c = arm(&mut d, "snapshot.after_record").await;
+    let r = c.snapshot_once("s", &v.volume_id).await.map(|_| ());
+    assert!(r.is_err(), "crashed");
     d.kill9();
     let id = localvol::ids::id_for_name(localvol::ids::Kind::Snapshot, "s");
     let record = d.root.join("state/snapshots").join(format!("{id}.json"));

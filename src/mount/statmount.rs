@@ -150,34 +150,15 @@ pub(super) fn describe(id: u64) -> Option<MountEntry> {
     let mut buf: Vec<u64> = vec![0; 1024];
     loop {
         let mask = MASK.load(Ordering::Relaxed);
-        let req = MntIdReq {
-            size: MNT_ID_REQ_SIZE_VER0,
-            spare: 0,
-            mnt_id: id,
-            param: mask,
-        };
-        let len = buf.len() * 8;
-        let r = unsafe {
-            libc::syscall(
-                SYS_STATMOUNT,
-                &req as *const MntIdReq,
-                buf.as_mut_ptr(),
-                len,
-                0 as libc::c_uint,
-            )
-        };
-        if r == 0 {
-            return parse(&buf, len);
-        }
-        match io::Error::last_os_error().raw_os_error() {
-            Some(libc::EOVERFLOW) if len < 1 << 20 => buf.resize(buf.len() * 4, 0),
-            Some(libc::EINVAL) if mask != BASE_MASK => MASK.store(BASE_MASK, Ordering::Relaxed),
-            Some(libc::ENOSYS) | Some(libc::EINVAL) => {
+        match ask(id, mask, &mut buf) {
+            Ok(()) => return parse(&buf, buf.len() * 8),
+            Err(libc::EINVAL) if mask != BASE_MASK => MASK.store(BASE_MASK, Ordering::Relaxed),
+            Err(libc::ENOSYS) | Err(libc::EINVAL) => {
                 AVAILABLE.store(false, Ordering::Relaxed);
                 return None;
             }
             // Unmounted since statx named it (ENOENT), or not ours to see.
-            _ => return None,
+            Err(_) => return None,
         }
     }
 }

@@ -600,3 +600,28 @@ pub fn fs_total_bytes(path: &Path) -> u64 {
     let s = nix::sys::statvfs::statvfs(path).unwrap();
     s.blocks() as u64 * s.fragment_size() as u64
 }
+
+/// Restarts the driver armed to crash at `point`.
+pub async fn arm(d: &mut Driver, point: &str) -> Clients {
+    d.kill9();
+    d.envs = vec![("LOCALVOL_CRASH_AT".into(), point.into())];
+    d.spawn().await;
+    d.clients().await
+}
+
+/// After the crash: the driver is gone; start it normally.
+pub async fn recover(d: &mut Driver, r: Result<(), tonic::Status>, point: &str) -> Clients {
+    assert!(
+        r.is_err(),
+        "the call should have crashed the driver at {point}"
+    );
+    d.kill9();
+    assert!(
+        d.log().contains("crashing on purpose"),
+        "{point} was not reached:\n{}",
+        d.log()
+    );
+    d.envs.clear();
+    d.spawn().await;
+    d.clients().await
+}
