@@ -194,8 +194,14 @@ fn ioctl(fd: &impl AsRawFd, req: libc::c_ulong, arg: libc::c_ulong) -> io::Resul
 /// Attaches `file` to a free loop device, or returns the device it is already
 /// attached to. The caller serializes calls for one file (the volume lock).
 pub fn attach(file: &Path) -> Result<LoopDevice> {
+    attach_reporting(file).map(|(d, _)| d)
+}
+
+/// [`attach`], also saying whether this call made the attachment (one lookup,
+/// not a second scan of every loop device to find out).
+pub fn attach_reporting(file: &Path) -> Result<(LoopDevice, bool)> {
     if let Some(d) = find(file) {
-        return Ok(d);
+        return Ok((d, false));
     }
     let backing = OpenOptions::new()
         .read(true)
@@ -241,7 +247,7 @@ pub fn attach(file: &Path) -> Result<LoopDevice> {
         };
         remember(file, &d);
         tracing::info!(device = %d.path().display(), file = %file.display(), direct_io = d.direct_io(), "loop device attached");
-        return Ok(d);
+        return Ok((d, true));
     }
     Err(Error::Aborted(
         "every free loop device was taken by someone else; retry".into(),

@@ -65,8 +65,7 @@ impl Driver {
             }
             VolumeType::Loop => {
                 make_staging(staging)?;
-                let attached_here = loopdev::find(&data).is_none();
-                let dev = loopdev::attach(&data)?;
+                let (dev, attached_here) = loopdev::attach_reporting(&data)?;
                 faults::point("stage.after_attach");
                 // A stage that fails after attaching must not leak the device: the
                 // kubelet never unstages a volume whose stage did not succeed.
