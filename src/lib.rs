@@ -7,7 +7,8 @@
 //! `attach` (controller publish) -> the parts they are made of: `store` (records),
 //! `backend` (where data lives: dir, loop files, btrfs, project quotas, copies),
 //! `loopdev` (loop ioctls), `filesystem` (probe, mkfs, mount, grow, freeze),
-//! `mount` (mountinfo, bind mounts), `access` (access-mode rules), `ids`, `params`.
+//! `mount` (what is mounted where: statx/statmount per path, listmount for every
+//! mount of some data; bind mounts), `access` (access-mode rules), `ids`, `params`.
 //! Around them: `metrics`, `status` and `inspect` (what operators see), `faults`
 //! (crash points for tests).
 

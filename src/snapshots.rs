@@ -130,7 +130,19 @@ impl Driver {
         if snap.ready() {
             return Ok(snap);
         }
-        synced?;
+        if let Err(e) = synced {
+            let data = self.snapshot_data(&snap);
+            if std::fs::symlink_metadata(&data).is_ok() {
+                return Err(e);
+            }
+            // Never reported ready, and its copy is gone: as after a reboot, it is
+            // discarded and the CO's next call cuts it again.
+            tracing::warn!(snapshot = %id, data = %data.display(), "snapshot data vanished before it was durable; discarded");
+            self.store.snapshots.remove(id)?;
+            return Err(Error::Aborted(format!(
+                "snapshot {id}'s copy vanished before it was durable; it was discarded, retry to take it again"
+            )));
+        }
         faults::point("snapshot.before_ready");
         let snap = SnapshotRecord {
             syncing_boot: None,
@@ -286,8 +298,11 @@ pub fn finish_in_background(driver: &std::sync::Arc<Driver>, id: String) {
     let spawned = std::thread::Builder::new()
         .name("snapshot-sync".into())
         .spawn(move || {
-            if let Err(e) = driver.finish_snapshot(&id) {
-                tracing::warn!(snapshot = %id, error = %e, "making the snapshot durable failed; the CO's next CreateSnapshot retries it");
+            match driver.finish_snapshot(&id) {
+                Ok(_) => {}
+                // Deleted meanwhile: nothing left to finish.
+                Err(Error::NotFound(_)) => {}
+                Err(e) => tracing::warn!(snapshot = %id, error = %e, "making the snapshot durable failed; the CO's next CreateSnapshot retries it"),
             }
         });
     if let Err(e) = spawned {

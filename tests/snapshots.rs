@@ -586,3 +586,37 @@ async fn a_snapshot_not_durable_before_a_reboot_is_discarded() {
     assert_eq!(s.snapshot_id, id);
     assert!(d.root.join("snapshots").join(&id).join("f").exists());
 }
+
+/// A cut snapshot whose copy vanished before it was durable (removed by hand)
+/// is discarded, not reported ready, and the CO's retry takes it again.
+#[tokio::test]
+async fn a_cut_snapshot_whose_copy_vanished_is_taken_again() {
+    if !need_root() {
+        return;
+    }
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let v = c
+        .create("v", 64 << 20, &[], mount_cap(Mode::SingleNodeWriter))
+        .await;
+    std::fs::write(d.root.join("volumes").join(&v.volume_id).join("f"), b"x").unwrap();
+    let mut c = arm(&mut d, "snapshot.after_record").await;
+    let r = c.snapshot_once("s", &v.volume_id).await.map(|_| ());
+    assert!(r.is_err(), "crashed");
+    d.kill9();
+    let id = localvol::ids::id_for_name(localvol::ids::Kind::Snapshot, "s");
+    std::fs::remove_dir_all(d.root.join("snapshots").join(&id)).unwrap();
+    d.envs.clear();
+    d.spawn().await;
+    let mut c = d.clients().await;
+    let s = loop {
+        match c.snapshot_once("s", &v.volume_id).await {
+            Ok(s) if s.ready_to_use => break s,
+            Ok(_) => {}
+            Err(e) => assert_eq!(e.code(), Code::Aborted, "{e:?}"),
+        }
+    };
+    assert_eq!(s.snapshot_id, id);
+    assert!(d.root.join("snapshots").join(&id).join("f").exists());
+    assert!(d.log().contains("vanished"), "{}", d.log());
+}
