@@ -544,14 +544,9 @@ async fn a_full_copy_is_cut_first_and_ready_once_durable() {
     assert_eq!(std::fs::metadata(restored).unwrap().len(), 32 << 20);
 }
 
-/// A snapshot cut but not yet durable when the node went down (another boot id
-/// in its record) may be partial: start-up discards it, and the CO's retry cuts
-/// it again.
-#[tokio::test]
-async fn a_snapshot_not_durable_before_a_reboot_is_discarded() {
-    if !need_root() {
-        return;
-    }
+/// A directory volume holding `f`, and its snapshot "s" cut (recorded as not
+/// yet durable) when the driver crashed; the driver is left stopped.
+async fn cut_then_crash() -> (Driver, Volume, String) {
     let mut d = Driver::start().await;
     let mut c = d.clients().await;
     let v = c
@@ -563,6 +558,18 @@ async fn a_snapshot_not_durable_before_a_reboot_is_discarded() {
     assert!(r.is_err(), "crashed");
     d.kill9();
     let id = localvol::ids::id_for_name(localvol::ids::Kind::Snapshot, "s");
+    (d, v, id)
+}
+
+/// A snapshot cut but not yet durable when the node went down (another boot id
+/// in its record) may be partial: start-up discards it, and the CO's retry cuts
+/// it again.
+#[tokio::test]
+async fn a_snapshot_not_durable_before_a_reboot_is_discarded() {
+    if !need_root() {
+        return;
+    }
+    let (mut d, v, id) = cut_then_crash().await;
     let record = d.root.join("state/snapshots").join(format!("{id}.json"));
     let text = std::fs::read_to_string(&record).unwrap();
     let mut rec: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -594,17 +601,7 @@ async fn a_cut_snapshot_whose_copy_vanished_is_taken_again() {
     if !need_root() {
         return;
     }
-    let mut d = Driver::start().await;
-    let mut c = d.clients().await;
-    let v = c
-        .create("v", 64 << 20, &[], mount_cap(Mode::SingleNodeWriter))
-        .await;
-    std::fs::write(d.root.join("volumes").join(&v.volume_id).join("f"), b"x").unwrap();
-    let mut c = arm(&mut d, "snapshot.after_record").await;
-    let r = c.snapshot_once("s", &v.volume_id).await.map(|_| ());
-    assert!(r.is_err(), "crashed");
-    d.kill9();
-    let id = localvol::ids::id_for_name(localvol::ids::Kind::Snapshot, "s");
+    let (mut d, v, id) = cut_then_crash().await;
     std::fs::remove_dir_all(d.root.join("snapshots").join(&id)).unwrap();
     d.envs.clear();
     d.spawn().await;
