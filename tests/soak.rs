@@ -18,16 +18,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
-use hyper_util::rt::TokioIo;
 use localvol::proto::controller_client::ControllerClient;
 use localvol::proto::identity_client::IdentityClient;
 use localvol::proto::node_client::NodeClient;
 use localvol::proto::volume_capability::access_mode::Mode;
 use localvol::proto::volume_content_source::{SnapshotSource, Type as SourceType};
 use localvol::proto::*;
-use tonic::transport::Endpoint;
 use tonic::Code;
-use tower::service_fn;
 
 const TASKS: usize = 7;
 const OPS_PER_TASK: usize = 500;
@@ -106,19 +103,7 @@ struct Model {
 }
 
 async fn try_clients(socket: &Path) -> Option<Clients> {
-    let socket = socket.to_path_buf();
-    let channel = Endpoint::try_from("http://localvol.invalid")
-        .unwrap()
-        .connect_with_connector(service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
-        .await
-        .ok()?;
+    let channel = localvol::client::connect(socket).await.ok()?;
     Some(Clients {
         identity: IdentityClient::new(channel.clone()),
         controller: ControllerClient::new(channel.clone()),

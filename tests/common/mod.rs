@@ -9,9 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
-use tower::service_fn;
+use tonic::transport::Channel;
 
 use localvol::proto::controller_client::ControllerClient;
 use localvol::proto::identity_client::IdentityClient;
@@ -165,17 +163,7 @@ impl Driver {
 }
 
 pub async fn connect(socket: &Path) -> Channel {
-    let socket = socket.to_path_buf();
-    Endpoint::try_from("http://localvol.invalid")
-        .unwrap()
-        .connect_with_connector(service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
+    localvol::client::connect(socket)
         .await
         .expect("connect to localvol")
 }

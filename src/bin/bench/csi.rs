@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use hyper_util::rt::TokioIo;
-use tonic::transport::{Channel, Endpoint};
-use tower::service_fn;
+use tonic::transport::Channel;
 
 use localvol::proto::controller_client::ControllerClient;
 use localvol::proto::controller_service_capability::rpc::Type as CtrlRpc;
@@ -25,17 +23,7 @@ use super::BenchError;
 /// Connects to `unix:///path` (or a bare path).
 pub async fn connect(endpoint: &str) -> Result<Channel, BenchError> {
     let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
-    let socket = path.clone();
-    Endpoint::try_from("http://csi.invalid")
-        .expect("static URI")
-        .connect_with_connector(service_fn(move |_| {
-            let socket = socket.clone();
-            async move {
-                Ok::<_, std::io::Error>(TokioIo::new(
-                    tokio::net::UnixStream::connect(socket).await?,
-                ))
-            }
-        }))
+    localvol::client::connect(&path)
         .await
         .map_err(|e| BenchError::Connect {
             endpoint: path.display().to_string(),
