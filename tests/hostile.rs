@@ -772,12 +772,8 @@ async fn symlinks_at_target_and_staging_paths() {
             canary.mounts().is_empty(),
             "{name}: canary mounted by stage"
         );
-        assert_eq!(
-            loop_devices()
-                .iter()
-                .filter(|(_, b)| b.starts_with(&d.root))
-                .count(),
-            0,
+        assert!(
+            loops_below(&d.root).is_empty(),
             "{name}: a failed stage left a loop device attached"
         );
         c.unstage(&id, &link).await.unwrap();
@@ -891,9 +887,8 @@ async fn client_disconnecting_mid_stage() {
         assert!(is_mounted(&staging));
         c.unstage(&id, &staging).await.unwrap();
         assert!(!is_mounted(&staging));
-        let root = std::fs::canonicalize(&d.root).unwrap();
         assert!(
-            loop_devices().iter().all(|(_, b)| !b.starts_with(&root)),
+            loops_below(&d.root).is_empty(),
             "a loop device stays attached after unstage"
         );
     }
@@ -917,13 +912,7 @@ async fn failed_loop_stage_detaches() {
         .await
         .volume_id;
     let staging = d.path("staging");
-    let root = std::fs::canonicalize(&d.root).unwrap();
-    let attached = || {
-        loop_devices()
-            .iter()
-            .filter(|(_, b)| b.starts_with(&root))
-            .count()
-    };
+    let attached = || loops_below(&d.root).len();
     let cap = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &["no_such_option"]);
     assert_code(c.stage(&id, &staging, cap).await, Code::InvalidArgument);
     assert!(!is_mounted(&staging));

@@ -611,11 +611,7 @@ async fn soak_with_random_kills() {
             .collect();
         assert!(left.is_empty(), "seed {seed}: {sub} keeps {left:?}");
     }
-    let croot = std::fs::canonicalize(&root).unwrap();
-    let loops: Vec<_> = loop_devices()
-        .into_iter()
-        .filter(|(_, b)| b.starts_with(&croot))
-        .collect();
+    let loops = loops_below(&root);
     assert!(
         loops.is_empty(),
         "seed {seed}: loop devices left: {loops:?}"
