@@ -54,6 +54,13 @@ impl<T, E: Into<io::Error>> Context<T> for std::result::Result<T, E> {
     }
 }
 
+impl Error {
+    /// The filesystem is full (ENOSPC), as opposed to a quota (EDQUOT).
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+    }
+}
+
 impl From<Error> for tonic::Status {
     fn from(e: Error) -> Self {
         use tonic::Code;

@@ -10,6 +10,7 @@ pub const POINTS: &[&str] = &[
     "create.after_data",
     "create.after_record",
     "delete.after_record",
+    "delete.in_trash",
     "snapshot.frozen",
     "snapshot.after_copy",
     "snapshot.after_record",

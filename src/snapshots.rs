@@ -187,7 +187,7 @@ impl Driver {
         };
         self.store.snapshots.remove(id)?;
         faults::point("delete_snapshot.after_record");
-        dir::remove(&self.snapshot_data(&snap))?;
+        self.trash.discard(&self.snapshot_data(&snap))?;
         tracing::info!(snapshot = %id, "snapshot deleted");
         Ok(())
     }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::access::{self, Capability, Offer};
+use crate::backend::trash::Trash;
 use crate::backend::{dir, loopfile, DirLimits, Layout};
 use crate::error::{Error, Result};
 use crate::faults;
@@ -93,6 +94,8 @@ pub struct Driver {
     pub locks: KeyLocks,
     /// How directory volumes' sizes are enforced on this root.
     pub dir_limits: DirLimits,
+    /// Where deleted data of this node's root goes to be removed in the background.
+    pub trash: Trash,
 }
 
 pub fn now_unix() -> (i64, i32) {
@@ -162,12 +165,14 @@ impl Driver {
         } else {
             tracing::warn!("{}", dir_limits.describe());
         }
+        let trash = Trash::open(layout.trash_dir())?;
         let driver = Driver {
             cfg,
             layout,
             store,
             locks: KeyLocks::default(),
             dir_limits,
+            trash,
         };
         driver.remove_leftovers()?;
         driver.report_found();
@@ -427,12 +432,18 @@ impl Driver {
         let data = self.data_path(&rec);
         self.make_data(&rec, source.as_ref())?;
         faults::point("create.after_data");
-        // The record's commit carries the data's directory entry with it on
-        // journaling filesystems; the explicit sync below makes that portable
-        // and costs nothing more there.
-        self.store.put_new_volume(&rec)?;
+        // The data's directory entry is synced while the record is written: the two
+        // disk flushes overlap. Either may reach the disk first; a record found
+        // without its data is one never acknowledged, and the retry remakes the data
+        // (check_same_volume).
+        let parent = data.parent().expect("volume paths have a parent");
+        std::thread::scope(|s| {
+            let data_synced = s.spawn(|| crate::store::sync_dir(parent));
+            let recorded = self.store.put_new_volume(&rec);
+            let data_synced = data_synced.join().expect("fsync does not panic");
+            recorded.and(data_synced)
+        })?;
         faults::point("create.after_record");
-        crate::store::sync_dir(data.parent().expect("volume paths have a parent"))?;
         tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
         Ok(rec)
     }
@@ -443,19 +454,32 @@ impl Driver {
     fn make_data(&self, rec: &VolumeRecord, source: Option<&Source>) -> Result<()> {
         let data = self.data_path(rec);
         let p = params::parse(&rec.parameters)?;
-        let made = match (source, rec.volume_type) {
-            (Some(s), _) => self.fill_from(rec, s),
-            (None, VolumeType::Dir) => {
-                dir::create(&data, &rec.id, rec.capacity_bytes, self.limits(rec.shared))
+        let make = || {
+            let made = match (source, rec.volume_type) {
+                (Some(s), _) => self.fill_from(rec, s),
+                (None, VolumeType::Dir) => {
+                    dir::create(&data, &rec.id, rec.capacity_bytes, self.limits(rec.shared))
+                }
+                (None, VolumeType::Loop) => {
+                    loopfile::create(&data, rec.capacity_bytes, p.allocation)
+                }
+            };
+            if made.is_err() {
+                if let Err(e) = dir::remove(&data) {
+                    tracing::warn!(path = %data.display(), error = %e, "cannot remove partial volume data");
+                }
             }
-            (None, VolumeType::Loop) => loopfile::create(&data, rec.capacity_bytes, p.allocation),
+            made
         };
-        if made.is_err() {
-            if let Err(e) = dir::remove(&data) {
-                tracing::warn!(path = %data.display(), error = %e, "cannot remove partial volume data");
+        match make() {
+            // Space that deletions freed may still be in the trash.
+            Err(e) if e.is_no_space() && self.trash.pending() > 0 => {
+                tracing::info!(volume = %rec.id, "root is full; waiting for the trash to be emptied, then trying again");
+                self.trash.drain();
+                make()
             }
+            made => made,
         }
-        made
     }
 
     /// The snapshot or volume a new volume is to be filled from, checked against
@@ -604,9 +628,12 @@ impl Driver {
         }
         self.store.remove_volume(&rec)?;
         faults::point("delete.after_record");
-        match rec.volume_type {
-            VolumeType::Dir | VolumeType::Loop => dir::remove(&data)?,
+        if rec.shared {
+            dir::remove(&data)?;
+        } else {
+            self.trash.discard(&data)?;
         }
+        faults::point("delete.in_trash");
         tracing::info!(volume = %id, "volume deleted");
         Ok(())
     }

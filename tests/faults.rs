@@ -75,6 +75,7 @@ async fn teardown_and_check(d: &Driver, c: &mut Clients, point: &str) {
             .collect();
         assert!(left.is_empty(), "{point}: {sub} keeps {left:?}");
     }
+    trash_emptied(&d.root).await;
     assert!(
         loops_below(&d.root).is_empty(),
         "{point}: a loop device is left"
@@ -129,8 +130,11 @@ async fn walk(point: &str) {
             c.unpublish(&rid, &rt).await.unwrap();
             c.unstage(&rid, &rs).await.unwrap();
         }
-        "delete.after_record" => {
+        "delete.after_record" | "delete.in_trash" => {
             let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
+            c.stage(&v.volume_id, &staging, ext4()).await.unwrap();
+            std::fs::write(staging.join("f"), vec![7u8; MIB as usize]).unwrap();
+            c.unstage(&v.volume_id, &staging).await.unwrap();
             let mut c = arm(&mut d, point).await;
             let r = c.delete(&v.volume_id).await;
             let mut c = recover(&mut d, r, point).await;
@@ -140,6 +144,8 @@ async fn walk(point: &str) {
                 .join("volumes")
                 .join(format!("{}.img", v.volume_id))
                 .exists());
+            // What the crash left in the trash is removed after the restart.
+            trash_emptied(&d.root).await;
         }
         "snapshot.frozen"
         | "snapshot.after_copy"

@@ -258,3 +258,41 @@ async fn mount_flags_apply_and_symlink_targets_are_refused() {
     assert_eq!(fs::read(outside.join("canary")).unwrap(), b"alive");
     c.unstage(&vol.volume_id, &staging).await.unwrap();
 }
+
+#[tokio::test]
+async fn deleted_data_leaves_through_the_trash_and_start_up_empties_it() {
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let vol = c.create("pvc-trash", 64 * MIB, &[], rwo()).await;
+    let data = d.root.join("volumes").join(&vol.volume_id);
+    for i in 0..200 {
+        fs::create_dir_all(data.join(format!("d{}", i % 10))).unwrap();
+        fs::write(data.join(format!("d{}/f{i}", i % 10)), b"pod data").unwrap();
+    }
+    c.delete(&vol.volume_id).await.unwrap();
+    assert!(
+        !data.exists(),
+        "the volume's data is out of volumes/ when Delete answers"
+    );
+    trash_emptied(&d.root).await;
+    // The same name makes a fresh, empty volume.
+    let again = c.create("pvc-trash", 64 * MIB, &[], rwo()).await;
+    assert_eq!(again.volume_id, vol.volume_id);
+    assert_eq!(fs::read_dir(&data).unwrap().count(), 0);
+
+    // What a crash left in the trash is removed at the next start, and a symlink
+    // there is removed, never followed out of the root.
+    d.kill9();
+    let outside = d.path("outside");
+    fs::create_dir_all(&outside).unwrap();
+    fs::write(outside.join("keep"), b"not the driver's").unwrap();
+    let left = d.root.join("trash").join("vol-left.1-0");
+    fs::create_dir_all(left.join("sub")).unwrap();
+    fs::write(left.join("sub/f"), b"x").unwrap();
+    std::os::unix::fs::symlink(&outside, left.join("link")).unwrap();
+    std::os::unix::fs::symlink(&outside, d.root.join("trash").join("vol-link.2-0")).unwrap();
+    d.spawn().await;
+    trash_emptied(&d.root).await;
+    assert_eq!(fs::read(outside.join("keep")).unwrap(), b"not the driver's");
+    assert!(data.is_dir(), "the live volume is untouched");
+}

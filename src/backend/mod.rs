@@ -6,6 +6,7 @@
 //! <root>/volumes/<id>/               a directory volume (btrfs: a subvolume)
 //! <root>/volumes/<id>.img            a loop volume's backing file
 //! <root>/snapshots/<id>[.img]        a snapshot's data, same shapes
+//! <root>/trash/                      deleted data being removed (trash)
 //! ```
 //! Every path is built from a validated id (`ids`), never from a request string.
 
@@ -14,6 +15,7 @@ pub mod copy;
 pub mod dir;
 pub mod loopfile;
 pub mod projquota;
+pub mod trash;
 
 use std::path::{Path, PathBuf};
 
@@ -44,6 +46,12 @@ impl Layout {
 
     pub fn snapshots_dir(&self) -> PathBuf {
         self.root.join("snapshots")
+    }
+
+    /// Deleted data of this node's root on its way out. Shared volumes are removed
+    /// in place: another node may be emptying the shared root's directories.
+    pub fn trash_dir(&self) -> PathBuf {
+        self.root.join("trash")
     }
 
     /// The data of volume `id`.

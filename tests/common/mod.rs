@@ -613,3 +613,22 @@ pub async fn recover(d: &mut Driver, r: Result<(), tonic::Status>, point: &str) 
     d.spawn().await;
     d.clients().await
 }
+
+/// Waits until the driver's trash under `root` is empty: deleted data is removed
+/// in the background. Panics after a generous while (a correctness check, not a
+/// timing one).
+pub async fn trash_emptied(root: &Path) {
+    let trash = root.join("trash");
+    for _ in 0..600 {
+        let empty = std::fs::read_dir(&trash).map_or(true, |mut d| d.next().is_none());
+        if empty {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let left: Vec<_> = std::fs::read_dir(&trash)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    panic!("the trash still holds {left:?} after 30 s");
+}
