@@ -294,11 +294,14 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             } else {
                 let r = bench::snapshot(&session, mib, &prefix).await?;
                 table += &format!(
-                    "{mib} MiB written in {:.3} s; CreateSnapshot {:.3} s (ready after {:.3} s); restore (CreateVolume from snapshot) {:.3} s\n",
+                    "{mib} MiB written in {:.3} s; CreateSnapshot {:.3} s (ready after {:.3} s); restore (CreateVolume from snapshot) {:.3} s\n\
+                     DeleteSnapshot {:.3} s; DeleteVolume of the volume holding the {mib} MiB {:.3} s\n",
                     r["write_seconds"].as_f64().unwrap_or(0.0),
                     r["create_snapshot_seconds"].as_f64().unwrap_or(0.0),
                     r["snapshot_ready_seconds"].as_f64().unwrap_or(0.0),
                     r["restore_seconds"].as_f64().unwrap_or(0.0),
+                    r["delete_snapshot_seconds"].as_f64().unwrap_or(0.0),
+                    r["delete_volume_seconds"].as_f64().unwrap_or(0.0),
                 );
                 merge(&mut out, r);
             }

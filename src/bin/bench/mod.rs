@@ -479,6 +479,7 @@ pub async fn snapshot(s: &Session, mib: usize, prefix: &str) -> Result<Value, Be
         cleanup = cleanup.and(s.delete(&mut t, &id).await);
     }
     if let Some(id) = snap_id {
+        let start = Instant::now();
         let r = s
             .controller
             .delete_snapshot(DeleteSnapshotRequest {
@@ -486,14 +487,18 @@ pub async fn snapshot(s: &Session, mib: usize, prefix: &str) -> Result<Value, Be
                 secrets: Default::default(),
             })
             .await;
+        figures["delete_snapshot_seconds"] = json!(start.elapsed().as_secs_f64());
         cleanup = cleanup.and(r.map(|_| ()).map_err(|st| BenchError::Rpc {
             rpc: "DeleteSnapshot",
             code: st.code(),
             message: st.message().to_string(),
         }));
     }
+    // The source volume holds the S MiB: how long deleting that much data takes.
     let id = pod.volume.volume_id.clone();
+    let start = Instant::now();
     cleanup = cleanup.and(s.delete(&mut t, &id).await);
+    figures["delete_volume_seconds"] = json!(start.elapsed().as_secs_f64());
     result?;
     cleanup?;
     figures["mib"] = json!(mib);
