@@ -167,7 +167,7 @@ impl Driver {
                         "snapshot was not yet durable when the node went down; discarded \
                          (it was never reported ready; the CO's retry takes it again)");
                     self.store.snapshots.remove(&snap.id)?;
-                    dir::remove(&self.snapshot_data(&snap))?;
+                    self.trash.discard(&self.snapshot_data(&snap))?;
                 }
             }
         }

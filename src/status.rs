@@ -96,6 +96,9 @@ pub struct Summary {
     pub staged: usize,
     pub published: usize,
     pub loop_devices: usize,
+    /// Deleted volumes and snapshots whose data is still being removed; their
+    /// space is not free yet.
+    pub trash: usize,
     /// Every health problem found, each naming its volume, snapshot or record.
     pub problems: Vec<String>,
 }
@@ -314,6 +317,7 @@ pub fn inspect(root: &Path) -> Result<Report, StatusError> {
             staged: rows.iter().filter(|r| !r.staged_at.is_empty()).count(),
             published: rows.iter().filter(|r| !r.published_at.is_empty()).count(),
             loop_devices: loops.len(),
+            trash: fs::read_dir(layout.trash_dir()).map_or(0, |d| d.count()),
             problems,
         },
         volumes: rows,
@@ -455,7 +459,7 @@ pub fn summary_text(s: &Summary) -> String {
     let opt = |v: Option<u64>| v.map(human_bytes).unwrap_or_else(|| "unknown".into());
     let mut out = format!(
         "root:         {}\ncapacity:     {}\nfree:         {}\nvolumes:      {} ({} staged, {} published)\n\
-         snapshots:    {}\nloop devices: {}\n",
+         snapshots:    {}\nloop devices: {}\ntrash:        {} deleted, being removed\n",
         s.root.display(),
         opt(s.capacity_bytes),
         opt(s.free_bytes),
@@ -464,6 +468,7 @@ pub fn summary_text(s: &Summary) -> String {
         s.published,
         s.snapshots,
         s.loop_devices,
+        s.trash,
     );
     if s.problems.is_empty() {
         out.push_str("health:       ok\n");

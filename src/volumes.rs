@@ -266,7 +266,7 @@ impl Driver {
                     continue;
                 }
                 tracing::info!(path = %path.display(), "removing data of an interrupted create or delete");
-                dir::remove(&path)?;
+                self.trash.discard(&path)?;
             }
         }
         Ok(())

@@ -291,6 +291,16 @@ async fn deleted_data_leaves_through_the_trash_and_start_up_empties_it() {
     fs::write(left.join("sub/f"), b"x").unwrap();
     std::os::unix::fs::symlink(&outside, left.join("link")).unwrap();
     std::os::unix::fs::symlink(&outside, d.root.join("trash").join("vol-link.2-0")).unwrap();
+    let status = std::process::Command::new(binary())
+        .args(["status", "--root"])
+        .arg(&d.root)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("trash:        2 deleted, being removed"),
+        "{status}"
+    );
     d.spawn().await;
     trash_emptied(&d.root).await;
     assert_eq!(fs::read(outside.join("keep")).unwrap(), b"not the driver's");

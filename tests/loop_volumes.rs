@@ -288,6 +288,17 @@ async fn preallocated_volume_without_room_leaves_nothing() {
         "nothing left behind but the first volume: {left:?}"
     );
     c.delete(&first.volume_id).await.unwrap();
+    // The deleted volume's room is there for the next create at once, even while
+    // its data may still be in the trash.
+    let huge = c
+        .create(
+            "huge",
+            too_big as i64,
+            &[("type", "loop"), ("allocation", "preallocate")],
+            rwo(),
+        )
+        .await;
+    c.delete(&huge.volume_id).await.unwrap();
     // More than the whole filesystem can ever hold: OUT_OF_RANGE.
     let r = c
         .controller
