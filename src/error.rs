@@ -20,6 +20,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The root's filesystem is full (ENOSPC), said in the caller's terms.
+    #[error("{0}")]
+    NoSpace(String),
     #[error("{0}")]
     Aborted(String),
     #[error("{0}")]
@@ -55,9 +58,13 @@ impl<T, E: Into<io::Error>> Context<T> for std::result::Result<T, E> {
 }
 
 impl Error {
-    /// The filesystem is full (ENOSPC), as opposed to a quota (EDQUOT).
+    /// The filesystem is full, as opposed to a quota (EDQUOT) or a topology.
     pub fn is_no_space(&self) -> bool {
-        matches!(self, Error::Io { source, .. } if source.raw_os_error() == Some(libc::ENOSPC))
+        match self {
+            Error::NoSpace(_) => true,
+            Error::Io { source, .. } => source.raw_os_error() == Some(libc::ENOSPC),
+            _ => false,
+        }
     }
 }
 
@@ -70,7 +77,7 @@ impl From<Error> for tonic::Status {
             Error::AlreadyExists(_) => Code::AlreadyExists,
             Error::OutOfRange(_) => Code::OutOfRange,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
-            Error::ResourceExhausted(_) => Code::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::NoSpace(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
             Error::Internal(_) => Code::Internal,
             Error::Io { source, .. } => match source.raw_os_error() {
@@ -111,7 +118,17 @@ mod tests {
             tonic::Code::ResourceExhausted
         );
         let e = Error::io("write", io::Error::from_raw_os_error(libc::EIO));
+        assert!(!e.is_no_space());
         assert_eq!(tonic::Status::from(e).code(), tonic::Code::Internal);
+        let e = Error::NoSpace("no room for the copy".into());
+        assert!(e.is_no_space());
+        assert_eq!(
+            tonic::Status::from(e).code(),
+            tonic::Code::ResourceExhausted
+        );
+        let quota = Error::io("write", io::Error::from_raw_os_error(libc::EDQUOT));
+        assert!(!quota.is_no_space());
+        assert!(Error::io("write", io::Error::from_raw_os_error(libc::ENOSPC)).is_no_space());
     }
 
     #[test]

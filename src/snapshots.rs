@@ -81,16 +81,14 @@ impl Driver {
         };
         let dest = self.snapshot_data(&snap);
         let started = std::time::Instant::now();
-        let shared = match self.copy_volume(&source, &dest, true) {
-            Ok(shared) => shared,
-            Err(e) => {
+        let shared = self.with_room(&id, || {
+            self.copy_volume(&source, &dest, true).inspect_err(|_| {
                 // A partial copy (a full root) is no snapshot: give its space back now.
                 if let Err(re) = dir::remove(&dest) {
                     tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
                 }
-                return Err(e);
-            }
-        };
+            })
+        })?;
         faults::point("snapshot.after_copy");
         // Shared blocks cost nothing to make durable: ready at once. A full copy
         // is handed to the background (`finish_snapshot`).

@@ -471,14 +471,23 @@ impl Driver {
             }
             made
         };
-        match make() {
-            // Space that deletions freed may still be in the trash.
+        self.with_room(&rec.id, make)
+    }
+
+    /// Runs `f`, and once more if the root was full while deleted data waited in
+    /// the trash: a delete answered a moment ago has not given its space back yet.
+    /// `f` leaves nothing behind when it fails.
+    pub(crate) fn with_room<T>(&self, what: &str, mut f: impl FnMut() -> Result<T>) -> Result<T> {
+        match f() {
             Err(e) if e.is_no_space() && self.trash.pending() > 0 => {
-                tracing::info!(volume = %rec.id, "root is full; waiting for the trash to be emptied, then trying again");
+                tracing::info!(
+                    what,
+                    "root is full; waiting for the trash to be emptied, then trying again"
+                );
                 self.trash.drain();
-                make()
+                f()
             }
-            made => made,
+            done => done,
         }
     }
 
@@ -705,7 +714,7 @@ impl Driver {
         match rec.volume_type {
             VolumeType::Dir => dir::set_size(&data, wanted, self.limits(rec.shared))?,
             VolumeType::Loop => {
-                loopfile::grow(&data, wanted, p.allocation)?;
+                self.with_room(id, || loopfile::grow(&data, wanted, p.allocation))?;
                 faults::point("expand.after_grow");
                 // Attached here: let the device see the new size now.
                 if let Some(d) = loopdev::find(&data) {

@@ -129,7 +129,7 @@ pub fn copy_file(src: &Path, dst: &Path) -> Result<Method> {
 
 fn copy_error(e: io::Error, src: &Path, dst: &Path) -> Error {
     if e.raw_os_error() == Some(libc::ENOSPC) {
-        return Error::ResourceExhausted(format!(
+        return Error::NoSpace(format!(
             "no room under the driver root to copy {} to {}",
             src.display(),
             dst.display()

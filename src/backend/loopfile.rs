@@ -68,7 +68,7 @@ fn size_file(f: &File, path: &Path, from: u64, size: u64, allocation: Allocation
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 // Give back what the failed allocation took.
                 let _ = f.set_len(from);
-                return Err(Error::ResourceExhausted(format!(
+                return Err(Error::NoSpace(format!(
                     "not enough free space under the driver root for {} preallocated bytes",
                     size - from
                 )));

@@ -2,7 +2,8 @@
 
 use tonic::{Request, Response, Status};
 
-use super::{answer, Shared};
+use super::{answer, run, Shared};
+use crate::error::Error;
 use crate::proto::identity_server::Identity;
 use crate::proto::plugin_capability::{self, service};
 use crate::proto::*;
@@ -59,12 +60,14 @@ impl Identity for IdentityService {
     }
 
     async fn probe(&self, _: Request<ProbeRequest>) -> Result<Response<ProbeResponse>, Status> {
-        let ready = self.driver.probe();
-        answer("Probe", "", async move {
-            if !ready {
-                return Err(Status::failed_precondition(format!(
+        // The check touches the root, which can hang with its disk: it runs on the
+        // blocking pool under the deadline, never on the one gRPC thread.
+        let driver = self.driver.clone();
+        run("Probe", "", move || {
+            if !driver.probe() {
+                return Err(Error::FailedPrecondition(format!(
                     "driver root {} is not usable (missing or not writable)",
-                    self.driver.layout.root.display()
+                    driver.layout.root.display()
                 )));
             }
             Ok(Response::new(ProbeResponse { ready: Some(true) }))
