@@ -146,16 +146,15 @@ impl Driver {
             root: cfg.root.clone(),
             shared_root: cfg.shared_root.clone(),
         };
-        for d in [
-            layout.root.clone(),
-            layout.volumes_dir(false),
-            layout.snapshots_dir(),
-        ] {
-            fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+        // The root itself may be a symlink (to a disk mounted elsewhere); the
+        // directories the driver removes entries from may not.
+        fs::create_dir_all(&layout.root)
+            .map_err(|e| Error::io(format!("create {}", layout.root.display()), e))?;
+        for d in [layout.volumes_dir(false), layout.snapshots_dir()] {
+            dir::own_dir(&d)?;
         }
         if layout.shared_root.is_some() {
-            let d = layout.volumes_dir(true);
-            fs::create_dir_all(&d).map_err(|e| Error::io(format!("create {}", d.display()), e))?;
+            dir::own_dir(&layout.volumes_dir(true))?;
         }
         let shared_state = layout.shared_root.as_ref().map(|r| r.join("state"));
         let store = Store::open(&layout.state_dir(), shared_state.as_deref())?;

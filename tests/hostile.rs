@@ -928,3 +928,38 @@ async fn failed_loop_stage_detaches() {
     c.delete(&id).await.unwrap();
     no_panic(&d);
 }
+
+/// The directories the driver removes entries from (volumes/, snapshots/, trash/)
+/// replaced by symlinks to the canary: the driver refuses to start, and nothing
+/// of the canary is removed, though it is full of names that look like leftovers.
+#[test]
+fn symlinked_root_directories_are_refused_at_start() {
+    if !need_root() {
+        return;
+    }
+    let canary = Canary::plant();
+    // Entries start-up would take for leftovers (data without a record) if it
+    // followed the link; in the trash, everything is taken.
+    let orphan = localvol::ids::id_for_name(localvol::ids::Kind::Volume, "x");
+    std::fs::create_dir_all(canary.path().join(&orphan)).unwrap();
+    std::fs::write(canary.path().join(format!("{orphan}.img")), b"img").unwrap();
+    let before = canary.snapshot();
+    let tmp = tempfile::tempdir().unwrap();
+    for sub in ["volumes", "snapshots", "trash"] {
+        let root = tmp.path().join(format!("root-{sub}"));
+        std::fs::create_dir_all(&root).unwrap();
+        std::os::unix::fs::symlink(canary.path(), root.join(sub)).unwrap();
+        let out = std::process::Command::new(binary())
+            .arg("serve")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", tmp.path().join("csi.sock").display()))
+            .args(["--node-id", "n1", "--root"])
+            .arg(&root)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{sub}: the driver started");
+        assert!(err.contains("is not a directory"), "{sub}: {err}");
+        assert!(canary.snapshot() == before, "{sub}: the canary changed");
+    }
+}

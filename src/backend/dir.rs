@@ -71,3 +71,19 @@ pub fn remove(path: &Path) -> Result<()> {
         Ok(_) => fs::remove_file(path).ctx(|| format!("remove {}", path.display())),
     }
 }
+
+/// Creates one of the root's own directories, or checks the one there. It must be
+/// a real directory: the driver removes entries in it, and a symlink planted in
+/// its place would lead those removals outside the root.
+pub fn own_dir(path: &Path) -> Result<()> {
+    fs::create_dir_all(path).ctx(|| format!("create {}", path.display()))?;
+    let m = fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
+    if m.is_dir() {
+        return Ok(());
+    }
+    Err(Error::Internal(format!(
+        "{} is not a directory (a symlink?); the driver removes entries in it, so it will \
+         not start until it is removed",
+        path.display()
+    )))
+}

@@ -43,7 +43,7 @@ impl Trash {
     /// Opens (creates) the trash at `dir` and starts its reaper, which first removes
     /// whatever an earlier run left there.
     pub fn open(dir: PathBuf) -> Result<Trash> {
-        fs::create_dir_all(&dir).map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
+        dir::own_dir(&dir)?;
         let queue = Arc::new(Queue::default());
         {
             let left = fs::read_dir(&dir)
@@ -151,5 +151,19 @@ mod tests {
         trash.drain();
         assert_eq!(trash.pending(), 0);
         assert_eq!(fs::read_dir(&left).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_symlinked_trash_is_refused() {
+        // (dir::own_dir refuses it before anything is listed or removed.)
+        let tmp = tempfile::tempdir().unwrap();
+        let elsewhere = tmp.path().join("elsewhere");
+        fs::create_dir_all(&elsewhere).unwrap();
+        fs::write(elsewhere.join("precious"), b"x").unwrap();
+        let trash = tmp.path().join("trash");
+        std::os::unix::fs::symlink(&elsewhere, &trash).unwrap();
+        assert!(Trash::open(trash).is_err());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(elsewhere.join("precious").exists());
     }
 }
