@@ -115,7 +115,8 @@ impl<T: Record> Table<T> {
     /// Loads every record in `dir`, creating it if needed. Temporary files of writes
     /// that a crash interrupted are removed: the record they were replacing stands.
     pub fn open(dir: PathBuf) -> Result<Self> {
-        fs::create_dir_all(&dir).ctx(|| format!("create {}", dir.display()))?;
+        // Temporary files in it are removed: it must not be a symlink to elsewhere.
+        crate::backend::dir::own_dir(&dir)?;
         let mut map = BTreeMap::new();
         let mut unreadable = std::collections::BTreeSet::new();
         for entry in fs::read_dir(&dir).ctx(|| format!("read {}", dir.display()))? {

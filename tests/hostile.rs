@@ -929,8 +929,8 @@ async fn failed_loop_stage_detaches() {
     no_panic(&d);
 }
 
-/// The directories the driver removes entries from (volumes/, snapshots/, trash/)
-/// replaced by symlinks to the canary: the driver refuses to start, and nothing
+/// The directories the driver removes entries from (volumes/, snapshots/, trash/,
+/// the record directories) replaced by symlinks to the canary: the driver refuses to start, and nothing
 /// of the canary is removed, though it is full of names that look like leftovers.
 #[test]
 fn symlinked_root_directories_are_refused_at_start() {
@@ -943,22 +943,43 @@ fn symlinked_root_directories_are_refused_at_start() {
     let orphan = localvol::ids::id_for_name(localvol::ids::Kind::Volume, "x");
     std::fs::create_dir_all(canary.path().join(&orphan)).unwrap();
     std::fs::write(canary.path().join(format!("{orphan}.img")), b"img").unwrap();
+    std::fs::write(canary.path().join("x.json.tmp"), b"tmp").unwrap();
     let before = canary.snapshot();
     let tmp = tempfile::tempdir().unwrap();
-    for sub in ["volumes", "snapshots", "trash"] {
-        let root = tmp.path().join(format!("root-{sub}"));
-        std::fs::create_dir_all(&root).unwrap();
+    for sub in [
+        "volumes",
+        "snapshots",
+        "trash",
+        "state/volumes",
+        "state/snapshots",
+    ] {
+        let root = tmp.path().join(format!("root-{}", sub.replace('/', "-")));
+        std::fs::create_dir_all(root.join("state")).unwrap();
         std::os::unix::fs::symlink(canary.path(), root.join(sub)).unwrap();
-        let out = std::process::Command::new(binary())
+        let mut child = std::process::Command::new(binary())
             .arg("serve")
             .arg("--endpoint")
             .arg(format!("unix://{}", tmp.path().join("csi.sock").display()))
             .args(["--node-id", "n1", "--root"])
             .arg(&root)
-            .output()
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let started = child.try_wait().unwrap().is_none();
+        if started {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
-        assert!(!out.status.success(), "{sub}: the driver started");
+        assert!(
+            !started && !out.status.success(),
+            "{sub}: the driver started"
+        );
         assert!(err.contains("is not a directory"), "{sub}: {err}");
         assert!(canary.snapshot() == before, "{sub}: the canary changed");
     }
