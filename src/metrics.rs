@@ -96,6 +96,7 @@ struct RootGauges {
     root_free: Gauge,
     loops: Gauge,
     in_flight: Gauge,
+    trash: Gauge,
 }
 
 /// The registry of one driver's metrics.
@@ -183,6 +184,11 @@ impl Metrics {
             "Loop devices whose backing file is under the driver root",
             root.loops.clone(),
         );
+        registry.register(
+            "trash_pending",
+            "Deleted volumes and snapshots whose data is still being removed (their space is not free yet)",
+            root.trash.clone(),
+        );
         Metrics {
             registry,
             root,
@@ -242,6 +248,7 @@ impl Metrics {
         g.loops
             .set(inspect::loop_devices_under(&d.layout.root).len() as i64);
         g.in_flight.set(crate::csi::in_flight() as i64);
+        g.trash.set(d.trash.pending() as i64);
     }
 
     /// The Prometheus text exposition, freshly computed.

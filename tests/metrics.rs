@@ -101,6 +101,7 @@ async fn metrics_count_calls_errors_volumes_and_space() {
     assert!(free > 0.0 && free <= val("localvol_root_capacity_bytes"));
     assert_eq!(val("localvol_loop_devices_attached"), 0.0);
     assert_eq!(val("localvol_rpc_in_flight"), 0.0);
+    assert_eq!(val("localvol_trash_pending"), 0.0);
 
     // Counts move with calls.
     c.delete(&a.volume_id).await.unwrap();
