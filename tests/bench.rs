@@ -220,3 +220,34 @@ async fn no_controller_publish_skips_the_controller_publish_rpcs() {
     }
     assert_clean(&d).await;
 }
+
+/// The floor under every call: gRPC round trips with next to nothing to do, p50 and
+/// p99 printed (run with `cargo test --release --test bench -- --ignored
+/// --nocapture`). GetPluginInfo is answered on the gRPC thread; Probe's check of
+/// the root runs on the blocking pool like every call that touches the disk.
+#[tokio::test]
+#[ignore]
+async fn round_trip_floor() {
+    use localvol::proto::{GetPluginInfoRequest, ProbeRequest};
+    let d = common::Driver::start().await;
+    let c = d.clients().await;
+    let mut id = c.identity.clone();
+    for (name, probe) in [("GetPluginInfo", false), ("Probe", true)] {
+        let mut took = vec![];
+        for _ in 0..2000 {
+            let start = std::time::Instant::now();
+            if probe {
+                id.probe(ProbeRequest {}).await.unwrap();
+            } else {
+                id.get_plugin_info(GetPluginInfoRequest {}).await.unwrap();
+            }
+            took.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+        took.sort_by(f64::total_cmp);
+        println!(
+            "{name}: p50 {:.0} µs, p99 {:.0} µs",
+            took[took.len() / 2],
+            took[took.len() * 99 / 100]
+        );
+    }
+}
