@@ -483,7 +483,8 @@ impl Driver {
                     what,
                     "root is full; waiting for the trash to be emptied, then trying again"
                 );
-                self.trash.drain();
+                // Bounded: the call's own deadline must still be met.
+                self.trash.drain(std::time::Duration::from_secs(30));
                 f()
             }
             done => done,

@@ -16,7 +16,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use super::dir;
 use crate::error::{Error, Result};
@@ -84,13 +84,15 @@ impl Trash {
         }
     }
 
-    /// Waits until everything discarded so far is removed: a caller short of space
-    /// gets back what deletions already freed.
-    pub fn drain(&self) {
-        let mut s = self.queue.state.lock().unwrap();
-        while s.busy || !s.items.is_empty() {
-            s = self.queue.changed.wait(s).unwrap();
-        }
+    /// Waits until everything discarded so far is removed, or `at_most` has passed:
+    /// a caller short of space gets back what deletions already freed.
+    pub fn drain(&self, at_most: Duration) {
+        let s = self.queue.state.lock().unwrap();
+        let _ = self
+            .queue
+            .changed
+            .wait_timeout_while(s, at_most, |s| s.busy || !s.items.is_empty())
+            .unwrap();
     }
 
     /// Items not yet removed.
@@ -148,7 +150,7 @@ mod tests {
         trash.discard(&data).unwrap();
         assert!(!data.exists());
         trash.discard(&data).unwrap(); // absent: fine
-        trash.drain();
+        trash.drain(Duration::from_secs(30));
         assert_eq!(trash.pending(), 0);
         assert_eq!(fs::read_dir(&left).unwrap().count(), 0);
     }
