@@ -431,13 +431,21 @@ impl Driver {
         let data = self.data_path(&rec);
         self.make_data(&rec, source.as_ref())?;
         faults::point("create.after_data");
-        // The data's directory entry is synced while the record is written: the two
+        // The data's directory entry is synced while the record is written: the
         // disk flushes overlap. Either may reach the disk first; a record found
         // without its data is one never acknowledged, and the retry remakes the data
-        // (check_same_volume).
+        // (check_same_volume). A new empty directory is synced itself too: without a
+        // journal, its parent's entry alone may point at an inode never written.
+        // (Backing files and copied data were synced as they were made.)
         let parent = data.parent().expect("volume paths have a parent");
+        let new_dir = source.is_none() && rec.volume_type == VolumeType::Dir;
         std::thread::scope(|s| {
-            let data_synced = s.spawn(|| crate::store::sync_dir(parent));
+            let data_synced = s.spawn(|| {
+                if new_dir {
+                    crate::store::sync_dir(&data)?;
+                }
+                crate::store::sync_dir(parent)
+            });
             let recorded = self.store.put_new_volume(&rec);
             let data_synced = data_synced.join().expect("fsync does not panic");
             recorded.and(data_synced)
