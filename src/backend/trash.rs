@@ -50,7 +50,11 @@ impl Trash {
                 .map_err(|e| Error::io(format!("list {}", dir.display()), e))?
                 .flatten()
                 .map(|e| e.path());
-            queue.state.lock().unwrap().items.extend(left);
+            let mut s = queue.state.lock().unwrap();
+            s.items.extend(left);
+            if !s.items.is_empty() {
+                tracing::info!(entries = s.items.len(), dir = %dir.display(), "emptying what an earlier run left in the trash");
+            }
         }
         let reaper = queue.clone();
         std::thread::Builder::new()
