@@ -112,11 +112,30 @@ pub fn mounts() -> Result<Vec<MountEntry>> {
     Ok(parse_mountinfo(&text))
 }
 
+/// `path` with every symlink, `.` and `..` resolved, as `realpath` gives it, but
+/// asked of the kernel in two calls (an O_PATH open, a readlink of its
+/// /proc/self/fd entry) where realpath makes one readlink per component.
+pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_CLOEXEC)
+        .open(path)?;
+    let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+    let resolved = fs::read_link(format!("/proc/self/fd/{fd}"))?;
+    // Anything but an absolute path (a pseudo-file's name) is not a real answer.
+    if resolved.is_absolute() {
+        Ok(resolved)
+    } else {
+        fs::canonicalize(path)
+    }
+}
+
 /// `path` with its parent resolved, as the kernel writes mount points; the last
 /// component is kept as given (it may be a symlink we must not follow).
 pub fn canonical(path: &Path) -> PathBuf {
     match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => match fs::canonicalize(parent) {
+        (Some(parent), Some(name)) => match resolve(parent) {
             Ok(p) => p.join(name),
             Err(_) => path.to_path_buf(),
         },
@@ -134,7 +153,7 @@ pub fn mount_at(path: &Path) -> Result<Option<MountEntry>> {
 
 /// The key of the data a bind mount of `path` would show (symlinks followed).
 pub fn key_of(path: &Path) -> Result<MountKey> {
-    let canon = fs::canonicalize(path).ctx(|| format!("resolve {}", path.display()))?;
+    let canon = resolve(path).ctx(|| format!("resolve {}", path.display()))?;
     if let Some(m) = statmount::mount_holding(&canon) {
         if let Some(key) = key_below(&m, &canon) {
             return Ok(key);
@@ -151,7 +170,7 @@ pub fn mount_at_in(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
 
 /// [`key_of`] answered from a mount table read once for many questions.
 pub fn key_of_in(table: &[MountEntry], path: &Path) -> Result<MountKey> {
-    let path = fs::canonicalize(path).ctx(|| format!("resolve {}", path.display()))?;
+    let path = resolve(path).ctx(|| format!("resolve {}", path.display()))?;
     // max_by_key keeps the last of equals: the topmost of a stack, as statx sees.
     let m = table
         .iter()
@@ -485,6 +504,20 @@ mod tests {
 40 22 253:0 /var/lib/localvol/volumes/vol-1 /var/lib/kubelet/a\\040b rw,nosuid - ext4 /dev/vda rw
 41 22 7:3 / /mnt/staged ro,relatime - xfs /dev/loop3 rw,attr2
 ";
+
+    #[test]
+    fn resolve_agrees_with_realpath() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path();
+        fs::create_dir_all(base.join("a/b c/d")).unwrap();
+        std::os::unix::fs::symlink(base.join("a/b c"), base.join("link")).unwrap();
+        std::os::unix::fs::symlink("..", base.join("a/b c/up")).unwrap();
+        for p in ["a/b c/d", "link/d", "link/up/b c/./d/..", "a"] {
+            let p = base.join(p);
+            assert_eq!(resolve(&p).unwrap(), fs::canonicalize(&p).unwrap(), "{p:?}");
+        }
+        assert!(resolve(&base.join("nothing")).is_err());
+    }
 
     #[test]
     fn parses_and_unescapes() {
