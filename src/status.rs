@@ -110,36 +110,59 @@ pub struct Report {
     pub snapshots: Vec<SnapshotRow>,
 }
 
-/// Reads every `*.json` record in `dir`; unreadable ones become problems.
+/// Reads the records of a table: its slot file, and `*.json` files a driver of an
+/// earlier version left (moved into the slots at its next start); unreadable ones
+/// become problems. Sorted by id.
 fn read_records<T: DeserializeOwned>(
     dir: &Path,
     problems: &mut Vec<String>,
 ) -> Result<Vec<T>, StatusError> {
-    let mut out = vec![];
+    let mut out = BTreeMap::new();
+    let slot_file = dir.join(crate::store::SLOT_FILE);
+    let slotted = crate::store::slots::read(&slot_file, crate::store::id_of)
+        .map_err(|e| io_error(&slot_file, e))?;
+    for l in slotted {
+        match serde_json::from_slice::<T>(&l.payload) {
+            Ok(r) => {
+                out.insert(l.id, r);
+            }
+            Err(e) => problems.push(format!(
+                "record {} in {} is unreadable ({e}); the driver ignores it",
+                l.id,
+                slot_file.display()
+            )),
+        }
+    }
     let entries = match fs::read_dir(dir) {
         Ok(e) => e,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out.into_values().collect()),
         Err(e) => return Err(io_error(dir, e)),
     };
     let mut paths: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
+        .filter(|p| !p.ends_with(crate::store::TOO_OLD_GUARD))
         .collect();
     paths.sort();
     for p in paths {
-        match fs::read(&p)
-            .map_err(|e| e.to_string())
-            .and_then(|b| serde_json::from_slice::<T>(&b).map_err(|e| e.to_string()))
-        {
-            Ok(r) => out.push(r),
+        match fs::read(&p).map_err(|e| e.to_string()).and_then(|b| {
+            let id = crate::store::id_of(&b).ok_or("no id")?;
+            Ok((
+                id,
+                serde_json::from_slice::<T>(&b).map_err(|e| e.to_string())?,
+            ))
+        }) {
+            Ok((id, r)) => {
+                out.insert(id, r);
+            }
             Err(e) => problems.push(format!(
                 "record {} is unreadable ({e}); the driver ignores it",
                 p.display()
             )),
         }
     }
-    Ok(out)
+    Ok(out.into_values().collect())
 }
 
 /// Kubelet's layout tells a publish (a pod's path) from a stage (the global path).

@@ -87,11 +87,7 @@ async fn same_name_created_once() {
                 .filter(|l| l.volume_id == v.volume_id)
                 .collect();
             assert_eq!(listed.len(), 1);
-            assert_eq!(
-                d.root.join("state/volumes").read_dir().unwrap().count(),
-                1,
-                "one record on disk"
-            );
+            assert_eq!(records(&d.root, "volumes").len(), 1, "one record on disk");
             c.delete(&v.volume_id).await.unwrap();
         }
         assert!(all_volumes(&mut d.clients().await).await.is_empty());

@@ -68,12 +68,17 @@ async fn teardown_and_check(d: &Driver, c: &mut Clients, point: &str) {
             .await
             .unwrap();
     }
-    for sub in ["volumes", "snapshots", "state/volumes", "state/snapshots"] {
+    for sub in ["volumes", "snapshots"] {
         let left: Vec<_> = std::fs::read_dir(d.root.join(sub))
             .unwrap()
             .map(|e| e.unwrap().file_name())
             .collect();
         assert!(left.is_empty(), "{point}: {sub} keeps {left:?}");
+        let left = records(&d.root, sub);
+        assert!(
+            left.is_empty(),
+            "{point}: records of {sub} remain: {left:?}"
+        );
     }
     trash_emptied(&d.root).await;
     assert!(

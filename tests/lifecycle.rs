@@ -306,3 +306,71 @@ async fn deleted_data_leaves_through_the_trash_and_start_up_empties_it() {
     assert_eq!(fs::read(outside.join("keep")).unwrap(), b"not the driver's");
     assert!(data.is_dir(), "the live volume is untouched");
 }
+
+/// A root written by an earlier localvol (one `<id>.json` file per record) is
+/// taken over: its records move into the slot files, its volumes keep their data
+/// and work, and a guard stops that earlier version from starting on it again.
+#[tokio::test]
+async fn records_of_an_earlier_version_are_moved_into_slots() {
+    use localvol::store::{SnapshotRecord, Table, VolumeRecord, SLOT_FILE, TOO_OLD_GUARD};
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let v = c.create("pvc-upgrade", MIB, &[], rwo()).await;
+    let s = c.snapshot("snap-upgrade", &v.volume_id).await.unwrap();
+    let staging = d.path("staging");
+    fs::create_dir_all(&staging).unwrap();
+    c.stage(&v.volume_id, &staging, rwo()).await.unwrap();
+    fs::write(staging.join("data"), b"kept across the upgrade").unwrap();
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+    d.kill9();
+
+    // Rewrite the root as the earlier version left it.
+    fn to_files<T: localvol::store::Record>(dir: &std::path::Path) {
+        let recs = Table::<T>::open_slots(dir.to_path_buf()).unwrap().all();
+        fs::remove_file(dir.join(SLOT_FILE)).unwrap();
+        fs::remove_dir(dir.join(TOO_OLD_GUARD)).unwrap();
+        for r in recs {
+            let path = dir.join(format!("{}.json", r.id()));
+            fs::write(path, serde_json::to_vec_pretty(&r).unwrap()).unwrap();
+        }
+    }
+    to_files::<VolumeRecord>(&d.root.join("state/volumes"));
+    to_files::<SnapshotRecord>(&d.root.join("state/snapshots"));
+    assert_eq!(
+        records(&d.root, "volumes"),
+        [format!("{}.json", v.volume_id)]
+    );
+
+    d.envs.clear();
+    d.spawn().await;
+    let mut c = d.clients().await;
+    assert_eq!(records(&d.root, "volumes"), vec![v.volume_id.clone()]);
+    assert_eq!(records(&d.root, "snapshots"), vec![s.snapshot_id.clone()]);
+    // What an earlier version does first at start-up, reading each `*.json`, fails.
+    let guard = d.root.join("state/volumes").join(TOO_OLD_GUARD);
+    assert!(
+        fs::read(&guard).is_err(),
+        "{guard:?} must not read as a record"
+    );
+    // The same volume, by the same name, with its data.
+    assert_eq!(
+        c.create("pvc-upgrade", MIB, &[], rwo()).await.volume_id,
+        v.volume_id
+    );
+    c.stage(&v.volume_id, &staging, rwo()).await.unwrap();
+    assert_eq!(
+        fs::read(staging.join("data")).unwrap(),
+        b"kept across the upgrade"
+    );
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+    c.controller
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: s.snapshot_id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.delete(&v.volume_id).await.unwrap();
+    assert!(records(&d.root, "volumes").is_empty());
+    assert!(records(&d.root, "snapshots").is_empty());
+}

@@ -577,12 +577,17 @@ async fn a_snapshot_not_durable_before_a_reboot_is_discarded() {
         return;
     }
     let (mut d, v, id) = cut_then_crash().await;
-    let record = d.root.join("state/snapshots").join(format!("{id}.json"));
-    let text = std::fs::read_to_string(&record).unwrap();
-    let mut rec: serde_json::Value = serde_json::from_str(&text).unwrap();
-    assert!(rec["syncing_boot"].is_string(), "cut, not durable: {text}");
-    rec["syncing_boot"] = "an-earlier-boot".into();
-    std::fs::write(&record, serde_json::to_vec(&rec).unwrap()).unwrap();
+    {
+        // The driver is down: the test edits its record as the driver would.
+        let table = localvol::store::Table::<localvol::store::SnapshotRecord>::open_slots(
+            d.root.join("state/snapshots"),
+        )
+        .unwrap();
+        let mut rec = table.get(&id).unwrap();
+        assert!(rec.syncing_boot.is_some(), "cut, not durable: {rec:?}");
+        rec.syncing_boot = Some("an-earlier-boot".into());
+        table.put(&rec).unwrap();
+    }
     d.envs.clear();
     d.spawn().await;
     let mut c = d.clients().await;

@@ -1,8 +1,8 @@
 //! Where volume data lives under the driver's root, and the backends that make it.
 //!
 //! ```text
-//! <root>/state/volumes/<id>.json     records (store)
-//! <root>/state/snapshots/<id>.json
+//! <root>/state/volumes/slots          records (store), one slot file per table
+//! <root>/state/snapshots/slots
 //! <root>/volumes/<id>/               a directory volume (btrfs: a subvolume)
 //! <root>/volumes/<id>.img            a loop volume's backing file
 //! <root>/snapshots/<id>[.img]        a snapshot's data, same shapes

@@ -1,10 +1,16 @@
-//! Records of what was asked: one small JSON file per volume and per snapshot,
-//! written atomically (write, fsync, rename, fsync the directory), so a crash at any
-//! instant leaves either the old record or the new one.
+//! Records of what was asked, one JSON document per volume and per snapshot, so
+//! that a crash at any instant leaves either the old record or the new one.
+//!
+//! This node's records live in a slot file per table (`slots`): each change is one
+//! write in place and one fdatasync. Records on the shared root, which other
+//! nodes read and write too, are one file each, replaced atomically (write, fsync,
+//! rename, fsync the directory).
 //!
 //! The records are read once at start-up into an ordered map; after that every call
-//! costs one file write at most, whatever the number of volumes. The kernel's facts
+//! costs one record write at most, whatever the number of volumes. The kernel's facts
 //! (mounts, loop devices) are never recorded here: they are read from the kernel.
+
+pub mod slots;
 
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -102,9 +108,36 @@ impl Record for SnapshotRecord {
     }
 }
 
+/// The name of a table's slot file in its directory.
+pub const SLOT_FILE: &str = "slots";
+
+/// A directory in a slot table's directory that stops a localvol of an earlier
+/// version at start-up: it reads every `*.json` entry as a record file and fails
+/// on a directory, naming it. Without it, that version would find no records and
+/// take every volume's data for leftovers to remove.
+pub const TOO_OLD_GUARD: &str = "this-root-needs-a-newer-localvol.json";
+
+/// How a table keeps its records on disk.
+enum Medium {
+    /// One JSON file per record, replaced atomically.
+    Files,
+    /// One slot file for the whole table.
+    Slots(slots::SlotFile),
+}
+
+/// The id of a record whose shape may be unknown (another version's).
+pub fn id_of(json: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Id {
+        id: String,
+    }
+    serde_json::from_slice::<Id>(json).ok().map(|r| r.id)
+}
+
 /// A directory of records of one kind, mirrored in memory in id order.
 pub struct Table<T: Record> {
     dir: PathBuf,
+    medium: Medium,
     map: RwLock<BTreeMap<String, T>>,
     /// Ids whose record file exists but cannot be read: their data is never
     /// treated as a leftover.
@@ -123,6 +156,9 @@ impl<T: Record> Table<T> {
             let entry = entry.ctx(|| format!("read {}", dir.display()))?;
             let path = entry.path();
             let name = entry.file_name().to_string_lossy().into_owned();
+            if name == TOO_OLD_GUARD {
+                continue;
+            }
             if name.ends_with(".tmp") {
                 let _ = fs::remove_file(&path);
                 continue;
@@ -144,6 +180,65 @@ impl<T: Record> Table<T> {
         }
         Ok(Table {
             dir,
+            medium: Medium::Files,
+            map: RwLock::new(map),
+            unreadable,
+        })
+    }
+
+    /// Loads the table kept in a slot file in `dir`. Records still in files of an
+    /// earlier version are moved into it first; that cannot be undone, so an
+    /// earlier localvol must not be started on this root again.
+    pub fn open_slots(dir: PathBuf) -> Result<Self> {
+        let files = Self::open(dir)?;
+        let guard = files.dir.join(TOO_OLD_GUARD);
+        match fs::create_dir(&guard) {
+            Ok(()) => sync_dir(&files.dir)?,
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(crate::error::Error::io(
+                    format!("create {}", guard.display()),
+                    e,
+                ))
+            }
+        }
+        let (slots, loaded) = slots::SlotFile::open(files.dir.join(SLOT_FILE), id_of)?;
+        let mut map = BTreeMap::new();
+        let mut unreadable = files.unreadable;
+        for l in loaded {
+            match serde_json::from_slice::<T>(&l.payload) {
+                Ok(rec) => {
+                    map.insert(l.id, rec);
+                }
+                Err(e) => {
+                    tracing::error!(path = %files.dir.join(SLOT_FILE).display(), id = %l.id, error = %e,
+                        "record is unreadable; it is ignored, and its data kept, until repaired or removed");
+                    unreadable.insert(l.id);
+                }
+            }
+        }
+        let moved = files.map.into_inner().unwrap_or_else(|e| e.into_inner());
+        if !moved.is_empty() {
+            // Written to the slots durably before any file goes; the files' removal
+            // is durable before anything is served, so a stale file cannot later
+            // overwrite a newer slot.
+            for rec in moved.values() {
+                slots.write(
+                    rec.id(),
+                    &serde_json::to_vec(rec).expect("records serialize"),
+                )?;
+            }
+            for id in moved.keys() {
+                let path = files.dir.join(format!("{id}.json"));
+                fs::remove_file(&path).ctx(|| format!("remove {}", path.display()))?;
+            }
+            sync_dir(&files.dir)?;
+            tracing::info!(dir = %files.dir.display(), records = moved.len(), "records moved from one file each into the slot file");
+            map.extend(moved);
+        }
+        Ok(Table {
+            dir: files.dir,
+            medium: Medium::Slots(slots),
             map: RwLock::new(map),
             unreadable,
         })
@@ -179,6 +274,9 @@ impl<T: Record> Table<T> {
     /// sync (a journal commit, or on a journal-less filesystem a synchronous write). A crash mid-write leaves an unreadable file for an
     /// id whose creation was never acknowledged; the retry replaces it.
     pub fn put_new(&self, rec: &T) -> Result<()> {
+        if let Medium::Slots(_) = self.medium {
+            return self.put(rec);
+        }
         let bytes = serde_json::to_vec_pretty(rec).expect("records serialize");
         let path = self.path(rec.id());
         let create = || {
@@ -208,8 +306,18 @@ impl<T: Record> Table<T> {
 
     /// Writes the record durably, then makes it visible.
     pub fn put(&self, rec: &T) -> Result<()> {
-        let bytes = serde_json::to_vec_pretty(rec).expect("records serialize");
-        write_atomic(&self.path(rec.id()), &bytes)?;
+        match &self.medium {
+            Medium::Files => {
+                let bytes = serde_json::to_vec_pretty(rec).expect("records serialize");
+                write_atomic(&self.path(rec.id()), &bytes)?;
+            }
+            Medium::Slots(s) => {
+                s.write(
+                    rec.id(),
+                    &serde_json::to_vec(rec).expect("records serialize"),
+                )?;
+            }
+        }
         self.map
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -219,6 +327,14 @@ impl<T: Record> Table<T> {
 
     /// Removes the record durably; removing an absent record is fine.
     pub fn remove(&self, id: &str) -> Result<()> {
+        if let Medium::Slots(s) = &self.medium {
+            s.remove(id)?;
+            self.map
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+            return Ok(());
+        }
         let path = self.path(id);
         match fs::remove_file(&path) {
             Ok(()) => sync_dir(&self.dir)?,
@@ -267,6 +383,10 @@ impl<T: Record> Table<T> {
     /// Reads one record again from disk (another node may have written it, on a
     /// shared root), updating the in-memory copy.
     pub fn reload(&self, id: &str) -> Option<T> {
+        if let Medium::Slots(_) = self.medium {
+            // No one else writes this node's slots.
+            return self.get(id);
+        }
         let fresh = fs::read(self.path(id))
             .ok()
             .and_then(|b| serde_json::from_slice::<T>(&b).ok());
@@ -320,8 +440,8 @@ pub struct Store {
 impl Store {
     pub fn open(state_dir: &Path, shared_state_dir: Option<&Path>) -> Result<Self> {
         Ok(Store {
-            volumes: Table::open(state_dir.join("volumes"))?,
-            snapshots: Table::open(state_dir.join("snapshots"))?,
+            volumes: Table::open_slots(state_dir.join("volumes"))?,
+            snapshots: Table::open_slots(state_dir.join("snapshots"))?,
             shared_volumes: match shared_state_dir {
                 Some(d) => Some(Table::open(d.join("volumes"))?),
                 None => None,
@@ -423,5 +543,36 @@ mod tests {
         let (all, next) = t.page(None, 0, |r| r.id != "b");
         assert_eq!(all.len(), 2);
         assert_eq!(next, None);
+    }
+
+    #[test]
+    fn records_in_files_move_into_the_slot_file_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path().join("s");
+        let files: Table<SnapshotRecord> = Table::open(d.clone()).unwrap();
+        for id in ["a", "b"] {
+            files.put(&snap(id)).unwrap();
+        }
+        std::fs::write(d.join("bad.json"), b"{half").unwrap();
+        drop(files);
+        let t: Table<SnapshotRecord> = Table::open_slots(d.clone()).unwrap();
+        assert_eq!(t.len(), 2);
+        assert!(t.is_unreadable("bad"));
+        assert!(!d.join("a.json").exists() && d.join("bad.json").exists());
+        let mut b = snap("b");
+        b.size_bytes = 7;
+        t.put(&b).unwrap();
+        t.put_new(&snap("c")).unwrap();
+        t.remove("a").unwrap();
+        drop(t);
+        let t: Table<SnapshotRecord> = Table::open_slots(d.clone()).unwrap();
+        let ids: Vec<_> = t.all().into_iter().map(|r| (r.id, r.size_bytes)).collect();
+        assert_eq!(ids, [("b".to_string(), 7), ("c".to_string(), 1)]);
+        let mut names: Vec<_> = std::fs::read_dir(&d)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["bad.json", SLOT_FILE, TOO_OLD_GUARD]);
     }
 }

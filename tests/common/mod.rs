@@ -632,3 +632,25 @@ pub async fn trash_emptied(root: &Path) {
         .collect();
     panic!("the trash still holds {left:?} after 30 s");
 }
+
+/// Ids of the records on disk under `root` for `table` ("volumes" or
+/// "snapshots"): those in its slot file and any still in files of their own.
+pub fn records(root: &Path, table: &str) -> Vec<String> {
+    let dir = root.join("state").join(table);
+    let mut ids: Vec<String> = localvol::store::slots::read(
+        &dir.join(localvol::store::SLOT_FILE),
+        localvol::store::id_of,
+    )
+    .unwrap()
+    .into_iter()
+    .map(|l| l.id)
+    .collect();
+    for e in std::fs::read_dir(&dir).unwrap() {
+        let name = e.unwrap().file_name().to_string_lossy().into_owned();
+        if name != localvol::store::SLOT_FILE && name != localvol::store::TOO_OLD_GUARD {
+            ids.push(name);
+        }
+    }
+    ids.sort();
+    ids
+}

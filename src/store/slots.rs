@@ -1,0 +1,512 @@
+//! A file of fixed-size slots holding the records of one table, so that every change
+//! is one write in place and one fdatasync: no file is created, renamed or unlinked,
+//! so no directory needs a flush, and the blocks written are already allocated.
+//!
+//! Each record sits at the start of a run of slots, behind a header that carries a
+//! checksum and a sequence number. A crash mid-write leaves a run whose checksum
+//! fails, which reads as free: the write was never acknowledged. A record is
+//! replaced by writing the new version elsewhere first; until the old copy's
+//! header is cleared (later, without a flush of its own) both may be on disk, and
+//! the higher sequence number wins. Removal clears the header and flushes, which
+//! also flushes every earlier clearing: they are dirty pages of the same file.
+//!
+//! Flushes are shared: writers that finish while an fdatasync runs wait for it and
+//! then share the next one, so concurrent calls cost one flush between them. A
+//! failed flush fails every write it covered and every later one: the kernel
+//! reports a writeback error once, and pages it failed to write may be dropped,
+//! so nothing written since can be called durable until a restart reads back
+//! what the disk holds.
+
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeSet, HashMap};
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Condvar, Mutex};
+
+use crate::error::{Context, Error, Result};
+
+/// One slot: a page, so that a small record is one aligned block write.
+pub const SLOT: usize = 4096;
+const HEADER: usize = 32;
+const MAGIC: &[u8; 4] = b"LVS1";
+
+/// Where a record lives: its first slot and how many slots it spans.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Run {
+    start: u64,
+    span: u64,
+}
+
+struct State {
+    next_seq: u64,
+    /// Slots in the file.
+    end: u64,
+    free: BTreeSet<u64>,
+    /// Each record's run and sequence number.
+    live: HashMap<String, (Run, u64)>,
+}
+
+pub struct SlotFile {
+    file: File,
+    path: PathBuf,
+    state: Mutex<State>,
+    flushes: Mutex<Flushes>,
+    flushed: Condvar,
+}
+
+/// Writes are numbered as they finish; a flush started after write n covers it.
+#[derive(Default)]
+struct Flushes {
+    written: u64,
+    synced: u64,
+    running: bool,
+    failed: Option<String>,
+}
+
+/// A record read back at open: its id and its bytes.
+pub struct Loaded {
+    pub id: String,
+    pub payload: Vec<u8>,
+}
+
+fn checksum(rest: &[u8]) -> [u8; 8] {
+    let d = Sha256::digest(rest);
+    d[..8].try_into().expect("8 bytes")
+}
+
+/// The bytes of a run holding `payload`, header first, zero-padded to whole slots.
+fn encode(seq: u64, payload: &[u8]) -> Vec<u8> {
+    let span = span_of(payload.len());
+    let mut buf = vec![0u8; span as usize * SLOT];
+    buf[0..4].copy_from_slice(MAGIC);
+    buf[12..20].copy_from_slice(&seq.to_le_bytes());
+    buf[20..24].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    buf[24..28].copy_from_slice(&(span as u32).to_le_bytes());
+    buf[HEADER..HEADER + payload.len()].copy_from_slice(payload);
+    let sum = checksum(&buf[12..HEADER + payload.len()]);
+    buf[4..12].copy_from_slice(&sum);
+    buf
+}
+
+fn span_of(len: usize) -> u64 {
+    (HEADER + len).div_ceil(SLOT) as u64
+}
+
+/// A valid run starting at `slot` of `bytes` (the whole file): seq, span, payload.
+fn decode(bytes: &[u8], slot: u64) -> Option<(u64, u64, &[u8])> {
+    let at = slot as usize * SLOT;
+    let head = bytes.get(at..at + HEADER)?;
+    if &head[0..4] != MAGIC {
+        return None;
+    }
+    let seq = u64::from_le_bytes(head[12..20].try_into().ok()?);
+    let len = u32::from_le_bytes(head[20..24].try_into().ok()?) as usize;
+    let span = u32::from_le_bytes(head[24..28].try_into().ok()?) as u64;
+    if span != span_of(len) {
+        return None;
+    }
+    let body = bytes.get(at + 12..at + HEADER + len)?;
+    if checksum(body) != head[4..12] {
+        return None;
+    }
+    Some((seq, span, &body[HEADER - 12..]))
+}
+
+impl SlotFile {
+    /// Opens (creating) the file and reads back the newest valid record of each id;
+    /// `id_of` reads a payload's id. Stale copies a crash left are cleared durably
+    /// before anything is served, so a later removal cannot uncover them.
+    pub fn open(
+        path: PathBuf,
+        id_of: impl Fn(&[u8]) -> Option<String>,
+    ) -> Result<(SlotFile, Vec<Loaded>)> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+            .open(&path)
+            .ctx(|| format!("open {}", path.display()))?;
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(&mut &file, &mut bytes)
+            .ctx(|| format!("read {}", path.display()))?;
+        let end = (bytes.len() / SLOT) as u64;
+        let mut newest: HashMap<String, (u64, Run)> = HashMap::new();
+        let mut stale = Vec::new();
+        let mut taken = BTreeSet::new();
+        let mut next_seq = 1;
+        let mut slot = 0;
+        while slot < end {
+            let Some((seq, span, payload)) = decode(&bytes, slot) else {
+                slot += 1;
+                continue;
+            };
+            next_seq = next_seq.max(seq + 1);
+            let run = Run { start: slot, span };
+            match id_of(payload) {
+                Some(id) => match newest.get(&id) {
+                    Some(&(s, _)) if s > seq => stale.push(run),
+                    _ => {
+                        if let Some((_, old)) = newest.insert(id, (seq, run)) {
+                            stale.push(old);
+                        }
+                    }
+                },
+                None => {
+                    // Valid but of no known shape (a newer version's?): kept, never reused.
+                    tracing::error!(path = %path.display(), slot, "record without an id; its slots are kept as they are");
+                    taken.extend(slot..slot + span);
+                }
+            }
+            slot += span;
+        }
+        for run in &stale {
+            file.write_all_at(&[0u8; HEADER], run.start * SLOT as u64)
+                .ctx(|| format!("clear a stale record in {}", path.display()))?;
+        }
+        if !stale.is_empty() {
+            file.sync_data()
+                .ctx(|| format!("fdatasync {}", path.display()))?;
+        }
+        let mut live = HashMap::new();
+        let mut loaded = Vec::new();
+        for (id, (seq, run)) in newest {
+            taken.extend(run.start..run.start + run.span);
+            let payload = decode(&bytes, run.start).expect("decoded above").2.to_vec();
+            loaded.push(Loaded {
+                id: id.clone(),
+                payload,
+            });
+            live.insert(id, (run, seq));
+        }
+        let free = (0..end).filter(|s| !taken.contains(s)).collect();
+        let state = State {
+            next_seq,
+            end,
+            free,
+            live,
+        };
+        Ok((
+            SlotFile {
+                file,
+                path,
+                state: Mutex::new(state),
+                flushes: Mutex::new(Flushes::default()),
+                flushed: Condvar::new(),
+            },
+            loaded,
+        ))
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Makes every write finished before this call durable: one fdatasync, or a
+    /// share of one that starts after it.
+    fn flush(&self) -> std::io::Result<()> {
+        let mut f = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
+        f.written += 1;
+        let ticket = f.written;
+        loop {
+            if let Some(e) = &f.failed {
+                return Err(std::io::Error::other(format!(
+                    "an earlier flush of this file failed ({e}); restart the driver to read back what the disk holds"
+                )));
+            }
+            if f.synced >= ticket {
+                return Ok(());
+            }
+            if f.running {
+                f = self.flushed.wait(f).unwrap_or_else(|e| e.into_inner());
+                continue;
+            }
+            f.running = true;
+            let covers = f.written;
+            drop(f);
+            let result = self.file.sync_data();
+            f = self.flushes.lock().unwrap_or_else(|e| e.into_inner());
+            f.running = false;
+            match &result {
+                Ok(()) => f.synced = covers,
+                Err(e) => f.failed = Some(e.to_string()),
+            }
+            self.flushed.notify_all();
+            result?;
+        }
+    }
+
+    /// Writes `payload` as the record of `id`, durably, replacing any earlier one.
+    pub fn write(&self, id: &str, payload: &[u8]) -> Result<()> {
+        let (run, seq) = {
+            let mut st = self.lock();
+            let run = st.allocate(span_of(payload.len()));
+            let seq = st.next_seq;
+            st.next_seq += 1;
+            (run, seq)
+        };
+        let bytes = encode(seq, payload);
+        let at = run.start * SLOT as u64;
+        let written = self
+            .file
+            .write_all_at(&bytes, at)
+            .and_then(|()| self.flush());
+        if let Err(e) = written {
+            // Never acknowledged: clear it so a restart does not take it, and give
+            // the slots back only if that worked.
+            let mut st = self.lock();
+            if self.file.write_all_at(&[0u8; HEADER], at).is_ok() {
+                st.release(run);
+            }
+            return Err(no_space_or_io(
+                e,
+                format!("write a record to {}", self.path.display()),
+            ));
+        }
+        let mut st = self.lock();
+        let old = match st.live.get(id) {
+            // A newer write of the same id got in first (callers lock per id, so
+            // only a bug gets here): ours is the stale one.
+            Some(&(_, s)) if s > seq => Some(run),
+            _ => st.live.insert(id.to_string(), (run, seq)).map(|(r, _)| r),
+        };
+        if let Some(old) = old {
+            // Flushed by the next fdatasync of this file, whoever makes it; until
+            // then the new copy outranks the old by its sequence number.
+            if self
+                .file
+                .write_all_at(&[0u8; HEADER], old.start * SLOT as u64)
+                .is_ok()
+            {
+                st.release(old);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes the record of `id` durably; removing an absent record is fine.
+    pub fn remove(&self, id: &str) -> Result<()> {
+        let Some((run, _)) = self.lock().live.get(id).copied() else {
+            return Ok(());
+        };
+        self.file
+            .write_all_at(&[0u8; HEADER], run.start * SLOT as u64)
+            .and_then(|()| self.flush())
+            .ctx(|| format!("remove a record from {}", self.path.display()))?;
+        let mut st = self.lock();
+        if st.live.get(id).map(|(r, _)| r) == Some(&run) {
+            st.live.remove(id);
+            st.release(run);
+        }
+        Ok(())
+    }
+
+    /// Slots in the file, used or not (for tests and status).
+    pub fn slots(&self) -> u64 {
+        self.lock().end
+    }
+}
+
+impl State {
+    /// A free single slot, or a free run of `span`, or new slots at the end.
+    fn allocate(&mut self, span: u64) -> Run {
+        if span == 1 {
+            if let Some(start) = self.free.pop_first() {
+                return Run { start, span };
+            }
+        } else {
+            // Records longer than a slot are rare (very long parameters): a scan
+            // of the free slots is fine for them.
+            let mut run_start = None;
+            let mut prev = None;
+            for &s in &self.free {
+                if prev.map(|p| p + 1) != Some(s) {
+                    run_start = Some(s);
+                }
+                prev = Some(s);
+                let start = run_start.expect("set above");
+                if s + 1 - start == span {
+                    for x in start..start + span {
+                        self.free.remove(&x);
+                    }
+                    return Run { start, span };
+                }
+            }
+        }
+        let start = self.end;
+        self.end += span;
+        Run { start, span }
+    }
+
+    fn release(&mut self, run: Run) {
+        self.free.extend(run.start..run.start + run.span);
+    }
+}
+
+fn no_space_or_io(e: std::io::Error, what: String) -> Error {
+    if e.raw_os_error() == Some(libc::ENOSPC) {
+        Error::NoSpace(format!("{what}: the root's filesystem is full"))
+    } else {
+        Error::io(what, e)
+    }
+}
+
+/// Reads the newest valid records of a slot file without opening it for writing
+/// (for `localvol status`, which may run beside the driver).
+pub fn read(path: &Path, id_of: impl Fn(&[u8]) -> Option<String>) -> std::io::Result<Vec<Loaded>> {
+    let bytes = match std::fs::read(path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) => return Err(e),
+    };
+    let end = (bytes.len() / SLOT) as u64;
+    let mut newest: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
+    let mut slot = 0;
+    while slot < end {
+        let Some((seq, span, payload)) = decode(&bytes, slot) else {
+            slot += 1;
+            continue;
+        };
+        if let Some(id) = id_of(payload) {
+            if newest.get(&id).is_none_or(|(s, _)| *s < seq) {
+                newest.insert(id, (seq, payload.to_vec()));
+            }
+        }
+        slot += span;
+    }
+    Ok(newest
+        .into_iter()
+        .map(|(id, (_, payload))| Loaded { id, payload })
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn id_of(p: &[u8]) -> Option<String> {
+        let s = std::str::from_utf8(p).ok()?;
+        Some(s.split(':').next()?.to_string())
+    }
+
+    fn open(path: &Path) -> (SlotFile, Vec<(String, String)>) {
+        let (f, loaded) = SlotFile::open(path.to_path_buf(), id_of).unwrap();
+        let mut got: Vec<_> = loaded
+            .into_iter()
+            .map(|l| (l.id, String::from_utf8(l.payload).unwrap()))
+            .collect();
+        got.sort();
+        (f, got)
+    }
+
+    #[test]
+    fn records_are_replaced_removed_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots");
+        let (f, got) = open(&path);
+        assert!(got.is_empty());
+        f.write("a", b"a:1").unwrap();
+        f.write("b", b"b:1").unwrap();
+        f.write("a", b"a:2").unwrap();
+        f.write("c", b"c:1").unwrap();
+        f.remove("b").unwrap();
+        f.remove("never").unwrap();
+        // The old copy of a was given back and reused: the file did not grow.
+        assert_eq!(f.slots(), 3);
+        drop(f);
+        let (f, got) = open(&path);
+        assert_eq!(
+            got,
+            [("a".into(), "a:2".into()), ("c".into(), "c:1".into())]
+        );
+        assert_eq!(f.slots(), 3);
+        assert_eq!(read(&path, id_of).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn long_records_span_slots_and_their_room_is_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots");
+        let (f, _) = open(&path);
+        let long = format!("big:{}", "x".repeat(3 * SLOT));
+        f.write("s", b"s:1").unwrap();
+        f.write("big", long.as_bytes()).unwrap();
+        assert_eq!(f.slots(), 5);
+        f.remove("big").unwrap();
+        f.write("big2", format!("big2:{}", "y".repeat(2 * SLOT)).as_bytes())
+            .unwrap();
+        assert_eq!(f.slots(), 5, "the freed run was reused");
+        f.write("t", b"t:1").unwrap();
+        drop(f);
+        let (_, got) = open(&path);
+        assert_eq!(
+            got.iter().map(|(i, _)| i.as_str()).collect::<Vec<_>>(),
+            ["big2", "s", "t"]
+        );
+    }
+
+    #[test]
+    fn a_torn_write_reads_as_absent_and_the_older_copy_stands() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots");
+        let (f, _) = open(&path);
+        f.write("a", b"a:old").unwrap();
+        drop(f);
+        // A newer copy whose last bytes never reached the disk.
+        let mut torn = encode(99, b"a:new");
+        torn[HEADER + 4] ^= 0xff;
+        let raw = OpenOptions::new().write(true).open(&path).unwrap();
+        raw.write_all_at(&torn, SLOT as u64).unwrap();
+        drop(raw);
+        let (f, got) = open(&path);
+        assert_eq!(got, [("a".into(), "a:old".into())]);
+        // Its slot is free again.
+        f.write("b", b"b:1").unwrap();
+        assert_eq!(f.slots(), 2);
+    }
+
+    #[test]
+    fn a_stale_copy_left_by_a_crash_is_cleared_and_never_uncovered() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots");
+        let (f, _) = open(&path);
+        f.write("a", b"a:1").unwrap();
+        drop(f);
+        // A crash after the new copy's flush, before the old header was cleared.
+        let raw = OpenOptions::new().write(true).open(&path).unwrap();
+        raw.write_all_at(&encode(7, b"a:2"), SLOT as u64).unwrap();
+        drop(raw);
+        let (f, got) = open(&path);
+        assert_eq!(got, [("a".into(), "a:2".into())]);
+        f.remove("a").unwrap();
+        drop(f);
+        let (_, got) = open(&path);
+        assert!(got.is_empty(), "the old copy came back: {got:?}");
+    }
+
+    #[test]
+    fn concurrent_writers_share_flushes_and_all_land() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots");
+        let (f, _) = open(&path);
+        std::thread::scope(|s| {
+            for t in 0..4 {
+                let f = &f;
+                s.spawn(move || {
+                    for i in 0..50 {
+                        let id = format!("{t}-{i}");
+                        f.write(&id, format!("{id}:x").as_bytes()).unwrap();
+                        if i % 2 == 0 {
+                            f.remove(&id).unwrap();
+                        }
+                    }
+                });
+            }
+        });
+        drop(f);
+        let (_, got) = open(&path);
+        assert_eq!(got.len(), 100);
+    }
+}
