@@ -93,10 +93,9 @@ fn span_of(len: usize) -> u64 {
     (HEADER + len).div_ceil(SLOT) as u64
 }
 
-/// A valid run starting at `slot` of `bytes` (the whole file): seq, span, payload.
-fn decode(bytes: &[u8], slot: u64) -> Option<(u64, u64, &[u8])> {
-    let at = slot as usize * SLOT;
-    let head = bytes.get(at..at + HEADER)?;
+/// The valid run at the start of `run` (its first slot onwards): seq, span, payload.
+fn decode(run: &[u8]) -> Option<(u64, u64, &[u8])> {
+    let head = run.get(..HEADER)?;
     if &head[0..4] != MAGIC {
         return None;
     }
@@ -106,11 +105,37 @@ fn decode(bytes: &[u8], slot: u64) -> Option<(u64, u64, &[u8])> {
     if span != span_of(len) {
         return None;
     }
-    let body = bytes.get(at + 12..at + HEADER + len)?;
+    let body = run.get(12..HEADER + len)?;
     if checksum(body) != head[4..12] {
         return None;
     }
     Some((seq, span, &body[HEADER - 12..]))
+}
+
+/// Walks the valid runs of a slot file in order, a slot at a time (the kernel's
+/// readahead makes that a sequential read), so memory does not grow with the file.
+/// Returns the number of slots.
+fn scan(file: &File, mut visit: impl FnMut(Run, u64, &[u8])) -> std::io::Result<u64> {
+    let end = file.metadata()?.len() / SLOT as u64;
+    let mut buf = vec![0u8; SLOT];
+    let mut slot = 0;
+    while slot < end {
+        buf.resize(SLOT, 0);
+        file.read_exact_at(&mut buf, slot * SLOT as u64)?;
+        let span = u32::from_le_bytes(buf[24..28].try_into().expect("4 bytes")) as u64;
+        if &buf[0..4] == MAGIC && span > 1 && slot + span <= end {
+            buf.resize(span as usize * SLOT, 0);
+            file.read_exact_at(&mut buf[SLOT..], (slot + 1) * SLOT as u64)?;
+        }
+        match decode(&buf) {
+            Some((seq, span, payload)) if slot + span <= end => {
+                visit(Run { start: slot, span }, seq, payload);
+                slot += span;
+            }
+            _ => slot += 1,
+        }
+    }
+    Ok(end)
 }
 
 impl SlotFile {
@@ -129,39 +154,29 @@ impl SlotFile {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&path)
             .ctx(|| format!("open {}", path.display()))?;
-        let mut bytes = Vec::new();
-        std::io::Read::read_to_end(&mut &file, &mut bytes)
-            .ctx(|| format!("read {}", path.display()))?;
-        let end = (bytes.len() / SLOT) as u64;
-        let mut newest: HashMap<String, (u64, Run)> = HashMap::new();
+        let mut newest: HashMap<String, (u64, Run, Vec<u8>)> = HashMap::new();
         let mut stale = Vec::new();
         let mut taken = BTreeSet::new();
         let mut next_seq = 1;
-        let mut slot = 0;
-        while slot < end {
-            let Some((seq, span, payload)) = decode(&bytes, slot) else {
-                slot += 1;
-                continue;
-            };
+        let end = scan(&file, |run, seq, payload| {
             next_seq = next_seq.max(seq + 1);
-            let run = Run { start: slot, span };
             match id_of(payload) {
                 Some(id) => match newest.get(&id) {
-                    Some(&(s, _)) if s > seq => stale.push(run),
+                    Some(&(s, _, _)) if s > seq => stale.push(run),
                     _ => {
-                        if let Some((_, old)) = newest.insert(id, (seq, run)) {
+                        if let Some((_, old, _)) = newest.insert(id, (seq, run, payload.to_vec())) {
                             stale.push(old);
                         }
                     }
                 },
                 None => {
                     // Valid but of no known shape (a newer version's?): kept, never reused.
-                    tracing::error!(path = %path.display(), slot, "record without an id; its slots are kept as they are");
-                    taken.extend(slot..slot + span);
+                    tracing::error!(path = %path.display(), slot = run.start, "record without an id; its slots are kept as they are");
+                    taken.extend(run.start..run.start + run.span);
                 }
             }
-            slot += span;
-        }
+        })
+        .ctx(|| format!("read {}", path.display()))?;
         for run in &stale {
             file.write_all_at(&[0u8; HEADER], run.start * SLOT as u64)
                 .ctx(|| format!("clear a stale record in {}", path.display()))?;
@@ -172,9 +187,8 @@ impl SlotFile {
         }
         let mut live = HashMap::new();
         let mut loaded = Vec::new();
-        for (id, (seq, run)) in newest {
+        for (id, (seq, run, payload)) in newest {
             taken.extend(run.start..run.start + run.span);
-            let payload = decode(&bytes, run.start).expect("decoded above").2.to_vec();
             loaded.push(Loaded {
                 id: id.clone(),
                 payload,
@@ -356,26 +370,19 @@ fn no_space_or_io(e: std::io::Error, what: String) -> Error {
 /// Reads the newest valid records of a slot file without opening it for writing
 /// (for `localvol status`, which may run beside the driver).
 pub fn read(path: &Path, id_of: impl Fn(&[u8]) -> Option<String>) -> std::io::Result<Vec<Loaded>> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    let file = match File::open(path) {
+        Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
         Err(e) => return Err(e),
     };
-    let end = (bytes.len() / SLOT) as u64;
     let mut newest: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
-    let mut slot = 0;
-    while slot < end {
-        let Some((seq, span, payload)) = decode(&bytes, slot) else {
-            slot += 1;
-            continue;
-        };
+    scan(&file, |_, seq, payload| {
         if let Some(id) = id_of(payload) {
             if newest.get(&id).is_none_or(|(s, _)| *s < seq) {
                 newest.insert(id, (seq, payload.to_vec()));
             }
         }
-        slot += span;
-    }
+    })?;
     Ok(newest
         .into_iter()
         .map(|(id, (_, payload))| Loaded { id, payload })
@@ -465,6 +472,23 @@ mod tests {
         // Its slot is free again.
         f.write("b", b"b:1").unwrap();
         assert_eq!(f.slots(), 2);
+    }
+
+    #[test]
+    fn a_run_cut_short_by_the_end_of_the_file_reads_as_absent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots");
+        let (f, _) = open(&path);
+        f.write("s", b"s:1").unwrap();
+        f.write("big", format!("big:{}", "x".repeat(2 * SLOT)).as_bytes())
+            .unwrap();
+        drop(f);
+        let raw = OpenOptions::new().write(true).open(&path).unwrap();
+        raw.set_len(3 * SLOT as u64).unwrap();
+        drop(raw);
+        let (f, got) = open(&path);
+        assert_eq!(got, [("s".into(), "s:1".into())]);
+        assert_eq!(f.slots(), 3);
     }
 
     #[test]
