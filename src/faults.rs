@@ -9,6 +9,7 @@ use std::sync::OnceLock;
 pub const POINTS: &[&str] = &[
     "create.after_data",
     "create.after_record",
+    "record.replaced",
     "delete.after_record",
     "delete.in_trash",
     "snapshot.frozen",

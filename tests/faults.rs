@@ -255,6 +255,49 @@ async fn walk(point: &str) {
             let s = nix::sys::statvfs::statvfs(&target).unwrap();
             assert!(s.blocks() as u64 * s.fragment_size() as u64 > 320 << 20);
         }
+        "record.replaced" => {
+            // ControllerUnpublish replaces the volume's record; the crash leaves the
+            // new copy (detached) durable and the old one (attached) not yet
+            // cleared. The next write is the delete: if start-up did not clear the
+            // old copy, it would come back once the new one is gone.
+            let v = c.create("v", 64 * MIB, &[], rwo()).await;
+            c.controller
+                .controller_publish_volume(ControllerPublishVolumeRequest {
+                    volume_id: v.volume_id.clone(),
+                    node_id: NODE.into(),
+                    volume_capability: Some(rwo()),
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            let unpublish = ControllerUnpublishVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            };
+            let mut c = arm(&mut d, point).await;
+            let r = ok(c
+                .controller
+                .controller_unpublish_volume(unpublish.clone())
+                .await);
+            let mut c = recover(&mut d, r, point).await;
+            // The new copy won: the retry has nothing to do, and the delete may go.
+            c.controller
+                .controller_unpublish_volume(unpublish)
+                .await
+                .unwrap();
+            c.delete(&v.volume_id).await.unwrap();
+            d.restart_after_kill9().await;
+            let mut c = d.clients().await;
+            let left = c
+                .controller
+                .list_volumes(ListVolumesRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .entries;
+            assert!(left.is_empty(), "a removed record came back: {left:?}");
+        }
         other => panic!("no scenario for crash point {other}"),
     }
     let mut c = d.clients().await;

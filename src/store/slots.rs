@@ -287,6 +287,7 @@ impl SlotFile {
             _ => st.live.insert(id.to_string(), (run, seq)).map(|(r, _)| r),
         };
         if let Some(old) = old {
+            crate::faults::point("record.replaced");
             // Flushed by the next fdatasync of this file, whoever makes it; until
             // then the new copy outranks the old by its sequence number.
             if self
