@@ -29,6 +29,10 @@ use crate::error::{Context, Error, Result};
 /// One slot: a page, so that a small record is one aligned block write.
 pub const SLOT: usize = 4096;
 const HEADER: usize = 32;
+/// Slots the file grows by when none is free: zeros written once, so that the
+/// records that follow overwrite blocks already allocated (no size change to
+/// flush) and a full root still has room for record changes.
+const GROW: u64 = 64;
 const MAGIC: &[u8; 4] = b"LVS1";
 
 /// Where a record lives: its first slot and how many slots it spans.
@@ -256,7 +260,26 @@ impl SlotFile {
     pub fn write(&self, id: &str, payload: &[u8]) -> Result<()> {
         let (run, seq) = {
             let mut st = self.lock();
-            let run = st.allocate(span_of(payload.len()));
+            let span = span_of(payload.len());
+            let run = match st.allocate(span) {
+                Some(run) => run,
+                None => {
+                    // Under the lock: no one may take the new slots before they
+                    // are zeros. The next flush makes them durable.
+                    let more = GROW.max(span);
+                    let zeros = vec![0u8; more as usize * SLOT];
+                    self.file
+                        .write_all_at(&zeros, st.end * SLOT as u64)
+                        .map_err(|e| no_space_or_io(e, format!("grow {}", self.path.display())))?;
+                    let end = st.end;
+                    st.release(Run {
+                        start: end,
+                        span: more,
+                    });
+                    st.end += more;
+                    st.allocate(span).expect("room was just made")
+                }
+            };
             let seq = st.next_seq;
             st.next_seq += 1;
             (run, seq)
@@ -325,34 +348,29 @@ impl SlotFile {
 }
 
 impl State {
-    /// A free single slot, or a free run of `span`, or new slots at the end.
-    fn allocate(&mut self, span: u64) -> Run {
+    /// A free single slot, or a free run of `span`: the lowest.
+    fn allocate(&mut self, span: u64) -> Option<Run> {
         if span == 1 {
-            if let Some(start) = self.free.pop_first() {
-                return Run { start, span };
+            return self.free.pop_first().map(|start| Run { start, span });
+        }
+        // Records longer than a slot are rare (very long parameters): a scan of
+        // the free slots is fine for them.
+        let mut run_start = None;
+        let mut prev = None;
+        for &s in &self.free {
+            if prev.map(|p| p + 1) != Some(s) {
+                run_start = Some(s);
             }
-        } else {
-            // Records longer than a slot are rare (very long parameters): a scan
-            // of the free slots is fine for them.
-            let mut run_start = None;
-            let mut prev = None;
-            for &s in &self.free {
-                if prev.map(|p| p + 1) != Some(s) {
-                    run_start = Some(s);
+            prev = Some(s);
+            let start = run_start.expect("set above");
+            if s + 1 - start == span {
+                for x in start..start + span {
+                    self.free.remove(&x);
                 }
-                prev = Some(s);
-                let start = run_start.expect("set above");
-                if s + 1 - start == span {
-                    for x in start..start + span {
-                        self.free.remove(&x);
-                    }
-                    return Run { start, span };
-                }
+                return Some(Run { start, span });
             }
         }
-        let start = self.end;
-        self.end += span;
-        Run { start, span }
+        None
     }
 
     fn release(&mut self, run: Run) {
@@ -421,15 +439,16 @@ mod tests {
         f.write("c", b"c:1").unwrap();
         f.remove("b").unwrap();
         f.remove("never").unwrap();
-        // The old copy of a was given back and reused: the file did not grow.
-        assert_eq!(f.slots(), 3);
+        // The file grew once, by GROW slots of zeros.
+        assert_eq!(f.slots(), GROW);
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), GROW * SLOT as u64);
         drop(f);
         let (f, got) = open(&path);
         assert_eq!(
             got,
             [("a".into(), "a:2".into()), ("c".into(), "c:1".into())]
         );
-        assert_eq!(f.slots(), 3);
+        assert_eq!(f.slots(), GROW);
         assert_eq!(read(&path, id_of).unwrap().len(), 2);
     }
 
@@ -441,11 +460,26 @@ mod tests {
         let long = format!("big:{}", "x".repeat(3 * SLOT));
         f.write("s", b"s:1").unwrap();
         f.write("big", long.as_bytes()).unwrap();
-        assert_eq!(f.slots(), 5);
+        assert_eq!(f.slots(), GROW);
         f.remove("big").unwrap();
+        // Freed runs are reused: many long records come and go, the file stays.
+        for i in 0..200 {
+            let id = format!("big{}", i % 3);
+            f.write(&id, format!("{id}:{}", "y".repeat(2 * SLOT)).as_bytes())
+                .unwrap();
+            if i % 3 != 2 {
+                f.remove(&id).unwrap();
+            }
+        }
+        assert_eq!(f.slots(), GROW);
+        f.remove("big2").unwrap();
+        // One that does not fit in what is left grows the file by itself.
+        let huge = format!("huge:{}", "z".repeat(GROW as usize * SLOT));
+        f.write("huge", huge.as_bytes()).unwrap();
+        assert_eq!(f.slots(), 2 * GROW + 1);
         f.write("big2", format!("big2:{}", "y".repeat(2 * SLOT)).as_bytes())
             .unwrap();
-        assert_eq!(f.slots(), 5, "the freed run was reused");
+        f.remove("huge").unwrap();
         f.write("t", b"t:1").unwrap();
         drop(f);
         let (_, got) = open(&path);
@@ -472,7 +506,7 @@ mod tests {
         assert_eq!(got, [("a".into(), "a:old".into())]);
         // Its slot is free again.
         f.write("b", b"b:1").unwrap();
-        assert_eq!(f.slots(), 2);
+        assert_eq!(f.slots(), GROW);
     }
 
     #[test]
