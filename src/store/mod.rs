@@ -91,7 +91,7 @@ impl SnapshotRecord {
     }
 }
 
-/// Something stored one file per id.
+/// Something stored under its id.
 pub trait Record: Clone + Serialize + DeserializeOwned {
     fn id(&self) -> &str;
 }
@@ -139,8 +139,8 @@ pub struct Table<T: Record> {
     dir: PathBuf,
     medium: Medium,
     map: RwLock<BTreeMap<String, T>>,
-    /// Ids whose record file exists but cannot be read: their data is never
-    /// treated as a leftover.
+    /// Ids whose record exists but cannot be read: their data is never treated
+    /// as a leftover.
     unreadable: std::collections::BTreeSet<String>,
 }
 
@@ -269,10 +269,11 @@ impl<T: Record> Table<T> {
         self.unreadable.contains(id)
     }
 
-    /// Writes a record that does not exist yet, durably. Written in place rather
-    /// than through a temporary file and a rename: on the create path that saves a
-    /// sync (a journal commit, or on a journal-less filesystem a synchronous write). A crash mid-write leaves an unreadable file for an
-    /// id whose creation was never acknowledged; the retry replaces it.
+    /// Writes a record that does not exist yet, durably. In a slot table that is
+    /// any write. In files, it is written in place rather than through a temporary
+    /// file and a rename, which saves a sync: a crash mid-write leaves an
+    /// unreadable file for an id whose creation was never acknowledged, and the
+    /// retry replaces it.
     pub fn put_new(&self, rec: &T) -> Result<()> {
         if let Medium::Slots(_) = self.medium {
             return self.put(rec);
