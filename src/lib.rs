@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod mount;
 pub mod params;
 pub mod publish;
+pub mod rootlock;
 pub mod server;
 pub mod snapshots;
 pub mod status;

@@ -90,6 +90,10 @@ enum Command {
         /// Seconds a call may run before it is answered DEADLINE_EXCEEDED.
         #[arg(long, value_name = "SECONDS", default_value_t = 120)]
         rpc_timeout: u64,
+        /// Seconds to wait at start-up for another localvol serving the same root
+        /// to exit (an old pod still stopping during a rolling update).
+        #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+        root_lock_wait: u64,
     },
     /// Summary of the node's root (space, counts, health problems), then its volumes.
     /// Reads the root and the mount table: works with the driver stopped.
@@ -172,6 +176,7 @@ fn main() -> ExitCode {
             log_format,
             metrics_address,
             rpc_timeout,
+            root_lock_wait,
         } => {
             init_logging(log_format);
             if rpc_timeout == 0 {
@@ -200,6 +205,7 @@ fn main() -> ExitCode {
                 driver_name,
                 enable_btrfs_quota,
                 node_expansion_only,
+                root_lock_wait: std::time::Duration::from_secs(root_lock_wait),
             };
             // One thread answers gRPC; the work of every call runs on the blocking
             // pool. More runtime threads only add wake-ups between them: on 2 cores

@@ -41,6 +41,8 @@ pub struct Config {
     /// Leave all of expansion to NodeExpandVolume: the external-resizer runs once per
     /// cluster, not per node, so it cannot reach the node that holds a local volume.
     pub node_expansion_only: bool,
+    /// How long to wait at start-up for another driver serving the same root to exit.
+    pub root_lock_wait: std::time::Duration,
 }
 
 impl Config {
@@ -96,6 +98,8 @@ pub struct Driver {
     pub dir_limits: DirLimits,
     /// Where deleted data of this node's root goes to be removed in the background.
     pub trash: Trash,
+    /// This driver alone serves the root while it runs.
+    _root_lock: crate::rootlock::RootLock,
 }
 
 pub fn now_unix() -> (i64, i32) {
@@ -150,6 +154,7 @@ impl Driver {
         // directories the driver removes entries from may not.
         fs::create_dir_all(&layout.root)
             .map_err(|e| Error::io(format!("create {}", layout.root.display()), e))?;
+        let root_lock = crate::rootlock::RootLock::take(&layout.root, cfg.root_lock_wait)?;
         for d in [layout.volumes_dir(false), layout.snapshots_dir()] {
             dir::own_dir(&d)?;
         }
@@ -172,6 +177,7 @@ impl Driver {
             locks: KeyLocks::default(),
             dir_limits,
             trash,
+            _root_lock: root_lock,
         };
         driver.remove_leftovers()?;
         driver.report_found();

@@ -7,6 +7,7 @@ use common::*;
 use localvol::proto::volume_capability::access_mode::Mode;
 use localvol::proto::*;
 use std::fs;
+use std::time::Duration;
 use tonic::Code;
 
 #[tokio::test]
@@ -373,4 +374,58 @@ async fn records_of_an_earlier_version_are_moved_into_slots() {
     c.delete(&v.volume_id).await.unwrap();
     assert!(records(&d.root, "volumes").is_empty());
     assert!(records(&d.root, "snapshots").is_empty());
+}
+
+/// Two drivers on one root (a rolling update that starts the new pod first): the
+/// second waits for the first to exit and then serves the same volumes; if the
+/// first outlives the wait, the second refuses to start and names it.
+#[tokio::test]
+async fn a_second_driver_on_the_same_root_waits_for_the_first() {
+    let mut first = Driver::start().await;
+    let mut c = first.clients().await;
+    let v = c.create("pvc-one-root", MIB, &[], rwo()).await;
+
+    let other = tempfile::tempdir().unwrap();
+    let sock = other.path().join("second.sock");
+    let out = std::process::Command::new(binary())
+        .args(["serve", "--node-id", NODE, "--root-lock-wait", "1"])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", sock.display()))
+        .arg("--root")
+        .arg(&first.root)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the second driver started");
+    assert!(
+        err.contains(&format!("another localvol (pid {})", first.pid())),
+        "{err}"
+    );
+    assert!(!sock.exists());
+    // The first serves on, undisturbed.
+    assert_eq!(
+        c.create("pvc-one-root", MIB, &[], rwo()).await.volume_id,
+        v.volume_id
+    );
+
+    let root = first.root.clone();
+    let second = tokio::spawn(Driver::start_with(
+        vec!["--root-lock-wait".into(), "30".into()],
+        Some(root),
+    ));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(!second.is_finished(), "the second driver did not wait");
+    first.kill9();
+    let second = second.await.unwrap();
+    let mut c = second.clients().await;
+    let listed = c
+        .controller
+        .list_volumes(ListVolumesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert_eq!(listed.len(), 1);
+    c.delete(&v.volume_id).await.unwrap();
+    drop(second);
 }
