@@ -33,6 +33,8 @@ const HEADER: usize = 32;
 /// records that follow overwrite blocks already allocated (no size change to
 /// flush) and a full root still has room for record changes.
 const GROW: u64 = 64;
+/// What growth writes: never written to, so it costs no memory of its own.
+static ZEROS: [u8; GROW as usize * SLOT] = [0; GROW as usize * SLOT];
 const MAGIC: &[u8; 4] = b"LVS1";
 
 /// Where a record lives: its first slot and how many slots it spans.
@@ -267,10 +269,14 @@ impl SlotFile {
                     // Under the lock: no one may take the new slots before they
                     // are zeros. The next flush makes them durable.
                     let more = GROW.max(span);
-                    let zeros = vec![0u8; more as usize * SLOT];
-                    self.file
-                        .write_all_at(&zeros, st.end * SLOT as u64)
-                        .map_err(|e| no_space_or_io(e, format!("grow {}", self.path.display())))?;
+                    for chunk in (st.end..st.end + more).step_by(GROW as usize) {
+                        let n = GROW.min(st.end + more - chunk) as usize;
+                        self.file
+                            .write_all_at(&ZEROS[..n * SLOT], chunk * SLOT as u64)
+                            .map_err(|e| {
+                                no_space_or_io(e, format!("grow {}", self.path.display()))
+                            })?;
+                    }
                     let end = st.end;
                     st.release(Run {
                         start: end,
