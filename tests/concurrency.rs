@@ -25,18 +25,6 @@ fn mounts_below(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-async fn all_volumes(c: &mut Clients) -> Vec<Volume> {
-    c.controller
-        .list_volumes(ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries
-        .into_iter()
-        .filter_map(|e| e.volume)
-        .collect()
-}
-
 #[tokio::test]
 async fn same_name_created_once() {
     tokio::time::timeout(DEADLINE, async {
@@ -81,7 +69,8 @@ async fn same_name_created_once() {
             println!("64 concurrent CreateVolume ({kind}): {answers:?}");
             let v = first.expect("at least one CreateVolume succeeds");
             let mut c = d.clients().await;
-            let listed: Vec<_> = all_volumes(&mut c)
+            let listed: Vec<_> = c
+                .all_volumes()
                 .await
                 .into_iter()
                 .filter(|l| l.volume_id == v.volume_id)
@@ -90,7 +79,7 @@ async fn same_name_created_once() {
             assert_eq!(records(&d.root, "volumes").len(), 1, "one record on disk");
             c.delete(&v.volume_id).await.unwrap();
         }
-        assert!(all_volumes(&mut d.clients().await).await.is_empty());
+        assert!(d.clients().await.all_volumes().await.is_empty());
     })
     .await
     .expect("deadline: concurrent CreateVolume deadlocked");
@@ -227,7 +216,7 @@ async fn publish_unpublish_delete_race() {
         let d = Driver::start().await;
         race_on_one_volume(&d, "dir", &[]).await;
         race_on_one_volume(&d, "loop", &[("type", "loop")]).await;
-        assert!(all_volumes(&mut d.clients().await).await.is_empty());
+        assert!(d.clients().await.all_volumes().await.is_empty());
         assert!(!d.log().contains("panicked"));
     })
     .await

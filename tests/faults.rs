@@ -289,13 +289,7 @@ async fn walk(point: &str) {
             c.delete(&v.volume_id).await.unwrap();
             d.restart_after_kill9().await;
             let mut c = d.clients().await;
-            let left = c
-                .controller
-                .list_volumes(ListVolumesRequest::default())
-                .await
-                .unwrap()
-                .into_inner()
-                .entries;
+            let left = c.all_volumes().await;
             assert!(left.is_empty(), "a removed record came back: {left:?}");
         }
         other => panic!("no scenario for crash point {other}"),

@@ -418,14 +418,7 @@ async fn a_second_driver_on_the_same_root_waits_for_the_first() {
     first.kill9();
     let second = second.await.unwrap();
     let mut c = second.clients().await;
-    let listed = c
-        .controller
-        .list_volumes(ListVolumesRequest::default())
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
-    assert_eq!(listed.len(), 1);
+    assert_eq!(c.all_volumes().await.len(), 1);
     c.delete(&v.volume_id).await.unwrap();
     drop(second);
 }

@@ -364,6 +364,19 @@ impl Clients {
             .map(|_| ())
     }
 
+    /// Every volume ListVolumes returns (one page: no max_entries).
+    pub async fn all_volumes(&mut self) -> Vec<Volume> {
+        self.controller
+            .list_volumes(ListVolumesRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .entries
+            .into_iter()
+            .filter_map(|e| e.volume)
+            .collect()
+    }
+
     pub async fn delete(&mut self, id: &str) -> Result<(), tonic::Status> {
         self.controller
             .delete_volume(DeleteVolumeRequest {
