@@ -1100,14 +1100,10 @@ async fn statefulset_story_end_to_end() {
         k.delete_pvc(&c).await;
     }
     let left: Vec<String> =
-        k.c.controller
-            .list_volumes(ListVolumesRequest::default())
+        k.c.all_volumes()
             .await
-            .unwrap()
-            .into_inner()
-            .entries
             .into_iter()
-            .map(|e| e.volume.unwrap().volume_id)
+            .map(|v| v.volume_id)
             .collect();
     assert_eq!(left, vec![released.handle.clone()]);
     k.c.delete(&released.handle).await.unwrap();
