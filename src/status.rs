@@ -121,7 +121,16 @@ fn read_records<T: DeserializeOwned>(
     let slot_file = dir.join(crate::store::SLOT_FILE);
     let slotted = crate::store::slots::read(&slot_file, crate::store::id_of)
         .map_err(|e| io_error(&slot_file, e))?;
-    for l in slotted {
+    for d in slotted.damaged {
+        problems.push(format!(
+            "record {} in slot {} of {} is damaged (its checksum fails); the driver keeps \
+             the data it may describe",
+            d.id.as_deref().unwrap_or("(id illegible)"),
+            d.slot,
+            slot_file.display()
+        ));
+    }
+    for l in slotted.records {
         match serde_json::from_slice::<T>(&l.payload) {
             Ok(r) => {
                 out.insert(l.id, r);

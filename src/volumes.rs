@@ -243,6 +243,14 @@ impl Driver {
             (self.layout.volumes_dir(false), Kind::Volume),
             (self.layout.snapshots_dir(), Kind::Snapshot),
         ] {
+            let illegible = match kind {
+                Kind::Volume => self.store.volumes.has_illegible(),
+                Kind::Snapshot => self.store.snapshots.has_illegible(),
+            };
+            if illegible {
+                tracing::warn!(dir = %d.display(), "a damaged record's id is illegible: data without a record there is kept");
+                continue;
+            }
             let Ok(entries) = fs::read_dir(&d) else {
                 continue;
             };

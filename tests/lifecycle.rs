@@ -422,3 +422,57 @@ async fn a_second_driver_on_the_same_root_waits_for_the_first() {
     c.delete(&v.volume_id).await.unwrap();
     drop(second);
 }
+
+/// A record damaged on disk (its checksum fails) never costs its volume's data:
+/// the data is not taken for a leftover, `status` names the damage, and the
+/// volume is not served until the record is repaired. When even the id is
+/// illegible, no data without a record is removed at all.
+#[tokio::test]
+async fn a_damaged_record_never_costs_its_data() {
+    let mut d = Driver::start().await;
+    let mut c = d.clients().await;
+    let v = c.create("pvc-damaged", MIB, &[], rwo()).await;
+    let data = d.root.join("volumes").join(&v.volume_id);
+    fs::write(data.join("precious"), b"keep me").unwrap();
+    d.kill9();
+
+    let slots = d.root.join("state/volumes/slots");
+    let id_at = |bytes: &[u8]| {
+        bytes
+            .windows(v.volume_id.len())
+            .position(|w| w == v.volume_id.as_bytes())
+            .unwrap()
+    };
+    let mut bytes = fs::read(&slots).unwrap();
+    let at = id_at(&bytes) + v.volume_id.len() + 12;
+    bytes[at] ^= 0x01;
+    fs::write(&slots, &bytes).unwrap();
+    d.spawn().await;
+    let mut c = d.clients().await;
+    assert_eq!(fs::read(data.join("precious")).unwrap(), b"keep me");
+    assert!(c.all_volumes().await.is_empty());
+    let status = std::process::Command::new(binary())
+        .args(["status", "--root"])
+        .arg(&d.root)
+        .output()
+        .unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains(&format!("record {} in slot 0", v.volume_id))
+            && status.contains("is damaged"),
+        "{status}"
+    );
+
+    // Now the id too, beside the data of a create that a crash interrupted.
+    d.kill9();
+    let mut bytes = fs::read(&slots).unwrap();
+    let at = id_at(&bytes) + 6;
+    bytes[at] = 0;
+    fs::write(&slots, &bytes).unwrap();
+    let orphan = localvol::ids::id_for_name(localvol::ids::Kind::Volume, "interrupted");
+    fs::create_dir_all(d.root.join("volumes").join(&orphan)).unwrap();
+    d.spawn().await;
+    assert_eq!(fs::read(data.join("precious")).unwrap(), b"keep me");
+    assert!(d.root.join("volumes").join(&orphan).exists());
+    assert!(d.log().contains("illegible"), "{}", d.log());
+}

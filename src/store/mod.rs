@@ -142,6 +142,9 @@ pub struct Table<T: Record> {
     /// Ids whose record exists but cannot be read: their data is never treated
     /// as a leftover.
     unreadable: std::collections::BTreeSet<String>,
+    /// Damaged records whose id cannot be read either: while there are any, no
+    /// data is a leftover, since any of it may be theirs.
+    illegible: usize,
 }
 
 impl<T: Record> Table<T> {
@@ -183,6 +186,7 @@ impl<T: Record> Table<T> {
             medium: Medium::Files,
             map: RwLock::new(map),
             unreadable,
+            illegible: 0,
         })
     }
 
@@ -202,10 +206,26 @@ impl<T: Record> Table<T> {
                 ))
             }
         }
-        let (slots, loaded) = slots::SlotFile::open(files.dir.join(SLOT_FILE), id_of)?;
+        let path = files.dir.join(SLOT_FILE);
+        let (slots, contents) = slots::SlotFile::open(path.clone(), id_of)?;
         let mut map = BTreeMap::new();
         let mut unreadable = files.unreadable;
-        for l in loaded {
+        let mut illegible = 0;
+        for d in contents.damaged {
+            match d.id {
+                Some(id) => {
+                    tracing::error!(path = %path.display(), slot = d.slot, id = %id,
+                        "record is damaged (its checksum fails); its data is kept until it is repaired or removed");
+                    unreadable.insert(id);
+                }
+                None => {
+                    tracing::error!(path = %path.display(), slot = d.slot,
+                        "a damaged record's id is illegible: data without a record is kept, not removed, while it is there");
+                    illegible += 1;
+                }
+            }
+        }
+        for l in contents.records {
             match serde_json::from_slice::<T>(&l.payload) {
                 Ok(rec) => {
                     map.insert(l.id, rec);
@@ -241,6 +261,7 @@ impl<T: Record> Table<T> {
             medium: Medium::Slots(slots),
             map: RwLock::new(map),
             unreadable,
+            illegible,
         })
     }
 
@@ -264,9 +285,15 @@ impl<T: Record> Table<T> {
         self.len() == 0
     }
 
-    /// Whether a record file for `id` exists but could not be read at start-up.
+    /// Whether a record for `id` exists but could not be read at start-up.
     pub fn is_unreadable(&self, id: &str) -> bool {
         self.unreadable.contains(id)
+    }
+
+    /// Whether records were found damaged beyond reading their ids: then data
+    /// without a record may be theirs.
+    pub fn has_illegible(&self) -> bool {
+        self.illegible > 0
     }
 
     /// Writes a record that does not exist yet, durably. In a slot table that is

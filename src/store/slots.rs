@@ -76,6 +76,38 @@ pub struct Loaded {
     pub payload: Vec<u8>,
 }
 
+/// A slot that starts like a record but fails its checksum: a write a crash
+/// tore (never acknowledged), or damage to a record that was. Its id, when its
+/// first bytes still hold one, keeps that volume's data from being taken for a
+/// leftover.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Damaged {
+    pub slot: u64,
+    pub id: Option<String>,
+}
+
+/// What a slot file holds: the newest valid record of each id, and the damaged
+/// slots whose id has no valid record.
+pub struct Contents {
+    pub records: Vec<Loaded>,
+    pub damaged: Vec<Damaged>,
+}
+
+/// The id a damaged run's JSON starts with (`{"id":"...`), if it is legible.
+fn legible_id(run: &[u8]) -> Option<String> {
+    let head = run.get(HEADER..run.len().min(HEADER + 512))?;
+    const KEY: &[u8] = b"\"id\":\"";
+    let at = head.windows(KEY.len()).position(|w| w == KEY)? + KEY.len();
+    let len = head[at..].iter().position(|&b| b == b'"')?;
+    let id = std::str::from_utf8(&head[at..at + len]).ok()?;
+    let plausible = !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    plausible.then(|| id.to_string())
+}
+
 fn checksum(rest: &[u8]) -> [u8; 8] {
     let d = Sha256::digest(rest);
     d[..8].try_into().expect("8 bytes")
@@ -121,8 +153,12 @@ fn decode(run: &[u8]) -> Option<(u64, u64, &[u8])> {
 /// Walks the valid runs of a slot file in order, a slot at a time (the kernel's
 /// readahead makes that a sequential read), so memory does not grow with the file.
 /// Returns the number of slots.
-fn scan(file: &File, mut visit: impl FnMut(Run, u64, &[u8])) -> std::io::Result<u64> {
+fn scan(
+    file: &File,
+    mut visit: impl FnMut(Run, u64, &[u8]),
+) -> std::io::Result<(u64, Vec<Damaged>)> {
     let end = file.metadata()?.len() / SLOT as u64;
+    let mut damaged = Vec::new();
     let mut buf = vec![0u8; SLOT];
     let mut slot = 0;
     while slot < end {
@@ -138,10 +174,18 @@ fn scan(file: &File, mut visit: impl FnMut(Run, u64, &[u8])) -> std::io::Result<
                 visit(Run { start: slot, span }, seq, payload);
                 slot += span;
             }
-            _ => slot += 1,
+            _ => {
+                if &buf[0..4] == MAGIC {
+                    damaged.push(Damaged {
+                        slot,
+                        id: legible_id(&buf),
+                    });
+                }
+                slot += 1;
+            }
         }
     }
-    Ok(end)
+    Ok((end, damaged))
 }
 
 impl SlotFile {
@@ -151,7 +195,7 @@ impl SlotFile {
     pub fn open(
         path: PathBuf,
         id_of: impl Fn(&[u8]) -> Option<String>,
-    ) -> Result<(SlotFile, Vec<Loaded>)> {
+    ) -> Result<(SlotFile, Contents)> {
         let file = OpenOptions::new()
             .read(true)
             .write(true)
@@ -164,7 +208,7 @@ impl SlotFile {
         let mut stale = Vec::new();
         let mut taken = BTreeSet::new();
         let mut next_seq = 1;
-        let end = scan(&file, |run, seq, payload| {
+        let (end, damaged) = scan(&file, |run, seq, payload| {
             next_seq = next_seq.max(seq + 1);
             match id_of(payload) {
                 Some(id) => match newest.get(&id) {
@@ -201,6 +245,16 @@ impl SlotFile {
             });
             live.insert(id, (run, seq));
         }
+        // A damaged slot is kept as it is while its id has no valid record, so
+        // that the next start-up still knows the id; the retry of a torn create
+        // writes the record anew, and then the slot is free again.
+        let damaged: Vec<Damaged> = damaged
+            .into_iter()
+            .filter(|d| d.id.as_ref().is_none_or(|id| !live.contains_key(id)))
+            .collect();
+        for d in &damaged {
+            taken.insert(d.slot);
+        }
         let free = (0..end).filter(|s| !taken.contains(s)).collect();
         let state = State {
             next_seq,
@@ -216,7 +270,10 @@ impl SlotFile {
                 flushes: Mutex::new(Flushes::default()),
                 flushed: Condvar::new(),
             },
-            loaded,
+            Contents {
+                records: loaded,
+                damaged,
+            },
         ))
     }
 
@@ -394,24 +451,36 @@ fn no_space_or_io(e: std::io::Error, what: String) -> Error {
 
 /// Reads the newest valid records of a slot file without opening it for writing
 /// (for `localvol status`, which may run beside the driver).
-pub fn read(path: &Path, id_of: impl Fn(&[u8]) -> Option<String>) -> std::io::Result<Vec<Loaded>> {
+pub fn read(path: &Path, id_of: impl Fn(&[u8]) -> Option<String>) -> std::io::Result<Contents> {
     let file = match File::open(path) {
         Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(vec![]),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(Contents {
+                records: vec![],
+                damaged: vec![],
+            })
+        }
         Err(e) => return Err(e),
     };
     let mut newest: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
-    scan(&file, |_, seq, payload| {
+    let (_, damaged) = scan(&file, |_, seq, payload| {
         if let Some(id) = id_of(payload) {
             if newest.get(&id).is_none_or(|(s, _)| *s < seq) {
                 newest.insert(id, (seq, payload.to_vec()));
             }
         }
     })?;
-    Ok(newest
+    let damaged = damaged
         .into_iter()
-        .map(|(id, (_, payload))| Loaded { id, payload })
-        .collect())
+        .filter(|d| d.id.as_ref().is_none_or(|id| !newest.contains_key(id)))
+        .collect();
+    Ok(Contents {
+        records: newest
+            .into_iter()
+            .map(|(id, (_, payload))| Loaded { id, payload })
+            .collect(),
+        damaged,
+    })
 }
 
 #[cfg(test)]
@@ -424,8 +493,9 @@ mod tests {
     }
 
     fn open(path: &Path) -> (SlotFile, Vec<(String, String)>) {
-        let (f, loaded) = SlotFile::open(path.to_path_buf(), id_of).unwrap();
-        let mut got: Vec<_> = loaded
+        let (f, contents) = SlotFile::open(path.to_path_buf(), id_of).unwrap();
+        let mut got: Vec<_> = contents
+            .records
             .into_iter()
             .map(|l| (l.id, String::from_utf8(l.payload).unwrap()))
             .collect();
@@ -455,7 +525,7 @@ mod tests {
             [("a".into(), "a:2".into()), ("c".into(), "c:1".into())]
         );
         assert_eq!(f.slots(), GROW);
-        assert_eq!(read(&path, id_of).unwrap().len(), 2);
+        assert_eq!(read(&path, id_of).unwrap().records.len(), 2);
     }
 
     #[test]
@@ -573,5 +643,39 @@ mod tests {
         drop(f);
         let (_, got) = open(&path);
         assert_eq!(got.len(), 100);
+    }
+
+    #[test]
+    fn a_damaged_record_keeps_its_id_known_and_its_slot_until_rewritten() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("slots");
+        let json_id = crate::store::id_of;
+        let (f, _) = SlotFile::open(path.clone(), json_id).unwrap();
+        f.write("vol-a", br#"{"id":"vol-a","size":1}"#).unwrap();
+        f.write("vol-b", br#"{"id":"vol-b","size":2}"#).unwrap();
+        drop(f);
+        let raw = OpenOptions::new().write(true).open(&path).unwrap();
+        // vol-a: a flipped bit past its id; vol-b: its id itself damaged.
+        raw.write_all_at(b"3", (HEADER + 21) as u64).unwrap();
+        raw.write_all_at(b"\0", (SLOT + HEADER + 8) as u64).unwrap();
+        drop(raw);
+        let damaged = |c: &Contents| {
+            let mut d: Vec<_> = c.damaged.iter().map(|d| (d.slot, d.id.clone())).collect();
+            d.sort();
+            d
+        };
+        let got = read(&path, json_id).unwrap();
+        assert!(got.records.is_empty());
+        assert_eq!(damaged(&got), [(0, Some("vol-a".into())), (1, None)]);
+        let (f, contents) = SlotFile::open(path.clone(), json_id).unwrap();
+        assert_eq!(damaged(&contents), [(0, Some("vol-a".into())), (1, None)]);
+        // Neither slot is reused while its record is missing.
+        f.write("vol-c", br#"{"id":"vol-c"}"#).unwrap();
+        f.write("vol-a", br#"{"id":"vol-a","size":1}"#).unwrap();
+        drop(f);
+        let (_, contents) = SlotFile::open(path.clone(), json_id).unwrap();
+        assert_eq!(contents.records.len(), 2);
+        // vol-a has a valid record again: its damaged slot is free.
+        assert_eq!(damaged(&contents), [(1, None)]);
     }
 }

@@ -655,6 +655,7 @@ pub fn records(root: &Path, table: &str) -> Vec<String> {
         localvol::store::id_of,
     )
     .unwrap()
+    .records
     .into_iter()
     .map(|l| l.id)
     .collect();
