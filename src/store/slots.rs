@@ -2,9 +2,12 @@
 //! is one write in place and one fdatasync: no file is created, renamed or unlinked,
 //! so no directory needs a flush, and the blocks written are already allocated.
 //!
-//! Each record sits at the start of a run of slots, behind a header that carries a
-//! checksum and a sequence number. A crash mid-write leaves a run whose checksum
-//! fails, which reads as free: the write was never acknowledged. A record is
+//! Each record (its JSON) sits at the start of a run of slots, behind a 32-byte
+//! header: `LVS1`, the first 8 bytes of the SHA-256 of the rest, a sequence
+//! number, the JSON's length and the run's length in slots. A crash mid-write
+//! leaves a run whose checksum fails: no record, since the write was never
+//! acknowledged; but its id, if legible, is still kept from losing its data (see
+//! [`Damaged`]), as damage to an acknowledged record looks the same. A record is
 //! replaced by writing the new version elsewhere first; until the old copy's
 //! header is cleared (later, without a flush of its own) both may be on disk, and
 //! the higher sequence number wins. Removal clears the header and flushes, which
