@@ -147,7 +147,7 @@ fn confirmed(name: &str, file: &Path) -> Option<LoopDevice> {
 }
 
 /// The device `file` is attached to, if any. A file deleted while attached shows
-/// as "<path> (deleted)" and is not matched: it is no longer this path's data.
+/// as `"<path> (deleted)"` and is not matched: it is no longer this path's data.
 pub fn find(file: &Path) -> Option<LoopDevice> {
     let file = fs::canonicalize(file).ok()?;
     let hint = hints().lock().unwrap().get(&file).cloned();

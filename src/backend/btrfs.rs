@@ -102,7 +102,7 @@ pub fn is_btrfs(path: &Path) -> bool {
         .unwrap_or(false)
 }
 
-/// The filesystem's UUID as sysfs names it (/sys/fs/btrfs/<uuid>).
+/// The filesystem's UUID as sysfs names it (`/sys/fs/btrfs/<uuid>`).
 pub fn fsid(path: &Path) -> Result<String> {
     let f = open_dir(path)?;
     let mut buf = [0u8; 1024];
