@@ -979,3 +979,52 @@ fn symlinked_root_directories_are_refused_at_start() {
         assert!(canary.snapshot() == before, "{sub}: the canary changed");
     }
 }
+
+/// The files the driver writes in place at its root (the slot files of its
+/// records, its lock) are never followed when they are symlinks: the driver
+/// refuses to start, and what they point at is untouched.
+#[test]
+fn symlinked_slot_files_and_lock_are_refused_at_start() {
+    if !need_root() {
+        return;
+    }
+    let canary = Canary::plant();
+    let before = canary.snapshot();
+    let tmp = tempfile::tempdir().unwrap();
+    for file in [
+        "state/volumes/slots",
+        "state/snapshots/slots",
+        "localvol.lock",
+    ] {
+        let root = tmp.path().join(format!("root-{}", file.replace('/', "-")));
+        let link = root.join(file);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        std::os::unix::fs::symlink(canary.path().join("passwd"), &link).unwrap();
+        let mut child = std::process::Command::new(binary())
+            .arg("serve")
+            .arg("--endpoint")
+            .arg(format!("unix://{}", tmp.path().join("csi.sock").display()))
+            .args(["--node-id", "n1", "--root"])
+            .arg(&root)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let started = child.try_wait().unwrap().is_none();
+        if started {
+            let _ = child.kill();
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !started && !out.status.success(),
+            "{file}: the driver started"
+        );
+        assert!(err.contains("symbolic links"), "{file}: {err}");
+        assert!(canary.snapshot() == before, "{file}: the canary changed");
+    }
+}
