@@ -71,6 +71,9 @@ pub struct VolumeRow {
     pub snapshots: usize,
     /// Empty when healthy.
     pub problems: Vec<String>,
+    /// The record as the driver keeps it (in its slot file): parameters,
+    /// capabilities, attachments, content source.
+    pub record: VolumeRecord,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -84,6 +87,8 @@ pub struct SnapshotRow {
     /// False while a full copy is still being written to disk.
     pub ready: bool,
     pub problems: Vec<String>,
+    /// The record as the driver keeps it.
+    pub record: SnapshotRecord,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -274,6 +279,7 @@ fn volume_row(
             .collect(),
         snapshots,
         problems,
+        record: rec.clone(),
     }
 }
 
@@ -329,6 +335,7 @@ pub fn inspect(root: &Path) -> Result<Report, StatusError> {
                 created_unix: s.created_unix,
                 ready: s.ready(),
                 problems,
+                record: s.clone(),
             }
         })
         .collect();

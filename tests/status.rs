@@ -80,6 +80,12 @@ async fn volumes_show_pvc_mounts_and_health_with_the_driver_running_and_stopped(
         assert_eq!(paths(&v["staged_at"]), vec![staging.clone()]);
         assert_eq!(paths(&v["published_at"]), vec![target.clone()]);
         assert_eq!(v["problems"].as_array().unwrap().len(), 0, "{v}");
+        // The whole record, as the driver keeps it in its slot file.
+        assert_eq!(v["record"]["name"], "pvc-status");
+        assert_eq!(
+            v["record"]["parameters"]["csi.storage.k8s.io/pvc/name"],
+            "orders"
+        );
         let i = rows
             .iter()
             .find(|r| r["id"] == idle.volume_id.as_str())
