@@ -927,6 +927,31 @@ async fn failed_loop_stage_detaches() {
 /// The directories the driver removes entries from (volumes/, snapshots/, trash/,
 /// the record directories) replaced by symlinks to the canary: the driver refuses to start, and nothing
 /// of the canary is removed, though it is full of names that look like leftovers.
+/// Starts the driver on `root`; its stderr if it refused to start (exited with a
+/// failure within 20 s), None if it started (then it is killed).
+fn refused_start(root: &Path, socket: &Path) -> Option<String> {
+    let mut child = std::process::Command::new(binary())
+        .arg("serve")
+        .arg("--endpoint")
+        .arg(format!("unix://{}", socket.display()))
+        .args(["--node-id", "n1", "--root"])
+        .arg(root)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let started = child.try_wait().unwrap().is_none();
+    if started {
+        let _ = child.kill();
+    }
+    let out = child.wait_with_output().unwrap();
+    (!started && !out.status.success()).then(|| String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 #[test]
 fn symlinked_root_directories_are_refused_at_start() {
     if !need_root() {
@@ -951,30 +976,8 @@ fn symlinked_root_directories_are_refused_at_start() {
         let root = tmp.path().join(format!("root-{}", sub.replace('/', "-")));
         std::fs::create_dir_all(root.join("state")).unwrap();
         std::os::unix::fs::symlink(canary.path(), root.join(sub)).unwrap();
-        let mut child = std::process::Command::new(binary())
-            .arg("serve")
-            .arg("--endpoint")
-            .arg(format!("unix://{}", tmp.path().join("csi.sock").display()))
-            .args(["--node-id", "n1", "--root"])
-            .arg(&root)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let started = child.try_wait().unwrap().is_none();
-        if started {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !started && !out.status.success(),
-            "{sub}: the driver started"
-        );
+        let err = refused_start(&root, &tmp.path().join("csi.sock"))
+            .unwrap_or_else(|| panic!("{sub}: the driver started"));
         assert!(err.contains("is not a directory"), "{sub}: {err}");
         assert!(canary.snapshot() == before, "{sub}: the canary changed");
     }
@@ -1000,30 +1003,8 @@ fn symlinked_slot_files_and_lock_are_refused_at_start() {
         let link = root.join(file);
         std::fs::create_dir_all(link.parent().unwrap()).unwrap();
         std::os::unix::fs::symlink(canary.path().join("passwd"), &link).unwrap();
-        let mut child = std::process::Command::new(binary())
-            .arg("serve")
-            .arg("--endpoint")
-            .arg(format!("unix://{}", tmp.path().join("csi.sock").display()))
-            .args(["--node-id", "n1", "--root"])
-            .arg(&root)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .unwrap();
-        let deadline = std::time::Instant::now() + Duration::from_secs(20);
-        while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let started = child.try_wait().unwrap().is_none();
-        if started {
-            let _ = child.kill();
-        }
-        let out = child.wait_with_output().unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !started && !out.status.success(),
-            "{file}: the driver started"
-        );
+        let err = refused_start(&root, &tmp.path().join("csi.sock"))
+            .unwrap_or_else(|| panic!("{file}: the driver started"));
         assert!(err.contains("symbolic links"), "{file}: {err}");
         assert!(canary.snapshot() == before, "{file}: the canary changed");
     }

@@ -8,6 +8,16 @@ use localvol::proto::volume_capability::access_mode::Mode;
 use localvol::proto::*;
 use std::fs;
 use std::time::Duration;
+
+/// What `localvol status` prints for `root`.
+fn status_of(root: &std::path::Path) -> String {
+    let out = std::process::Command::new(binary())
+        .args(["status", "--root"])
+        .arg(root)
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
 use tonic::Code;
 
 #[tokio::test]
@@ -292,12 +302,7 @@ async fn deleted_data_leaves_through_the_trash_and_start_up_empties_it() {
     fs::write(left.join("sub/f"), b"x").unwrap();
     std::os::unix::fs::symlink(&outside, left.join("link")).unwrap();
     std::os::unix::fs::symlink(&outside, d.root.join("trash").join("vol-link.2-0")).unwrap();
-    let status = std::process::Command::new(binary())
-        .args(["status", "--root"])
-        .arg(&d.root)
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = status_of(&d.root);
     assert!(
         status.contains("trash:        2 deleted, being removed"),
         "{status}"
@@ -364,13 +369,7 @@ async fn records_of_an_earlier_version_are_moved_into_slots() {
         b"kept across the upgrade"
     );
     c.unstage(&v.volume_id, &staging).await.unwrap();
-    c.controller
-        .delete_snapshot(DeleteSnapshotRequest {
-            snapshot_id: s.snapshot_id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    c.delete_snapshot(&s.snapshot_id).await.unwrap();
     c.delete(&v.volume_id).await.unwrap();
     assert!(records(&d.root, "volumes").is_empty());
     assert!(records(&d.root, "snapshots").is_empty());
@@ -451,12 +450,7 @@ async fn a_damaged_record_never_costs_its_data() {
     let mut c = d.clients().await;
     assert_eq!(fs::read(data.join("precious")).unwrap(), b"keep me");
     assert!(c.all_volumes().await.is_empty());
-    let status = std::process::Command::new(binary())
-        .args(["status", "--root"])
-        .arg(&d.root)
-        .output()
-        .unwrap();
-    let status = String::from_utf8_lossy(&status.stdout);
+    let status = status_of(&d.root);
     assert!(
         status.contains(&format!("record {} in slot 0", v.volume_id))
             && status.contains("is damaged"),
