@@ -231,7 +231,7 @@ impl<T: Record> Table<T> {
                     map.insert(l.id, rec);
                 }
                 Err(e) => {
-                    tracing::error!(path = %files.dir.join(SLOT_FILE).display(), id = %l.id, error = %e,
+                    tracing::error!(path = %path.display(), id = %l.id, error = %e,
                         "record is unreadable; it is ignored, and its data kept, until repaired or removed");
                     unreadable.insert(l.id);
                 }

@@ -191,6 +191,54 @@ fn scan(
     Ok((end, damaged))
 }
 
+/// A slot file read through once.
+struct Survey {
+    /// Slots in the file.
+    end: u64,
+    next_seq: u64,
+    /// The newest valid copy of each id: sequence number, run, payload.
+    newest: HashMap<String, (u64, Run, Vec<u8>)>,
+    /// Older copies of ids in `newest`, which a crash left uncleared.
+    stale: Vec<Run>,
+    /// Valid runs whose payload has no id.
+    anonymous: Vec<Run>,
+    /// Damaged slots whose id has no valid record.
+    damaged: Vec<Damaged>,
+}
+
+fn survey(file: &File, id_of: impl Fn(&[u8]) -> Option<String>) -> std::io::Result<Survey> {
+    let mut newest: HashMap<String, (u64, Run, Vec<u8>)> = HashMap::new();
+    let (mut stale, mut anonymous) = (Vec::new(), Vec::new());
+    let mut next_seq = 1;
+    let (end, damaged) = scan(file, |run, seq, payload| {
+        next_seq = next_seq.max(seq + 1);
+        let Some(id) = id_of(payload) else {
+            anonymous.push(run);
+            return;
+        };
+        match newest.get(&id) {
+            Some(&(s, _, _)) if s > seq => stale.push(run),
+            _ => {
+                if let Some((_, old, _)) = newest.insert(id, (seq, run, payload.to_vec())) {
+                    stale.push(old);
+                }
+            }
+        }
+    })?;
+    let damaged = damaged
+        .into_iter()
+        .filter(|d| d.id.as_ref().is_none_or(|id| !newest.contains_key(id)))
+        .collect();
+    Ok(Survey {
+        end,
+        next_seq,
+        newest,
+        stale,
+        anonymous,
+        damaged,
+    })
+}
+
 impl SlotFile {
     /// Opens (creating) the file and reads back the newest valid record of each id;
     /// `id_of` reads a payload's id. Stale copies a crash left are cleared durably
@@ -207,40 +255,28 @@ impl SlotFile {
             .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
             .open(&path)
             .ctx(|| format!("open {}", path.display()))?;
-        let mut newest: HashMap<String, (u64, Run, Vec<u8>)> = HashMap::new();
-        let mut stale = Vec::new();
-        let mut taken = BTreeSet::new();
-        let mut next_seq = 1;
-        let (end, damaged) = scan(&file, |run, seq, payload| {
-            next_seq = next_seq.max(seq + 1);
-            match id_of(payload) {
-                Some(id) => match newest.get(&id) {
-                    Some(&(s, _, _)) if s > seq => stale.push(run),
-                    _ => {
-                        if let Some((_, old, _)) = newest.insert(id, (seq, run, payload.to_vec())) {
-                            stale.push(old);
-                        }
-                    }
-                },
-                None => {
-                    // Valid but of no known shape (a newer version's?): kept, never reused.
-                    tracing::error!(path = %path.display(), slot = run.start, "record without an id; its slots are kept as they are");
-                    taken.extend(run.start..run.start + run.span);
-                }
-            }
-        })
-        .ctx(|| format!("read {}", path.display()))?;
-        for run in &stale {
+        let survey = survey(&file, id_of).ctx(|| format!("read {}", path.display()))?;
+        for run in &survey.stale {
             file.write_all_at(&[0u8; HEADER], run.start * SLOT as u64)
                 .ctx(|| format!("clear a stale record in {}", path.display()))?;
         }
-        if !stale.is_empty() {
+        if !survey.stale.is_empty() {
             file.sync_data()
                 .ctx(|| format!("fdatasync {}", path.display()))?;
         }
+        let mut taken = BTreeSet::new();
+        for run in &survey.anonymous {
+            // Valid but of no known shape (a newer version's?): kept, never reused.
+            tracing::error!(path = %path.display(), slot = run.start, "record without an id; its slots are kept as they are");
+            taken.extend(run.start..run.start + run.span);
+        }
+        // A damaged slot is kept as it is while its id has no valid record, so
+        // that the next start-up still knows the id; the retry of a torn create
+        // writes the record anew, and then the slot is free again.
+        taken.extend(survey.damaged.iter().map(|d| d.slot));
         let mut live = HashMap::new();
         let mut loaded = Vec::new();
-        for (id, (seq, run, payload)) in newest {
+        for (id, (seq, run, payload)) in survey.newest {
             taken.extend(run.start..run.start + run.span);
             loaded.push(Loaded {
                 id: id.clone(),
@@ -248,16 +284,7 @@ impl SlotFile {
             });
             live.insert(id, (run, seq));
         }
-        // A damaged slot is kept as it is while its id has no valid record, so
-        // that the next start-up still knows the id; the retry of a torn create
-        // writes the record anew, and then the slot is free again.
-        let damaged: Vec<Damaged> = damaged
-            .into_iter()
-            .filter(|d| d.id.as_ref().is_none_or(|id| !live.contains_key(id)))
-            .collect();
-        for d in &damaged {
-            taken.insert(d.slot);
-        }
+        let (end, next_seq, damaged) = (survey.end, survey.next_seq, survey.damaged);
         let free = (0..end).filter(|s| !taken.contains(s)).collect();
         let state = State {
             next_seq,
@@ -465,24 +492,14 @@ pub fn read(path: &Path, id_of: impl Fn(&[u8]) -> Option<String>) -> std::io::Re
         }
         Err(e) => return Err(e),
     };
-    let mut newest: HashMap<String, (u64, Vec<u8>)> = HashMap::new();
-    let (_, damaged) = scan(&file, |_, seq, payload| {
-        if let Some(id) = id_of(payload) {
-            if newest.get(&id).is_none_or(|(s, _)| *s < seq) {
-                newest.insert(id, (seq, payload.to_vec()));
-            }
-        }
-    })?;
-    let damaged = damaged
-        .into_iter()
-        .filter(|d| d.id.as_ref().is_none_or(|id| !newest.contains_key(id)))
-        .collect();
+    let survey = survey(&file, id_of)?;
     Ok(Contents {
-        records: newest
+        records: survey
+            .newest
             .into_iter()
-            .map(|(id, (_, payload))| Loaded { id, payload })
+            .map(|(id, (_, _, payload))| Loaded { id, payload })
             .collect(),
-        damaged,
+        damaged: survey.damaged,
     })
 }
 
@@ -625,7 +642,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_writers_share_flushes_and_all_land() {
+    fn concurrent_writes_and_removes_all_land() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("slots");
         let (f, _) = open(&path);
