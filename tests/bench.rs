@@ -96,6 +96,71 @@ async fn cycle_reports_throughput_and_every_rpc() {
     assert_clean(&d).await;
 }
 
+/// Runs `floor` with `args` in a fresh directory and checks it left neither files,
+/// mounts nor loop devices there; returns its report.
+fn floor(args: &[&str]) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_localvol-bench"))
+        .arg("--work-dir")
+        .arg(dir.path())
+        .args(["--json", "floor"])
+        .args(args)
+        .output()
+        .expect("run localvol-bench");
+    assert!(
+        out.status.success(),
+        "floor {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        std::fs::read_dir(dir.path()).unwrap().count(),
+        0,
+        "floor left files behind"
+    );
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(
+        localvol::mount::parse_mountinfo(&mounts)
+            .iter()
+            .all(|m| !m.mount_point.starts_with(dir.path())),
+        "floor left mounts behind"
+    );
+    assert!(
+        localvol::loopdev::attached()
+            .iter()
+            .all(|(_, file)| !file.starts_with(dir.path())),
+        "floor left loop devices attached"
+    );
+    let r: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(r["floor_ms"].as_f64().unwrap() > 0.0);
+    r
+}
+
+/// `floor` needs no driver: it times the kernel steps of a cycle in the work dir.
+#[test]
+fn floor_times_each_step_of_a_directory_cycle() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let r = floor(&["-n", "5"]);
+    assert_eq!(r["cycles"], 5);
+    let steps = r["steps"].as_array().unwrap();
+    assert_eq!(steps.len(), 8, "{steps:?}");
+    assert!(steps.iter().all(|s| s["count"] == 5));
+    assert!(r["mkfs_share_of_floor"].is_null());
+}
+
+#[test]
+fn floor_of_loop_volumes_reports_the_share_of_mkfs() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let r = floor(&["--loop", "-n", "2"]);
+    let share = r["mkfs_share_of_floor"].as_f64().unwrap();
+    assert!(share > 0.0 && share < 1.0, "{share}");
+}
+
 #[tokio::test]
 async fn scale_measures_with_and_without_idle_volumes_and_deletes_them() {
     if !common::need_root() {

@@ -102,6 +102,21 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// No driver: times the kernel and disk steps a pod cycle cannot skip (durable
+    /// create and record, mounts, the pod's fsync, unmounts, record removal) in
+    /// --work-dir, which should be on the driver root's filesystem. Their sum is
+    /// the fastest cycle this filesystem allows.
+    Floor {
+        #[arg(short = 'n', default_value_t = 1000)]
+        n: usize,
+        /// Loop volumes of --size bytes: attach, probe, mkfs and mount instead of a
+        /// bind mount.
+        #[arg(long = "loop")]
+        loop_volumes: bool,
+        /// Filesystem made on loop volumes.
+        #[arg(long, default_value = "ext4")]
+        fs_type: String,
+    },
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -176,6 +191,22 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             }
         }
     };
+    if let Command::Floor {
+        n,
+        loop_volumes,
+        fs_type,
+    } = cli.command
+    {
+        let kind = if loop_volumes {
+            bench::floor::Kind::Loop {
+                size: cli.size as u64,
+                fs_type,
+            }
+        } else {
+            bench::floor::Kind::Dir
+        };
+        return floor(&work.path, n, kind, cli.json).await;
+    }
     let params: HashMap<String, String> = cli.params.iter().cloned().collect();
     let mut session = Session::open(
         &cli.endpoint,
@@ -306,6 +337,7 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
                 merge(&mut out, r);
             }
         }
+        Command::Floor { .. } => unreachable!("measured before connecting"),
         Command::Io {
             compare_dir,
             file_mib,
@@ -353,6 +385,81 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         println!("{out}");
     } else {
         print!("{header}\n{table}");
+    }
+    Ok(())
+}
+
+/// The floor run: no driver, so none of the driver's header or memory.
+async fn floor(
+    dir: &std::path::Path,
+    n: usize,
+    kind: bench::floor::Kind,
+    as_json: bool,
+) -> Result<(), BenchError> {
+    let dir = dir.to_path_buf();
+    let what = match &kind {
+        bench::floor::Kind::Dir => "directory".to_string(),
+        bench::floor::Kind::Loop { size, fs_type } => format!("{fs_type} loop ({size} bytes)"),
+    };
+    // The floor's mounts and loop devices are the bench's own: an interrupted run
+    // must undo them, so Ctrl-C or SIGTERM ends it after the cycle under way.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = stop.clone();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| bench::csi::io_err(std::path::Path::new("SIGTERM"), e))?;
+    let watch = tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        eprintln!("localvol-bench: stopping after the cycle under way");
+        stopper.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
+    let timings =
+        tokio::task::spawn_blocking(move || bench::floor::measure(&dir, n, &kind, &stop)).await;
+    watch.abort();
+    let timings = timings??;
+    let n = timings
+        .summaries()
+        .first()
+        .map(|(_, s)| s.count)
+        .unwrap_or(0);
+    if n == 0 {
+        return Ok(());
+    }
+    let mkfs = timings
+        .summaries()
+        .into_iter()
+        .find(|(step, _)| *step == bench::floor::MKFS)
+        .map(|(_, s)| s.p50_ms);
+    let floor = bench::floor::floor_of(&timings);
+    let per_second = 1.0 / floor.as_secs_f64();
+    let rpcs = bench::rpcs_json(&timings);
+    if as_json {
+        let out = json!({
+            "command": "floor",
+            "volume": what,
+            "cycles": n,
+            "mkfs_share_of_floor": mkfs.map(|m| m / (floor.as_secs_f64() * 1000.0)),
+            "floor_ms": floor.as_secs_f64() * 1000.0,
+            "floor_cycles_per_second": per_second,
+            "steps": rpcs,
+        });
+        println!("{out}");
+    } else {
+        print!(
+            "{n} floor cycles, no driver: the steps a durable {what} volume cycle cannot skip\n{}\
+             floor (sum of the p50s, background step excluded): {:.3} ms, at most {:.1} cycles/s at 1 in flight\n",
+            bench::rpcs_table(&timings),
+            floor.as_secs_f64() * 1000.0,
+            per_second,
+        );
+        if let Some(m) = mkfs {
+            println!(
+                "mkfs: {m:.3} ms, {:.0}% of the floor",
+                100.0 * m / (floor.as_secs_f64() * 1000.0)
+            );
+        }
     }
     Ok(())
 }

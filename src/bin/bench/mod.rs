@@ -3,6 +3,7 @@
 //! turns latencies into percentiles.
 
 pub mod csi;
+pub mod floor;
 pub mod io;
 pub mod stats;
 
@@ -104,13 +105,20 @@ pub fn rpcs_json(t: &Timings) -> Value {
 }
 
 pub fn rpcs_table(t: &Timings) -> String {
+    let rows = t.summaries();
+    let w = rows
+        .iter()
+        .map(|(name, _)| name.len())
+        .max()
+        .unwrap_or(0)
+        .max(26);
     let mut out = format!(
-        "  {:<26} {:>7} {:>9} {:>9} {:>9}\n",
+        "  {:<w$} {:>7} {:>9} {:>9} {:>9}\n",
         "step", "count", "p50 ms", "p99 ms", "max ms"
     );
-    for (name, s) in t.summaries() {
+    for (name, s) in rows {
         out += &format!(
-            "  {:<26} {:>7} {:>9.3} {:>9.3} {:>9.3}\n",
+            "  {:<w$} {:>7} {:>9.3} {:>9.3} {:>9.3}\n",
             name, s.count, s.p50_ms, s.p99_ms, s.max_ms
         );
     }
