@@ -42,8 +42,14 @@ const XFS_SB_INPROGRESS: usize = 126;
 /// overwrite a filesystem that has just been made and used. Such a call is ABORTED
 /// and retried once that mkfs is done.
 pub fn probe(device: &Path) -> Result<Content> {
-    use std::os::unix::fs::OpenOptionsExt;
     let mut head = vec![0u8; 65536 + 4096];
+    crate::programs::without_children(|| read_head(device, &mut head))?;
+    Ok(classify(&head))
+}
+
+/// The first bytes of `device`, read through an exclusive open.
+fn read_head(device: &Path, head: &mut Vec<u8>) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     let mut f = match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
@@ -68,7 +74,8 @@ pub fn probe(device: &Path) -> Result<Content> {
             Err(e) => return Err(Error::io(format!("read {}", device.display()), e)),
         }
     }
-    Ok(classify(&head[..n]))
+    head.truncate(n);
+    Ok(())
 }
 
 fn classify(head: &[u8]) -> Content {
@@ -90,8 +97,7 @@ fn classify(head: &[u8]) -> Content {
 
 fn run(cmd: &mut Command) -> Result<()> {
     let what = format!("{cmd:?}");
-    let out = cmd
-        .output()
+    let out = crate::programs::output_of(cmd)
         .map_err(|e| Error::io(format!("run {what} (is the program installed?)"), e))?;
     if !out.status.success() {
         return Err(Error::Internal(format!(
@@ -179,10 +185,7 @@ pub fn grow(device: &Path, mount_point: &Path, fs_type: &str) -> Result<()> {
 /// Grows an unmounted ext4 filesystem to fill its device (no capability needed,
 /// unlike online growth). resize2fs wants a clean check first.
 pub fn grow_offline(device: &Path) -> Result<()> {
-    let out = Command::new("e2fsck")
-        .args(["-f", "-p"])
-        .arg(device)
-        .output()
+    let out = crate::programs::output_of(Command::new("e2fsck").args(["-f", "-p"]).arg(device))
         .map_err(|e| Error::io("run e2fsck (is e2fsprogs installed?)", e))?;
     // 0: clean, 1: errors corrected. Anything else needs a person.
     if !matches!(out.status.code(), Some(0) | Some(1)) {

@@ -28,6 +28,7 @@ pub mod loopdev;
 pub mod metrics;
 pub mod mount;
 pub mod params;
+pub mod programs;
 pub mod publish;
 pub mod rootlock;
 pub mod server;
