@@ -6,7 +6,10 @@
 //! is already attached is found and reused instead of attached twice. The device a
 //! file was last seen on is remembered only as a place to look first, so the usual
 //! question reads one device's sysfs entry instead of every device's; the hint is
-//! believed only after sysfs confirms it.
+//! believed only after sysfs confirms it. That a file is attached nowhere, the
+//! usual answer before a stage and at a delete, is asked of the file itself (a
+//! lease, below), so no question reads every device unless the file is open
+//! somewhere: the cost does not grow with the loop volumes on the node.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -129,7 +132,7 @@ fn hints() -> &'static Mutex<HashMap<PathBuf, String>> {
 }
 
 fn remember(file: &Path, d: &LoopDevice) {
-    if let Ok(file) = fs::canonicalize(file) {
+    if let Ok(file) = crate::mount::resolve(file) {
         hints().lock().unwrap().insert(file, d.name.clone());
     }
 }
@@ -149,10 +152,14 @@ fn confirmed(name: &str, file: &Path) -> Option<LoopDevice> {
 /// The device `file` is attached to, if any. A file deleted while attached shows
 /// as `"<path> (deleted)"` and is not matched: it is no longer this path's data.
 pub fn find(file: &Path) -> Option<LoopDevice> {
-    let file = fs::canonicalize(file).ok()?;
+    let file = crate::mount::resolve(file).ok()?;
     let hint = hints().lock().unwrap().get(&file).cloned();
     if let Some(d) = hint.and_then(|name| confirmed(&name, &file)) {
         return Some(d);
+    }
+    if open_elsewhere(&file) == Some(false) {
+        hints().lock().unwrap().remove(&file);
+        return None;
     }
     let found = attached()
         .into_iter()
@@ -164,6 +171,36 @@ pub fn find(file: &Path) -> Option<LoopDevice> {
         None => hints.remove(&file),
     };
     found
+}
+
+/// Whether anyone else has `file` open, asked of the kernel in one call: a write
+/// lease is granted only on a file open nowhere else, and an attached loop device
+/// holds its backing file open. The lease goes with the descriptor, at once. None
+/// where no lease can be had (leases disabled, a filesystem without them, a lease
+/// someone else holds): the caller must then look at every device.
+fn open_elsewhere(file: &Path) -> Option<bool> {
+    // Someone opening the file while we hold the lease has the kernel send us
+    // SIGIO, whose default is to end the process. They wait the microseconds until
+    // we let go; the notice itself we do not need.
+    static IGNORE_SIGIO: std::sync::Once = std::sync::Once::new();
+    IGNORE_SIGIO.call_once(|| unsafe {
+        libc::signal(libc::SIGIO, libc::SIG_IGN);
+    });
+    crate::programs::without_children(|| {
+        // O_NONBLOCK: an open that would have to break another's lease fails instead.
+        let f = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(file)
+            .ok()?;
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) } == 0 {
+            return Some(false);
+        }
+        match io::Error::last_os_error().raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EBUSY) => Some(true),
+            _ => None,
+        }
+    })
 }
 
 /// Devices still attached to `file` after it was deleted (its path shows with
@@ -383,6 +420,79 @@ mod tests {
         assert_eq!(find(&file), Some(d.clone()));
         assert_eq!(hints().lock().unwrap().get(&canon), Some(&d.name));
         detach(&file).unwrap();
+        assert_eq!(find(&file), None);
+    }
+
+    /// Leases taken while programs start, and the file opened right after: no
+    /// child copies a leased descriptor (its copy would keep the lease, and our
+    /// own open would break it), and a break's SIGIO does not end the process.
+    #[test]
+    fn leases_and_starting_programs_keep_apart() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("img");
+        File::create(&file).unwrap().set_len(1 << 20).unwrap();
+        if open_elsewhere(&file).is_none() {
+            eprintln!("skipped: no leases on this filesystem");
+            return;
+        }
+        let done = std::sync::atomic::AtomicBool::new(false);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                    crate::programs::output_of(&mut std::process::Command::new("true")).unwrap();
+                }
+            });
+            let until = std::time::Instant::now() + std::time::Duration::from_millis(1500);
+            while std::time::Instant::now() < until {
+                assert_eq!(find(&file), None);
+                drop(
+                    OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&file)
+                        .unwrap(),
+                );
+            }
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+        });
+    }
+
+    /// "Attached nowhere" is answered by the lease alone; an attached file, or one
+    /// some program holds open, is looked for on every device, and found.
+    #[test]
+    fn the_lease_tells_a_file_no_device_holds() {
+        if !nix::unistd::Uid::effective().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("img");
+        File::create(&file).unwrap().set_len(1 << 20).unwrap();
+        if open_elsewhere(&file).is_none() {
+            eprintln!("skipped: no leases on this filesystem");
+            return;
+        }
+        assert_eq!(open_elsewhere(&file), Some(false));
+        assert_eq!(find(&file), None);
+        {
+            // Open by someone else: not proof of a device, so the scan decides.
+            let _held = File::open(&file).unwrap();
+            assert_eq!(open_elsewhere(&file), Some(true));
+            assert_eq!(find(&file), None);
+        }
+        let d = attach(&file).unwrap();
+        let _guard = Detach(file.clone());
+        assert_eq!(open_elsewhere(&file), Some(true));
+        // Without a hint the scan finds it.
+        hints()
+            .lock()
+            .unwrap()
+            .remove(&crate::mount::resolve(&file).unwrap());
+        assert_eq!(find(&file), Some(d));
+        detach(&file).unwrap();
+        assert_eq!(open_elsewhere(&file), Some(false));
         assert_eq!(find(&file), None);
     }
 }
