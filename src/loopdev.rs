@@ -423,21 +423,30 @@ mod tests {
         assert_eq!(find(&file), None);
     }
 
-    /// Leases taken while programs start, and the file opened right after: no
-    /// child copies a leased descriptor (its copy would keep the lease, and our
-    /// own open would break it), and a break's SIGIO does not end the process.
-    #[test]
-    fn leases_and_starting_programs_keep_apart() {
+    /// A 1 MiB image in a new directory, where running as root on a filesystem
+    /// that grants leases; None (the test is skipped) elsewhere.
+    fn leasable_image() -> Option<(tempfile::TempDir, PathBuf)> {
         if !nix::unistd::Uid::effective().is_root() {
-            return;
+            return None;
         }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("img");
         File::create(&file).unwrap().set_len(1 << 20).unwrap();
         if open_elsewhere(&file).is_none() {
             eprintln!("skipped: no leases on this filesystem");
-            return;
+            return None;
         }
+        Some((dir, file))
+    }
+
+    /// Leases taken while programs start, and the file opened right after: no
+    /// child copies a leased descriptor (its copy would keep the lease, and our
+    /// own open would break it), and a break's SIGIO does not end the process.
+    #[test]
+    fn leases_and_starting_programs_keep_apart() {
+        let Some((_dir, file)) = leasable_image() else {
+            return;
+        };
         let done = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -464,16 +473,9 @@ mod tests {
     /// some program holds open, is looked for on every device, and found.
     #[test]
     fn the_lease_tells_a_file_no_device_holds() {
-        if !nix::unistd::Uid::effective().is_root() {
+        let Some((_dir, file)) = leasable_image() else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("img");
-        File::create(&file).unwrap().set_len(1 << 20).unwrap();
-        if open_elsewhere(&file).is_none() {
-            eprintln!("skipped: no leases on this filesystem");
-            return;
-        }
+        };
         assert_eq!(open_elsewhere(&file), Some(false));
         assert_eq!(find(&file), None);
         {

@@ -425,6 +425,7 @@ async fn floor(
         .map(|(_, s)| s.count)
         .unwrap_or(0);
     if n == 0 {
+        eprintln!("localvol-bench: stopped before the first floor cycle; nothing to report");
         return Ok(());
     }
     let mkfs = timings
