@@ -34,7 +34,7 @@ struct Mounted(PathBuf);
 impl Mounted {
     /// Unmounts now, reporting a failure; the guard stays armed until it worked.
     fn release(self) -> Result<(), BenchError> {
-        unmount(&self.0).map_err(|e| mount_err(&self.0, e))?;
+        unmount(&self.0).map_err(|e| lib_err(&self.0, e))?;
         std::mem::forget(self);
         Ok(())
     }
@@ -53,7 +53,7 @@ struct Attached(LoopDevice);
 
 impl Attached {
     fn release(self) -> Result<(), BenchError> {
-        loopdev::detach_device(&self.0).map_err(|e| mount_err(&self.0.path(), e))?;
+        loopdev::detach_device(&self.0).map_err(|e| lib_err(&self.0.path(), e))?;
         std::mem::forget(self);
         Ok(())
     }
@@ -80,7 +80,8 @@ pub enum Kind {
     Loop { size: u64, fs_type: String },
 }
 
-fn mount_err(path: &Path, e: localvol::error::Error) -> BenchError {
+/// A library call's error, named by the path it was about.
+fn lib_err(path: &Path, e: localvol::error::Error) -> BenchError {
     io_err(path, std::io::Error::other(e.to_string()))
 }
 
@@ -111,7 +112,7 @@ pub fn measure(
         .write_all_at(&vec![0u8; 64 * 4096], 0)
         .and_then(|()| records.sync_all())
         .map_err(|e| io_err(&rec_path, e))?;
-    sync_dir(&base).map_err(|e| mount_err(&base, e))?;
+    sync_dir(&base).map_err(|e| lib_err(&base, e))?;
 
     let mut t = Timings::default();
     for i in 0..n {
@@ -149,14 +150,14 @@ fn one(
     let make = || match kind {
         Kind::Dir => std::fs::create_dir(&data)
             .map_err(|e| io_err(&data, e))
-            .and_then(|()| sync_dir(&data).map_err(|e| mount_err(&data, e))),
+            .and_then(|()| sync_dir(&data).map_err(|e| lib_err(&data, e))),
         Kind::Loop { size, .. } => {
-            loopfile::create(&data, *size, Allocation::Sparse).map_err(|e| mount_err(&data, e))
+            loopfile::create(&data, *size, Allocation::Sparse).map_err(|e| lib_err(&data, e))
         }
     };
     std::thread::scope(|s| {
-        let made = s
-            .spawn(|| make().and_then(|()| sync_dir(&volumes).map_err(|e| mount_err(&volumes, e))));
+        let made =
+            s.spawn(|| make().and_then(|()| sync_dir(&volumes).map_err(|e| lib_err(&volumes, e))));
         let recorded = records
             .write_all_at(&[0xa5; 4096], slot)
             .and_then(|()| records.sync_data())
@@ -176,26 +177,32 @@ fn one(
     let (device, staged) = match kind {
         Kind::Dir => {
             let start = Instant::now();
-            bind(&data, &staging, &Flags::default()).map_err(|e| mount_err(&staging, e))?;
+            bind(&data, &staging, &Flags::default()).map_err(|e| lib_err(&staging, e))?;
             t.record("stage: bind mount", start.elapsed());
             (None, Mounted(staging.clone()))
         }
         Kind::Loop { fs_type, .. } => {
             let start = Instant::now();
-            let device = Attached(loopdev::attach(&data).map_err(|e| mount_err(&data, e))?);
+            let device = Attached(loopdev::attach(&data).map_err(|e| lib_err(&data, e))?);
             let dev = device.0.path();
             t.record("stage: attach loop device", start.elapsed());
             // A driver must look before it formats: a volume's filesystem is never
             // made twice.
             let start = Instant::now();
-            filesystem::probe(&dev).map_err(|e| mount_err(&dev, e))?;
+            let found = filesystem::probe(&dev).map_err(|e| lib_err(&dev, e))?;
+            if found != filesystem::Content::Empty {
+                return Err(io_err(
+                    &dev,
+                    std::io::Error::other(format!("a new image already holds {found:?}")),
+                ));
+            }
             t.record("stage: probe for a filesystem", start.elapsed());
             let start = Instant::now();
-            filesystem::format(&dev, fs_type).map_err(|e| mount_err(&dev, e))?;
+            filesystem::format(&dev, fs_type).map_err(|e| lib_err(&dev, e))?;
             t.record(MKFS, start.elapsed());
             let start = Instant::now();
             filesystem::mount(&dev, &staging, fs_type, &Flags::default())
-                .map_err(|e| mount_err(&staging, e))?;
+                .map_err(|e| lib_err(&staging, e))?;
             t.record("stage: mount", start.elapsed());
             (Some(device), Mounted(staging.clone()))
         }
@@ -203,7 +210,7 @@ fn one(
 
     let start = Instant::now();
     std::fs::create_dir(&target).map_err(|e| io_err(&target, e))?;
-    bind(&staging, &target, &Flags::default()).map_err(|e| mount_err(&target, e))?;
+    bind(&staging, &target, &Flags::default()).map_err(|e| lib_err(&target, e))?;
     let published = Mounted(target.clone());
     t.record("publish: mkdir+bind mount", start.elapsed());
 
