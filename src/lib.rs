@@ -9,13 +9,15 @@
 //! `loopdev` (loop ioctls), `filesystem` (probe, mkfs, mount, grow, freeze),
 //! `mount` (what is mounted where: statx/statmount per path, listmount for every
 //! mount of some data; bind mounts), `access` (access-mode rules), `ids`, `params`.
-//! Around them: `metrics`, `status` and `inspect` (what operators see), `faults`
+//! Around them: `beside` (a kept thread for a second flush),
+//! `metrics`, `status` and `inspect` (what operators see), `faults`
 //! (crash points for tests), `client` (a CSI connection over a unix socket, for the
 //! benchmark and the tests).
 
 pub mod access;
 pub mod attach;
 pub mod backend;
+pub mod beside;
 pub mod client;
 pub mod csi;
 pub mod error;

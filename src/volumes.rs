@@ -453,17 +453,19 @@ impl Driver {
         // (Backing files and copied data were synced as they were made.)
         let parent = data.parent().expect("volume paths have a parent");
         let new_dir = source.is_none() && rec.volume_type == VolumeType::Dir;
-        std::thread::scope(|s| {
-            let data_synced = s.spawn(|| {
-                if new_dir {
-                    crate::store::sync_dir(&data)?;
+        let (data_synced, recorded) = crate::beside::both(
+            {
+                let (data, parent) = (data.clone(), parent.to_path_buf());
+                move || {
+                    if new_dir {
+                        crate::store::sync_dir(&data)?;
+                    }
+                    crate::store::sync_dir(&parent)
                 }
-                crate::store::sync_dir(parent)
-            });
-            let recorded = self.store.put_new_volume(&rec);
-            let data_synced = data_synced.join().expect("fsync does not panic");
-            recorded.and(data_synced)
-        })?;
+            },
+            || self.store.put_new_volume(&rec),
+        );
+        recorded.and(data_synced)?;
         faults::point("create.after_record");
         tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
         Ok(rec)

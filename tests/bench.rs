@@ -145,9 +145,11 @@ fn floor_times_each_step_of_a_directory_cycle() {
     let r = floor(&["-n", "5"]);
     assert_eq!(r["cycles"], 5);
     let steps = r["steps"].as_array().unwrap();
-    assert_eq!(steps.len(), 8, "{steps:?}");
+    assert_eq!(steps.len(), 9, "{steps:?}");
     assert!(steps.iter().all(|s| s["count"] == 5));
     assert!(r["mkfs_share_of_floor"].is_null());
+    // Kubelet's directories are reported beside the floor, not in it.
+    assert!(r["kubelet_ms"].as_f64().unwrap() > 0.0);
 }
 
 #[test]
@@ -286,33 +288,54 @@ async fn no_controller_publish_skips_the_controller_publish_rpcs() {
     assert_clean(&d).await;
 }
 
-/// The floor under every call: gRPC round trips with next to nothing to do, p50 and
-/// p99 printed (run with `cargo test --release --test bench -- --ignored
+/// The cost of one gRPC round trip to the real driver, with nothing else in it:
+/// p50 and p99 printed (run with `cargo test --release --test bench -- --ignored
 /// --nocapture`). GetPluginInfo is answered on the gRPC thread; Probe's check of
-/// the root runs on the blocking pool like every call that touches the disk.
+/// the root runs on the blocking pool like every call that touches the disk. Both
+/// clients: tonic's `Channel` (a queue and a worker task in front of the
+/// connection) and the benchmark's `Direct` connection.
 #[tokio::test]
 #[ignore]
 async fn round_trip_floor() {
+    use localvol::proto::identity_client::IdentityClient;
     use localvol::proto::{GetPluginInfoRequest, ProbeRequest};
     let d = common::Driver::start().await;
-    let c = d.clients().await;
-    let mut id = c.identity.clone();
-    for (name, probe) in [("GetPluginInfo", false), ("Probe", true)] {
-        let mut took = vec![];
-        for _ in 0..2000 {
-            let start = std::time::Instant::now();
-            if probe {
-                id.probe(ProbeRequest {}).await.unwrap();
-            } else {
-                id.get_plugin_info(GetPluginInfoRequest {}).await.unwrap();
-            }
-            took.push(start.elapsed().as_secs_f64() * 1e6);
-        }
+    let channel = d.clients().await.identity;
+    let direct = IdentityClient::with_origin(
+        localvol::client::connect_direct(&d.socket).await.unwrap(),
+        localvol::client::ORIGIN.parse().unwrap(),
+    );
+    fn report(name: &str, client: &str, mut took: Vec<f64>) {
         took.sort_by(f64::total_cmp);
         println!(
-            "{name}: p50 {:.0} µs, p99 {:.0} µs",
+            "{name} ({client}): p50 {:.0} µs, p99 {:.0} µs",
             took[took.len() / 2],
             took[took.len() * 99 / 100]
         );
+    }
+    macro_rules! time_calls {
+        ($client:expr, $label:literal) => {
+            for (name, probe) in [("GetPluginInfo", false), ("Probe", true)] {
+                let mut took = vec![];
+                for _ in 0..2000 {
+                    let start = std::time::Instant::now();
+                    if probe {
+                        $client.probe(ProbeRequest {}).await.unwrap();
+                    } else {
+                        $client
+                            .get_plugin_info(GetPluginInfoRequest {})
+                            .await
+                            .unwrap();
+                    }
+                    took.push(start.elapsed().as_secs_f64() * 1e6);
+                }
+                report(name, $label, took);
+            }
+        };
+    }
+    for _ in 0..2 {
+        let (mut c, mut d) = (channel.clone(), direct.clone());
+        time_calls!(c, "Channel");
+        time_calls!(d, "Direct");
     }
 }

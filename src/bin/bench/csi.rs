@@ -5,7 +5,8 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use tonic::transport::Channel;
+use localvol::client::Direct;
+use tonic::codegen::http::Uri;
 
 use localvol::proto::controller_client::ControllerClient;
 use localvol::proto::controller_service_capability::rpc::Type as CtrlRpc;
@@ -21,9 +22,9 @@ use super::stats::Timings;
 use super::BenchError;
 
 /// Connects to `unix:///path` (or a bare path).
-pub async fn connect(endpoint: &str) -> Result<Channel, BenchError> {
+pub async fn connect(endpoint: &str) -> Result<Direct, BenchError> {
     let path = PathBuf::from(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
-    localvol::client::connect(&path)
+    localvol::client::connect_direct(&path)
         .await
         .map_err(|e| BenchError::Connect {
             endpoint: path.display().to_string(),
@@ -45,8 +46,8 @@ pub struct DriverInfo {
 /// The clients plus what every cycle needs; cheap to clone (one shared HTTP/2 channel).
 #[derive(Clone)]
 pub struct Session {
-    pub controller: ControllerClient<Channel>,
-    pub node: NodeClient<Channel>,
+    pub controller: ControllerClient<Direct>,
+    pub node: NodeClient<Direct>,
     pub info: DriverInfo,
     pub params: HashMap<String, String>,
     pub size: i64,
@@ -84,9 +85,10 @@ impl Session {
         work_dir: PathBuf,
     ) -> Result<Session, BenchError> {
         let channel = connect(endpoint).await?;
-        let mut identity = IdentityClient::new(channel.clone());
-        let mut controller = ControllerClient::new(channel.clone());
-        let mut node = NodeClient::new(channel);
+        let origin = Uri::from_static(localvol::client::ORIGIN);
+        let mut identity = IdentityClient::with_origin(channel.clone(), origin.clone());
+        let mut controller = ControllerClient::with_origin(channel.clone(), origin.clone());
+        let mut node = NodeClient::with_origin(channel, origin);
         let plugin = identity
             .get_plugin_info(GetPluginInfoRequest {})
             .await
