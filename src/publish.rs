@@ -276,10 +276,10 @@ impl Driver {
                 }
             )));
         }
-        let staging = mount::canonical(&req.staging_path);
         // Only a single-publisher volume needs every mount of its data: the one
         // question here whose cost grows with the node's mounts.
         let others: Vec<String> = if rules.single_publisher {
+            let staging = mount::canonical(&req.staging_path);
             mount::mounts_showing(&keys)?
                 .iter()
                 .filter(|m| m.mount_point != staging && m.mount_point != target)
