@@ -1,5 +1,7 @@
-//! A CSI client over a unix socket, as the kubelet and the sidecars connect:
-//! the benchmark (against any driver) and the tests use it.
+//! CSI clients over a unix socket, as the kubelet and the sidecars connect. The
+//! tests use tonic's [`Channel`] ([`connect`]), which queues requests and
+//! reconnects; the benchmark uses one [`Direct`] connection ([`connect_direct`]),
+//! which does neither: a driver that goes away fails the run, as it should.
 
 use std::future::Future;
 use std::path::Path;
@@ -13,7 +15,6 @@ use tower::service_fn;
 /// Opens one HTTP/2 channel to the CSI server listening on `socket`.
 pub async fn connect(socket: &Path) -> Result<Channel, tonic::transport::Error> {
     let socket = socket.to_path_buf();
-    // gRPC needs a URI; a unix socket has none, so this one is never resolved.
     Endpoint::from_static(ORIGIN)
         .connect_with_connector(service_fn(move |_| {
             let socket = socket.clone();
