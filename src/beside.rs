@@ -3,9 +3,9 @@
 //! writes the record).
 //!
 //! A thread started for each call cost more than the flush it ran on tmpfs (clone,
-//! stack map and unmap, exit: about 5% of the driver's CPU in a pod cycle). The
-//! threads here are started on demand and kept, one per create that ran at the
-//! same moment, so their number stays at the most creates ever in flight.
+//! stack map and unmap, exit): the driver's CPU per pod cycle fell by about a
+//! tenth when they went. The threads here are started on demand and kept, so
+//! their number stays at the most creates ever in flight at once.
 
 use std::panic::{catch_unwind, resume_unwind, AssertUnwindSafe};
 use std::sync::mpsc::{channel, sync_channel, Sender};
@@ -65,10 +65,9 @@ fn start(first: Job) {
                 IDLE.lock()
                     .unwrap_or_else(|p| p.into_inner())
                     .push(tx.clone());
-                match rx.recv() {
-                    Ok(job) => job(),
-                    Err(_) => return,
-                }
+                // Never fails while this thread holds a sender of its own.
+                let Ok(job) = rx.recv() else { return };
+                job();
             }
         });
     if spawned.is_err() {
