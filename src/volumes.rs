@@ -451,17 +451,13 @@ impl Driver {
         // (check_same_volume). A new empty directory is synced itself too: without a
         // journal, its parent's entry alone may point at an inode never written.
         // (Backing files and copied data were synced as they were made.)
-        let parent = data.parent().expect("volume paths have a parent");
         let new_dir = source.is_none() && rec.volume_type == VolumeType::Dir;
         let (data_synced, recorded) = crate::beside::both(
-            {
-                let (data, parent) = (data.clone(), parent.to_path_buf());
-                move || {
-                    if new_dir {
-                        crate::store::sync_dir(&data)?;
-                    }
-                    crate::store::sync_dir(&parent)
+            move || {
+                if new_dir {
+                    crate::store::sync_dir(&data)?;
                 }
+                crate::store::sync_dir(data.parent().expect("volume paths have a parent"))
             },
             || self.store.put_new_volume(&rec),
         );
