@@ -108,6 +108,44 @@ async fn dir_volume_full_cycle_with_real_data() {
     assert!(!data.exists(), "data removed");
 }
 
+/// DeleteVolume knows every mount of the data, also one another process made
+/// after the driver last looked (the driver learns of it from the kernel's
+/// report, not from a listing).
+#[tokio::test]
+async fn delete_sees_a_bind_made_by_another_process() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    // A first delete makes the driver look at every mount once.
+    let first = c.create("pvc-first", MIB, &[("type", "dir")], rwo()).await;
+    c.delete(&first.volume_id).await.unwrap();
+    let vol = c.create("pvc-bound", MIB, &[("type", "dir")], rwo()).await;
+    let staging = d.path("kubelet/staging/pv/globalmount");
+    let elsewhere = d.path("elsewhere");
+    fs::create_dir_all(&staging).unwrap();
+    fs::create_dir_all(&elsewhere).unwrap();
+    c.stage(&vol.volume_id, &staging, rwo()).await.unwrap();
+    fs::write(staging.join("kept"), b"in use elsewhere").unwrap();
+    let bound = std::process::Command::new("mount")
+        .arg("--bind")
+        .arg(&staging)
+        .arg(&elsewhere)
+        .status()
+        .unwrap();
+    assert!(bound.success());
+    c.unstage(&vol.volume_id, &staging).await.unwrap();
+
+    let err = c.delete(&vol.volume_id).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("elsewhere"), "{}", err.message());
+    assert_eq!(
+        fs::read(elsewhere.join("kept")).unwrap(),
+        b"in use elsewhere"
+    );
+
+    nix::mount::umount2(&elsewhere, nix::mount::MntFlags::empty()).unwrap();
+    c.delete(&vol.volume_id).await.unwrap();
+}
+
 #[tokio::test]
 async fn sigkill_and_restart_keep_volumes_mounts_and_data() {
     let mut d = Driver::start().await;

@@ -3,9 +3,12 @@
 //! costs the same whether the node has ten mounts or ten thousand, where reading
 //! /proc/self/mountinfo costs a line per mount.
 //!
-//! listmount(2) (also 6.8) names every mount by id, so "which mounts show this
-//! data" asks statmount only about mounts not seen before, instead of formatting
-//! and parsing a text line per mount.
+//! "Which mounts show this data" is answered from an index of every mount's
+//! device and root, kept by the kernel's reports of each mount and unmount
+//! (events.rs, Linux 6.15), so it costs the mounts changed since the last
+//! question. Where there are no reports, listmount(2) (also 6.8) names every
+//! mount by id on each question and statmount is asked only about mounts not
+//! seen before, instead of formatting and parsing a text line per mount.
 //!
 //! Every function returns None where the kernel cannot answer (too old, or the
 //! mount went away between the two calls); the caller then reads the mount table.
@@ -18,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use super::events::{Event, Watch};
 use super::{MountEntry, MountKey};
 
 /// statmount(2) and listmount(2): the same numbers on every architecture but alpha.
@@ -316,59 +320,177 @@ fn head(buf: &[u64]) -> &StatMount {
     unsafe { &*(buf.as_ptr() as *const StatMount) }
 }
 
-/// Device and root (as bytes) of every mount seen so far, by unique mount id.
-/// Ids are never reused within a boot and a mount's superblock and root
-/// directory never change, so each mount is asked about once; a later call
-/// pays one listmount and a lookup per mount. What this cannot see is a rename
-/// of a mount's root directory after it was first seen: for a volume's data
-/// directory that leaves the volume without data, and so without a key.
-static SEEN: Mutex<Option<HashMap<u64, Seen>>> = Mutex::new(None);
-
-/// A mount's superblock device and root inside its filesystem.
+/// A mount's superblock device and root inside its filesystem: the data it shows.
 type Seen = ((u32, u32), Vec<u8>);
+
+/// What is known of one mount namespace's mounts, by unique id and by the data
+/// each shows. Ids are never reused within a boot and a mount's superblock and
+/// root directory never change, so each mount is asked about once, when the
+/// kernel reports it attached (or, without reports, when a listing first names
+/// it). Answers are asked afresh before use, so a mount moved or made read-only
+/// since is reported as it is now. What this cannot see is a rename of a mount's
+/// root directory after it was first seen: for a volume's data directory that
+/// leaves the volume without data, and so without a key.
+struct Index {
+    by_id: HashMap<u64, Seen>,
+    by_data: HashMap<Seen, Vec<u64>>,
+    /// The kernel's reports of mount changes; None before Linux 6.15 (or once
+    /// reading them failed): then every question lists every mount.
+    watch: Option<Watch>,
+    /// Whether `by_id` holds every mount: false until the first listing, and
+    /// after reports were lost.
+    complete: bool,
+}
+
+/// One index per mount namespace (by its inode): a thread in another namespace
+/// sees other mounts.
+static INDEXES: Mutex<Option<HashMap<u64, Index>>> = Mutex::new(None);
+
+impl Index {
+    fn new() -> Index {
+        let watch = match Watch::new() {
+            Ok(w) => Some(w),
+            Err(e) => {
+                tracing::debug!(error = %e, "no mount notifications; listing every mount per question");
+                None
+            }
+        };
+        Index {
+            by_id: HashMap::new(),
+            by_data: HashMap::new(),
+            watch,
+            complete: false,
+        }
+    }
+
+    /// Brings the index up to date: the reports queued since the last question,
+    /// or a listing where there are none to trust. None when the kernel cannot
+    /// answer.
+    fn catch_up(&mut self) -> Option<()> {
+        let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8 + 512];
+        if let Some(watch) = self.watch.take() {
+            let mut failed = false;
+            let drained = watch.drain(|event| match event {
+                Event::Attached(id) | Event::Moved(id) => {
+                    failed |= self.learn(id, &mut buf).is_err();
+                }
+                Event::Detached(id) => self.forget_one(id),
+                Event::Overflow => self.complete = false,
+            });
+            match drained {
+                Ok(()) => self.watch = Some(watch),
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading mount notifications failed; listing every mount from now on")
+                }
+            }
+            if failed {
+                // A report not taken in is lost: the next question lists again.
+                self.complete = false;
+                return None;
+            }
+        }
+        if self.watch.is_none() || !self.complete {
+            self.relist(&mut buf)?;
+            self.complete = true;
+        }
+        Some(())
+    }
+
+    /// Makes the index hold exactly the mounts listmount names.
+    fn relist(&mut self, buf: &mut Vec<u64>) -> Option<()> {
+        let ids = list_ids()?;
+        let gone: Vec<u64> = self
+            .by_id
+            .keys()
+            .filter(|id| ids.binary_search(id).is_err())
+            .copied()
+            .collect();
+        for id in gone {
+            self.forget_one(id);
+        }
+        for id in ids {
+            self.learn(id, buf).ok()?;
+        }
+        Some(())
+    }
+
+    /// Asks what mount `id` shows, unless known. A mount already gone is no error.
+    fn learn(&mut self, id: u64, buf: &mut Vec<u64>) -> Result<(), i32> {
+        if self.by_id.contains_key(&id) {
+            return Ok(());
+        }
+        let want = STATMOUNT_SB_BASIC | STATMOUNT_MNT_ROOT;
+        match ask(id, want, buf) {
+            Ok(()) => {}
+            Err(libc::ENOENT) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        let sm = head(buf);
+        if sm.mask & want != want {
+            return Err(libc::EINVAL);
+        }
+        let strings = &bytes(buf)[std::mem::size_of::<StatMount>()..];
+        let root = strings.get(sm.mnt_root as usize..).ok_or(libc::EINVAL)?;
+        let root = root[..root.iter().position(|&b| b == 0).ok_or(libc::EINVAL)?].to_vec();
+        let seen = ((sm.sb_dev_major, sm.sb_dev_minor), root);
+        self.by_data.entry(seen.clone()).or_default().push(id);
+        self.by_id.insert(id, seen);
+        Ok(())
+    }
+
+    fn forget_one(&mut self, id: u64) {
+        let Some(seen) = self.by_id.remove(&id) else {
+            return;
+        };
+        if let Some(ids) = self.by_data.get_mut(&seen) {
+            ids.retain(|&i| i != id);
+            if ids.is_empty() {
+                self.by_data.remove(&seen);
+            }
+        }
+    }
+
+    /// Ids of the mounts known to show one of `keys`, in id order.
+    fn showing(&self, keys: &[MountKey]) -> Vec<u64> {
+        let mut ids: Vec<u64> = keys
+            .iter()
+            .filter_map(|k| {
+                self.by_data
+                    .get(&(k.dev, k.root.as_os_str().as_bytes().to_vec()))
+            })
+            .flatten()
+            .copied()
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids
+    }
+}
+
+/// The inode of the calling thread's mount namespace.
+fn own_namespace() -> Option<u64> {
+    std::fs::metadata("/proc/thread-self/ns/mnt")
+        .ok()
+        .map(|m| std::os::unix::fs::MetadataExt::ino(&m))
+}
 
 /// Every mount that shows the data of one of `keys`, in mount id order. None
 /// when the kernel cannot answer for every mount; mounts that vanish while
 /// being asked about are left out, as a later reading of mountinfo would.
 pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
-    let ids = list_ids()?;
-    let mut candidates = Vec::new();
-    {
-        let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
-        let seen = seen.get_or_insert_with(HashMap::new);
-        // Both lists are in id order; forget the mounts that are gone.
-        if seen.len() > ids.len() + ids.len() / 8 {
-            seen.retain(|id, _| ids.binary_search(id).is_ok());
-        }
-        let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8 + 512];
-        for &id in &ids {
-            let (dev, root) = match seen.get(&id) {
-                Some(known) => known,
-                None => match ask(id, STATMOUNT_SB_BASIC | STATMOUNT_MNT_ROOT, &mut buf) {
-                    Ok(()) => {
-                        let sm = head(&buf);
-                        let want = STATMOUNT_SB_BASIC | STATMOUNT_MNT_ROOT;
-                        if sm.mask & want != want {
-                            return None;
-                        }
-                        let strings = &bytes(&buf)[std::mem::size_of::<StatMount>()..];
-                        let root = strings.get(sm.mnt_root as usize..)?;
-                        let root = root[..root.iter().position(|&b| b == 0)?].to_vec();
-                        seen.entry(id)
-                            .or_insert(((sm.sb_dev_major, sm.sb_dev_minor), root))
-                    }
-                    Err(libc::ENOENT) => continue,
-                    Err(_) => return None,
-                },
-            };
-            if keys
-                .iter()
-                .any(|k| k.dev == *dev && k.root.as_os_str().as_bytes() == root.as_slice())
-            {
-                candidates.push(id);
-            }
-        }
+    if !AVAILABLE.load(Ordering::Relaxed) || !LIST_AVAILABLE.load(Ordering::Relaxed) {
+        return None;
     }
+    let candidates = {
+        let namespace = own_namespace()?;
+        let mut indexes = INDEXES.lock().unwrap_or_else(|e| e.into_inner());
+        let index = indexes
+            .get_or_insert_with(HashMap::new)
+            .entry(namespace)
+            .or_insert_with(Index::new);
+        index.catch_up()?;
+        index.showing(keys)
+    };
     let mut found = Vec::new();
     let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8];
     for id in candidates {
@@ -387,7 +509,54 @@ pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
 /// Forgets every mount seen, for measuring the first call.
 #[cfg(test)]
 pub(super) fn forget() {
-    *SEEN.lock().unwrap() = None;
+    *INDEXES.lock().unwrap() = None;
+}
+
+/// Runs `f` on the calling thread's namespace's index, made if need be.
+#[cfg(test)]
+fn with_index<T>(f: impl FnOnce(&mut Index) -> T) -> T {
+    let namespace = own_namespace().unwrap();
+    let mut indexes = INDEXES.lock().unwrap();
+    f(indexes
+        .get_or_insert_with(HashMap::new)
+        .entry(namespace)
+        .or_insert_with(Index::new))
+}
+
+/// Whether the kernel reports this namespace's mount changes to the index.
+#[cfg(test)]
+pub(super) fn reported() -> bool {
+    with_index(|i| i.watch.is_some())
+}
+
+/// Throws the queued reports away and marks the index incomplete, as a
+/// queue overflow does.
+#[cfg(test)]
+pub(super) fn lose_reports() {
+    with_index(|i| {
+        if let Some(w) = &i.watch {
+            w.drain(|_| {}).unwrap();
+        }
+        i.complete = false;
+    })
+}
+
+/// Stops the reports, as on a kernel without them.
+#[cfg(test)]
+pub(super) fn stop_reports() {
+    with_index(|i| i.watch = None)
+}
+
+/// A watch of its own, to see the reports as they come.
+#[cfg(test)]
+pub(super) fn watch() -> std::io::Result<Watch> {
+    Watch::new()
+}
+
+/// The unique id of the mount at `path`.
+#[cfg(test)]
+pub(super) fn id_at(path: &Path) -> u64 {
+    holder(path, false).unwrap().unwrap().0
 }
 
 fn bytes(buf: &[u64]) -> &[u8] {
