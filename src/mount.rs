@@ -344,32 +344,96 @@ const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
 const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 
+/// A detached copy of the mount that holds a directory, rooted at that directory
+/// and seen by no one else. Binds of what lies below the directory are cloned
+/// from the copy: cloning checks every mount below the mount cloned from (the
+/// kernel's `__has_locked_children`), and on a node where the driver runs on the
+/// host, every pod's mounts sit below the mount of the driver's root; below this
+/// copy sits nothing. With 3000 mounts on the node that check alone cost a stage
+/// 0.7 ms. The copy lives as long as its descriptor (the process, kill -9
+/// included); the kernel frees it then.
+pub struct Detached {
+    fd: OwnedFd,
+    dir: PathBuf,
+}
+
+impl Detached {
+    /// A copy of the mount holding `dir`. Kernels before 6.15 do not clone from a
+    /// detached mount; [`bind_via`] then clones from the mount itself.
+    pub fn of(dir: &Path) -> Result<Detached> {
+        let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
+            Error::InvalidArgument(format!("{} contains a NUL byte", dir.display()))
+        })?;
+        let fd = check(
+            unsafe {
+                libc::syscall(
+                    libc::SYS_open_tree,
+                    libc::AT_FDCWD,
+                    c.as_ptr(),
+                    OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint,
+                )
+            },
+            || format!("detached copy of the mount of {}", dir.display()),
+        )?;
+        let copy = Detached {
+            fd: unsafe { OwnedFd::from_raw_fd(fd as i32) },
+            dir: dir.to_path_buf(),
+        };
+        // Kernels before 6.15 refuse to clone from a detached mount: find out now.
+        clone_tree(&copy.fd, || {
+            format!("clone of the detached copy of {}", dir.display())
+        })?;
+        Ok(copy)
+    }
+
+    /// `path`, below the copied directory, opened in the copy; None unless it is
+    /// the very file `direct` (the same path opened on the node) holds, so a
+    /// mount the copy lacks (something mounted below `dir` since) is never
+    /// bypassed.
+    fn open_same(&self, path: &Path, direct: &OwnedFd) -> Option<OwnedFd> {
+        use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
+        let rel = path.strip_prefix(&self.dir).ok()?;
+        if rel.as_os_str().is_empty() {
+            return None;
+        }
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_XDEV,
+            );
+        let fd = openat2(&self.fd, rel, how).ok()?;
+        let (a, b) = (
+            nix::sys::stat::fstat(&fd).ok()?,
+            nix::sys::stat::fstat(direct).ok()?,
+        );
+        (a.st_dev == b.st_dev && a.st_ino == b.st_ino).then_some(fd)
+    }
+}
+
 /// Bind-mounts `source` onto `target` (an existing directory, or a file for a block
 /// device), with `flags` applied before the mount becomes visible.
 pub fn bind(source: &Path, target: &Path, flags: &Flags) -> Result<()> {
+    bind_via(None, source, target, flags)
+}
+
+/// [`bind`], cloned from `via` where `source` lies below it.
+pub fn bind_via(via: Option<&Detached>, source: &Path, target: &Path, flags: &Flags) -> Result<()> {
     if !flags.fs_options.is_empty() {
         return Err(Error::InvalidArgument(format!(
             "mount flags {:?} are filesystem options and cannot apply to a bind mount",
             flags.fs_options
         )));
     }
-    let src = open_nofollow(source)?;
+    let direct = open_nofollow(source)?;
+    let src = match via.and_then(|d| d.open_same(source, &direct)) {
+        Some(copy) => copy,
+        None => direct,
+    };
     let dst = open_nofollow(target)?;
     let empty = c"";
-    let tree = check(
-        unsafe {
-            libc::syscall(
-                libc::SYS_open_tree,
-                src.as_raw_fd(),
-                empty.as_ptr(),
-                (OPEN_TREE_CLONE
-                    | libc::O_CLOEXEC as libc::c_uint
-                    | libc::AT_EMPTY_PATH as libc::c_uint) as libc::c_uint,
-            )
-        },
-        || format!("clone mount of {}", source.display()),
-    )?;
-    let tree = unsafe { OwnedFd::from_raw_fd(tree as i32) };
+    let tree = clone_tree(&src, || format!("clone mount of {}", source.display()))?;
     if flags.attr_set != 0 || flags.attr_clr != 0 {
         let attr = MountAttr {
             attr_set: flags.attr_set,
@@ -394,6 +458,25 @@ pub fn bind(source: &Path, target: &Path, flags: &Flags) -> Result<()> {
     attach(&tree, &dst, || {
         format!("mount {} at {}", source.display(), target.display())
     })
+}
+
+/// A detached bind mount of what `src` (an O_PATH handle) is.
+fn clone_tree(src: &OwnedFd, what: impl FnOnce() -> String) -> Result<OwnedFd> {
+    let empty = c"";
+    let tree = check(
+        unsafe {
+            libc::syscall(
+                libc::SYS_open_tree,
+                src.as_raw_fd(),
+                empty.as_ptr(),
+                (OPEN_TREE_CLONE
+                    | libc::O_CLOEXEC as libc::c_uint
+                    | libc::AT_EMPTY_PATH as libc::c_uint) as libc::c_uint,
+            )
+        },
+        what,
+    )?;
+    Ok(unsafe { OwnedFd::from_raw_fd(tree as i32) })
 }
 
 /// Makes the detached mount `mnt` (from open_tree or fsmount) visible on `dst`, an
@@ -767,6 +850,67 @@ mod tests {
         assert!(mounts_showing(&[]).unwrap().is_empty());
         drop(guard);
         assert!(mounts_showing(&keys).unwrap().is_empty());
+    }
+
+    /// A bind cloned from a detached copy shows the same data as one cloned from
+    /// the node's mount, and a mount made below the copied directory since (which
+    /// the copy lacks) is never bypassed.
+    #[test]
+    fn binds_via_a_detached_copy_show_what_the_node_shows() {
+        if !is_root() {
+            return;
+        }
+        let (_dir, base, data, targets, guard) =
+            bind_scene(&["plain", "covered"], &["via", "covered-via", "cover"]);
+        let copy = match Detached::of(&data) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipped: this kernel cannot clone from a detached mount ({e})");
+                return;
+            }
+        };
+        fs::write(data.join("plain/file"), b"plain").unwrap();
+        bind_via(
+            Some(&copy),
+            &data.join("plain"),
+            &targets[0],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(fs::read(targets[0].join("file")).unwrap(), b"plain");
+        assert_eq!(
+            mount_at(&targets[0]).unwrap().unwrap().key(),
+            key_of(&data.join("plain")).unwrap()
+        );
+        // Covered on the node after the copy was made: the bind shows the cover.
+        fs::create_dir(base.join("cover-src")).unwrap();
+        fs::write(base.join("cover-src/file"), b"cover").unwrap();
+        bind(
+            &base.join("cover-src"),
+            &data.join("covered"),
+            &Flags::default(),
+        )
+        .unwrap();
+        let mut guard = guard;
+        guard.0.insert(0, data.join("covered"));
+        bind_via(
+            Some(&copy),
+            &data.join("covered"),
+            &targets[1],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(fs::read(targets[1].join("file")).unwrap(), b"cover");
+        // Outside the copied directory, the node's own mount is cloned.
+        bind_via(
+            Some(&copy),
+            &base.join("cover-src"),
+            &targets[2],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert_eq!(fs::read(targets[2].join("file")).unwrap(), b"cover");
+        drop(guard);
     }
 
     /// The kernel reports each mount and unmount by the mount's unique id, before

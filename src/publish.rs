@@ -61,7 +61,7 @@ impl Driver {
         match rec.volume_type {
             VolumeType::Dir => {
                 make_staging(staging)?;
-                mount::bind(&data, staging, &flags)?;
+                mount::bind_via(self.volumes_mount.as_ref(), &data, staging, &flags)?;
             }
             VolumeType::Loop => {
                 make_staging(staging)?;

@@ -98,6 +98,9 @@ pub struct Driver {
     pub dir_limits: DirLimits,
     /// Where deleted data of this node's root goes to be removed in the background.
     pub trash: Trash,
+    /// A private copy of the mount of volumes/, which directory volumes are
+    /// staged from; None where the kernel cannot clone from one.
+    pub volumes_mount: Option<mount::Detached>,
     /// This driver alone serves the root while it runs.
     _root_lock: crate::rootlock::RootLock,
 }
@@ -170,6 +173,13 @@ impl Driver {
             tracing::warn!("{}", dir_limits.describe());
         }
         let trash = Trash::open(layout.trash_dir())?;
+        let volumes_mount = match mount::Detached::of(&layout.volumes_dir(false)) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                tracing::info!(error = %e, "directory volumes are staged from the root's own mount");
+                None
+            }
+        };
         let driver = Driver {
             cfg,
             layout,
@@ -177,6 +187,7 @@ impl Driver {
             locks: KeyLocks::default(),
             dir_limits,
             trash,
+            volumes_mount,
             _root_lock: root_lock,
         };
         driver.remove_leftovers()?;
