@@ -7,8 +7,8 @@
 //! `attach` (controller publish) -> the parts they are made of: `store` (records),
 //! `backend` (where data lives: dir, loop files, btrfs, project quotas, copies),
 //! `loopdev` (loop ioctls), `filesystem` (probe, mkfs, mount, grow, freeze),
-//! `mount` (what is mounted where: statx/statmount per path, listmount for every
-//! mount of some data; bind mounts), `access` (access-mode rules), `ids`, `params`.
+//! `mount` (what is mounted where: statx/statmount per path, an index kept by the
+//! kernel's mount reports for every mount of some data; bind mounts), `access` (access-mode rules), `ids`, `params`.
 //! Around them: `beside` (a kept thread for a second flush),
 //! `metrics`, `status` and `inspect` (what operators see), `faults`
 //! (crash points for tests), `client` (a CSI connection over a unix socket, for the

@@ -399,7 +399,11 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("img");
-        File::create(&file).unwrap().set_len(1 << 20).unwrap();
+        // A program started by a test beside this one would copy the descriptor
+        // and hold the file open for a moment, which the lease takes for a user.
+        crate::programs::without_children(|| {
+            File::create(&file).unwrap().set_len(1 << 20).unwrap()
+        });
         let canon = fs::canonicalize(&file).unwrap();
         // Not attached: a hint naming some device is dropped.
         hints()
@@ -431,7 +435,11 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("img");
-        File::create(&file).unwrap().set_len(1 << 20).unwrap();
+        // A program started by a test beside this one would copy the descriptor
+        // and hold the file open for a moment, which the lease takes for a user.
+        crate::programs::without_children(|| {
+            File::create(&file).unwrap().set_len(1 << 20).unwrap()
+        });
         if open_elsewhere(&file).is_none() {
             eprintln!("skipped: no leases on this filesystem");
             return None;

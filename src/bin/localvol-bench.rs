@@ -305,6 +305,11 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
                 r["fill"]["per_second"].as_f64().unwrap_or(0.0),
                 r["delete"]["per_second"].as_f64().unwrap_or(0.0),
             );
+            table += &format!(
+                "each phase measured after sync(2): {:.2} s before the first, {:.2} s before the second\n",
+                r["settle_seconds"][0].as_f64().unwrap_or(0.0),
+                r["settle_seconds"][1].as_f64().unwrap_or(0.0),
+            );
             if published {
                 table += &format!(
                     "published them at {:.1}/s, unpublished at {:.1}/s\n",

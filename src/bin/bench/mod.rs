@@ -252,6 +252,7 @@ pub async fn scale(
     published: bool,
     prefix: &str,
 ) -> Result<Value, BenchError> {
+    let settle_empty = settle().await;
     let empty = run_cycles(s, n, c, &format!("{prefix}-empty")).await?;
     let names: Vec<String> = (0..m).map(|i| format!("{prefix}-idle-{i}")).collect();
     let start = Instant::now();
@@ -310,9 +311,13 @@ pub async fn scale(
         first_err = err;
     }
 
+    let mut settle_full = 0.0;
     let full = match first_err {
         Some(e) => Err(e),
-        None => run_cycles(s, n, c, &format!("{prefix}-full")).await,
+        None => {
+            settle_full = settle().await;
+            run_cycles(s, n, c, &format!("{prefix}-full")).await
+        }
     };
 
     // Volumes whose unpublish failed stay (deleting them would fail anyway), and
@@ -381,6 +386,7 @@ pub async fn scale(
         "without": empty.to_json(),
         "with": full.to_json(),
         "ratio": full.per_second() / empty.per_second(),
+        "settle_seconds": [settle_empty, settle_full],
         "fill": {
             "volumes": created,
             "concurrency": fill_c,
@@ -396,6 +402,16 @@ pub async fn scale(
             "rpcs": rpcs_json(&del_t),
         },
     }))
+}
+
+/// Writes back every dirty page on the machine (sync(2)) and says how long it
+/// took. Run before each measured phase of `scale`: otherwise the writeback of
+/// the thousands of volumes just made lands on the cycles measured with them, a
+/// cost of having just made them, not of their number.
+async fn settle() -> f64 {
+    let start = Instant::now();
+    let _ = tokio::task::spawn_blocking(|| unsafe { libc::sync() }).await;
+    start.elapsed().as_secs_f64()
 }
 
 /// Times CreateSnapshot of a volume holding `mib` MiB and a restore from it.
