@@ -8,17 +8,19 @@
 //! `backend` (where data lives: dir, loop files, btrfs, project quotas, copies),
 //! `loopdev` (loop ioctls), `filesystem` (probe, mkfs, mount, grow, freeze),
 //! `mount` (what is mounted where: statx/statmount per path, an index kept by the
-//! kernel's mount reports for every mount of some data; bind mounts), `access` (access-mode rules), `ids`, `params`.
-//! Around them: `beside` (a kept thread for a second flush),
-//! `metrics`, `status` and `inspect` (what operators see), `faults`
-//! (crash points for tests), `client` (a CSI connection over a unix socket, for the
-//! benchmark and the tests).
+//! kernel's mount reports for every mount of some data; bind mounts), `access`
+//! (access-mode rules), `ids`, `params`. Around them: `codec` (undecodable
+//! requests are INVALID_ARGUMENT), `beside` (a kept thread for a second flush),
+//! `metrics`, `status` and `inspect` (what operators see), `faults` (crash points
+//! for tests), `client` (a CSI connection over a unix socket, for the benchmark
+//! and the tests).
 
 pub mod access;
 pub mod attach;
 pub mod backend;
 pub mod beside;
 pub mod client;
+pub mod codec;
 pub mod csi;
 pub mod error;
 pub mod faults;

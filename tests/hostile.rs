@@ -682,8 +682,8 @@ async fn hostile_inputs_touch_nothing_outside() {
         .await;
     t.expect("ControllerPublishVolume node NUL", r, BAD);
 
-    // Not UTF-8 at all: prost refuses to decode it and tonic answers INTERNAL,
-    // gRPC's code for a message that does not parse, before any handler runs.
+    // Not UTF-8 at all: prost refuses to decode it before any handler runs, and
+    // the driver's codec answers INVALID_ARGUMENT naming the field.
     let channel = connect(&d.socket).await;
     let bad: &[u8] = b"vol-\xff\xfe/../\xc0\xaf";
     let path_bad: &[u8] = b"/tmp/\xff\xfe/../\xc0\xaf";
@@ -726,10 +726,13 @@ async fn hostile_inputs_touch_nothing_outside() {
     ];
     for (method, msg, tag, b) in raw {
         let r = raw_call(channel.clone(), method, msg, tag, b).await;
+        if let Err(e) = &r {
+            assert!(e.message().contains("UTF-8"), "{method}: {}", e.message());
+        }
         t.expect(
             &format!("{method} non-UTF-8 field {tag}"),
             r,
-            &[Code::Internal, Code::InvalidArgument],
+            &[Code::InvalidArgument],
         );
     }
 
