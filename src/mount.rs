@@ -387,9 +387,9 @@ impl Detached {
     }
 
     /// `path`, below the copied directory, opened in the copy; None unless it is
-    /// the very file `direct` (the same path opened on the node) holds, so a
-    /// mount the copy lacks (something mounted below `dir` since) is never
-    /// bypassed.
+    /// the very file `direct` (the same path opened on the node) holds, under the
+    /// same mount flags, so neither a mount the copy lacks (something mounted
+    /// below `dir` since) nor a mount made read-only since is bypassed.
     fn open_same(&self, path: &Path, direct: &OwnedFd) -> Option<OwnedFd> {
         use nix::fcntl::{openat2, OFlag, OpenHow, ResolveFlag};
         let rel = path.strip_prefix(&self.dir).ok()?;
@@ -408,7 +408,9 @@ impl Detached {
             nix::sys::stat::fstat(&fd).ok()?,
             nix::sys::stat::fstat(direct).ok()?,
         );
-        (a.st_dev == b.st_dev && a.st_ino == b.st_ino).then_some(fd)
+        let same_file = a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+        let flags = |f: &OwnedFd| nix::sys::statvfs::fstatvfs(f).ok().map(|v| v.flags());
+        (same_file && flags(&fd)? == flags(direct)?).then_some(fd)
     }
 }
 
@@ -910,6 +912,51 @@ mod tests {
         )
         .unwrap();
         assert_eq!(fs::read(targets[2].join("file")).unwrap(), b"cover");
+        drop(guard);
+    }
+
+    /// A mount made read-only after the copy was taken: binds are read-only too.
+    #[test]
+    fn binds_via_a_detached_copy_keep_later_mount_flags() {
+        if !is_root() {
+            return;
+        }
+        let (_dir, _base, data, targets, mut guard) = bind_scene(&["plain"], &["before", "after"]);
+        // The data gets a mount of its own, to change its flags.
+        bind(&data, &data, &Flags::default()).unwrap();
+        guard.0.insert(0, data.clone());
+        let copy = match Detached::of(&data) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("skipped: this kernel cannot clone from a detached mount ({e})");
+                return;
+            }
+        };
+        bind_via(
+            Some(&copy),
+            &data.join("plain"),
+            &targets[0],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert!(!mount_at(&targets[0]).unwrap().unwrap().is_readonly());
+        use nix::mount::MsFlags;
+        nix::mount::mount(
+            None::<&str>,
+            &data,
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .unwrap();
+        bind_via(
+            Some(&copy),
+            &data.join("plain"),
+            &targets[1],
+            &Flags::default(),
+        )
+        .unwrap();
+        assert!(mount_at(&targets[1]).unwrap().unwrap().is_readonly());
         drop(guard);
     }
 
