@@ -857,6 +857,18 @@ mod tests {
     /// A bind cloned from a detached copy shows the same data as one cloned from
     /// the node's mount, and a mount made below the copied directory since (which
     /// the copy lacks) is never bypassed.
+    /// A detached copy of the mount of `dir`; None (test skipped) on kernels that
+    /// cannot clone from one.
+    fn copy_of(dir: &Path) -> Option<Detached> {
+        Detached::of(dir)
+            .map_err(|e| eprintln!("skipped: this kernel cannot clone from a detached mount ({e})"))
+            .ok()
+    }
+
+    fn bind_from(copy: &Detached, source: &Path, target: &Path) {
+        bind_via(Some(copy), source, target, &Flags::default()).unwrap();
+    }
+
     #[test]
     fn binds_via_a_detached_copy_show_what_the_node_shows() {
         if !is_root() {
@@ -864,21 +876,11 @@ mod tests {
         }
         let (_dir, base, data, targets, guard) =
             bind_scene(&["plain", "covered"], &["via", "covered-via", "cover"]);
-        let copy = match Detached::of(&data) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipped: this kernel cannot clone from a detached mount ({e})");
-                return;
-            }
+        let Some(copy) = copy_of(&data) else {
+            return;
         };
         fs::write(data.join("plain/file"), b"plain").unwrap();
-        bind_via(
-            Some(&copy),
-            &data.join("plain"),
-            &targets[0],
-            &Flags::default(),
-        )
-        .unwrap();
+        bind_from(&copy, &data.join("plain"), &targets[0]);
         assert_eq!(fs::read(targets[0].join("file")).unwrap(), b"plain");
         assert_eq!(
             mount_at(&targets[0]).unwrap().unwrap().key(),
@@ -895,22 +897,10 @@ mod tests {
         .unwrap();
         let mut guard = guard;
         guard.0.insert(0, data.join("covered"));
-        bind_via(
-            Some(&copy),
-            &data.join("covered"),
-            &targets[1],
-            &Flags::default(),
-        )
-        .unwrap();
+        bind_from(&copy, &data.join("covered"), &targets[1]);
         assert_eq!(fs::read(targets[1].join("file")).unwrap(), b"cover");
         // Outside the copied directory, the node's own mount is cloned.
-        bind_via(
-            Some(&copy),
-            &base.join("cover-src"),
-            &targets[2],
-            &Flags::default(),
-        )
-        .unwrap();
+        bind_from(&copy, &base.join("cover-src"), &targets[2]);
         assert_eq!(fs::read(targets[2].join("file")).unwrap(), b"cover");
         drop(guard);
     }
@@ -925,20 +915,10 @@ mod tests {
         // The data gets a mount of its own, to change its flags.
         bind(&data, &data, &Flags::default()).unwrap();
         guard.0.insert(0, data.clone());
-        let copy = match Detached::of(&data) {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("skipped: this kernel cannot clone from a detached mount ({e})");
-                return;
-            }
+        let Some(copy) = copy_of(&data) else {
+            return;
         };
-        bind_via(
-            Some(&copy),
-            &data.join("plain"),
-            &targets[0],
-            &Flags::default(),
-        )
-        .unwrap();
+        bind_from(&copy, &data.join("plain"), &targets[0]);
         assert!(!mount_at(&targets[0]).unwrap().unwrap().is_readonly());
         use nix::mount::MsFlags;
         nix::mount::mount(
@@ -949,13 +929,7 @@ mod tests {
             None::<&str>,
         )
         .unwrap();
-        bind_via(
-            Some(&copy),
-            &data.join("plain"),
-            &targets[1],
-            &Flags::default(),
-        )
-        .unwrap();
+        bind_from(&copy, &data.join("plain"), &targets[1]);
         assert!(mount_at(&targets[1]).unwrap().unwrap().is_readonly());
         drop(guard);
     }
