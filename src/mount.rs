@@ -965,6 +965,30 @@ mod tests {
         drop(guard);
     }
 
+    /// More reports than one read takes (about a hundred) are all taken in.
+    #[test]
+    fn many_reports_between_two_questions() {
+        if !is_root() {
+            return;
+        }
+        let names: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        let (_dir, _base, data, targets, guard) = bind_scene(&["sub"], &names);
+        let key = key_of(&data).unwrap();
+        let count = || {
+            statmount::mounts_showing(std::slice::from_ref(&key))
+                .unwrap()
+                .len()
+        };
+        assert_eq!(count(), 0);
+        for t in &targets {
+            bind(&data, t, &Flags::default()).unwrap();
+        }
+        assert_eq!(count(), targets.len());
+        drop(guard);
+        assert_eq!(count(), 0);
+    }
+
     /// The index follows reports, recovers from reports lost (a queue overflow)
     /// by listing again, and answers by listing where there are no reports.
     #[test]

@@ -65,8 +65,9 @@ impl Watch {
 
     /// Hands every queued event to `each`, oldest first, until the queue is empty.
     pub fn drain(&self, mut each: impl FnMut(Event)) -> io::Result<()> {
-        // u64 elements: the records are 8-byte aligned within the buffer.
-        let mut buf = vec![0u64; 8192];
+        // A read returns whole records, as many as fit: 4 KiB holds about a
+        // hundred, and a question usually finds a few.
+        let mut buf = vec![0u64; 512];
         loop {
             let n = unsafe {
                 libc::read(

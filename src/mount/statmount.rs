@@ -467,6 +467,17 @@ impl Index {
     }
 }
 
+/// Runs `f` on the index of the calling thread's mount namespace, made if need
+/// be; None when the namespace cannot be named.
+fn with_index<T>(f: impl FnOnce(&mut Index) -> T) -> Option<T> {
+    let namespace = own_namespace()?;
+    let mut indexes = INDEXES.lock().unwrap_or_else(|e| e.into_inner());
+    Some(f(indexes
+        .get_or_insert_with(HashMap::new)
+        .entry(namespace)
+        .or_insert_with(Index::new)))
+}
+
 /// The inode of the calling thread's mount namespace.
 fn own_namespace() -> Option<u64> {
     std::fs::metadata("/proc/thread-self/ns/mnt")
@@ -481,16 +492,10 @@ pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
     if !AVAILABLE.load(Ordering::Relaxed) || !LIST_AVAILABLE.load(Ordering::Relaxed) {
         return None;
     }
-    let candidates = {
-        let namespace = own_namespace()?;
-        let mut indexes = INDEXES.lock().unwrap_or_else(|e| e.into_inner());
-        let index = indexes
-            .get_or_insert_with(HashMap::new)
-            .entry(namespace)
-            .or_insert_with(Index::new);
+    let candidates = with_index(|index| {
         index.catch_up()?;
-        index.showing(keys)
-    };
+        Some(index.showing(keys))
+    })??;
     let mut found = Vec::new();
     let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8];
     for id in candidates {
@@ -512,21 +517,10 @@ pub(super) fn forget() {
     *INDEXES.lock().unwrap() = None;
 }
 
-/// Runs `f` on the calling thread's namespace's index, made if need be.
-#[cfg(test)]
-fn with_index<T>(f: impl FnOnce(&mut Index) -> T) -> T {
-    let namespace = own_namespace().unwrap();
-    let mut indexes = INDEXES.lock().unwrap();
-    f(indexes
-        .get_or_insert_with(HashMap::new)
-        .entry(namespace)
-        .or_insert_with(Index::new))
-}
-
 /// Whether the kernel reports this namespace's mount changes to the index.
 #[cfg(test)]
 pub(super) fn reported() -> bool {
-    with_index(|i| i.watch.is_some())
+    with_index(|i| i.watch.is_some()).unwrap()
 }
 
 /// Throws the queued reports away and marks the index incomplete, as a
@@ -539,12 +533,13 @@ pub(super) fn lose_reports() {
         }
         i.complete = false;
     })
+    .unwrap()
 }
 
 /// Stops the reports, as on a kernel without them.
 #[cfg(test)]
 pub(super) fn stop_reports() {
-    with_index(|i| i.watch = None)
+    with_index(|i| i.watch = None).unwrap()
 }
 
 /// A watch of its own, to see the reports as they come.
