@@ -358,8 +358,8 @@ pub struct Detached {
 }
 
 impl Detached {
-    /// A copy of the mount holding `dir`. Kernels before 6.15 do not clone from a
-    /// detached mount; [`bind_via`] then clones from the mount itself.
+    /// A copy of the mount holding `dir`. Fails on kernels before 6.15, which do
+    /// not clone from a detached mount; binds then clone from the node's mount.
     pub fn of(dir: &Path) -> Result<Detached> {
         let c = CString::new(dir.as_os_str().as_bytes()).map_err(|_| {
             Error::InvalidArgument(format!("{} contains a NUL byte", dir.display()))
