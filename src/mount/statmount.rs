@@ -517,6 +517,13 @@ pub(super) fn forget() {
     *INDEXES.lock().unwrap() = None;
 }
 
+/// Starts this namespace's index afresh (its watch too), without listing.
+#[cfg(test)]
+pub(super) fn renew() {
+    forget();
+    with_index(|_| ()).unwrap()
+}
+
 /// Whether the kernel reports this namespace's mount changes to the index.
 #[cfg(test)]
 pub(super) fn reported() -> bool {
