@@ -394,16 +394,9 @@ mod tests {
     /// against sysfs and replaced by the scan's answer.
     #[test]
     fn a_wrong_hint_is_never_believed() {
-        if !nix::unistd::Uid::effective().is_root() {
+        let Some((_dir, file)) = image() else {
             return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("img");
-        // A program started by a test beside this one would copy the descriptor
-        // and hold the file open for a moment, which the lease takes for a user.
-        crate::programs::without_children(|| {
-            File::create(&file).unwrap().set_len(1 << 20).unwrap()
-        });
+        };
         let canon = fs::canonicalize(&file).unwrap();
         // Not attached: a hint naming some device is dropped.
         hints()
@@ -427,9 +420,9 @@ mod tests {
         assert_eq!(find(&file), None);
     }
 
-    /// A 1 MiB image in a new directory, where running as root on a filesystem
-    /// that grants leases; None (the test is skipped) elsewhere.
-    fn leasable_image() -> Option<(tempfile::TempDir, PathBuf)> {
+    /// A 1 MiB image in a new directory, when running as root; None (the test is
+    /// skipped) otherwise.
+    fn image() -> Option<(tempfile::TempDir, PathBuf)> {
         if !nix::unistd::Uid::effective().is_root() {
             return None;
         }
@@ -440,6 +433,12 @@ mod tests {
         crate::programs::without_children(|| {
             File::create(&file).unwrap().set_len(1 << 20).unwrap()
         });
+        Some((dir, file))
+    }
+
+    /// [`image`], on a filesystem that grants leases.
+    fn leasable_image() -> Option<(tempfile::TempDir, PathBuf)> {
+        let (dir, file) = image()?;
         if open_elsewhere(&file).is_none() {
             eprintln!("skipped: no leases on this filesystem");
             return None;

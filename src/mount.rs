@@ -824,6 +824,7 @@ mod tests {
         if !is_root() {
             return;
         }
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let (_dir, _base, data, targets, guard) =
             bind_scene(&["sub", "unmounted"], &["rw", "ro", "sub", "rw2"]);
         bind(&data, &targets[0], &Flags::default()).unwrap();
@@ -947,7 +948,7 @@ mod tests {
         if !is_root() {
             return;
         }
-        let _one = OWN_WATCHES.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let watch = match statmount::watch() {
             Ok(w) => w,
             Err(e) => {
@@ -991,6 +992,7 @@ mod tests {
         if !is_root() {
             return;
         }
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let names: Vec<String> = (0..300).map(|i| format!("t{i}")).collect();
         let (_dir, _base, data, targets, guard) = bind_scene(&["sub"], &names);
         let key = key_of(&data).unwrap();
@@ -1002,9 +1004,10 @@ mod tests {
         assert_eq!(count(), 0);
     }
 
-    /// Held by the tests that read reports of their own, so that one never
-    /// starts its watch while another has made the kernel's queue tiny.
-    static OWN_WATCHES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    /// Held by the tests that read mount reports or use the shared index: one
+    /// never starts a watch while another has made the kernel's queue tiny, and
+    /// none resets or drains the index while another counts its listings.
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
     /// A real queue overflow: with the kernel's queue made tiny for a moment
     /// (the limit is read when a watch starts), thirty binds overflow it, the
@@ -1021,7 +1024,7 @@ mod tests {
                 let _ = fs::write(LIMIT, &self.0);
             }
         }
-        let _one = OWN_WATCHES.lock().unwrap_or_else(|e| e.into_inner());
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let Ok(old) = fs::read_to_string(LIMIT) else {
             eprintln!("skipped: no {LIMIT}");
             return;
@@ -1047,11 +1050,14 @@ mod tests {
             return;
         };
         assert!(reported);
+        let listed = statmount::listings();
         bind_each(&data, &targets);
         let mut events = vec![];
         watch.drain(|e| events.push(e)).unwrap();
         assert!(events.contains(&events::Event::Overflow), "{events:?}");
         assert_eq!(count(), targets.len());
+        // The index learned of the loss from the kernel and listed again.
+        assert!(statmount::listings() > listed);
         drop(guard);
         assert_eq!(count(), 0);
     }
@@ -1063,6 +1069,7 @@ mod tests {
         if !is_root() {
             return;
         }
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let (_dir, _base, data, targets, guard) = bind_scene(&["sub"], &["a", "b", "c"]);
         let key = key_of(&data).unwrap();
         let points = || -> Vec<PathBuf> {
@@ -1095,11 +1102,13 @@ mod tests {
         assert!(points().is_empty());
     }
 
-    /// Not a test: prints what one question costs both ways with 20 and 2000
-    /// extra bind mounts (`cargo test --lib listmount_cost -- --ignored --nocapture`).
+    /// Not a test: prints what "which mounts show this data" costs by a scan of
+    /// mountinfo and through the index, with 20 and 2000 extra bind mounts
+    /// (`cargo test --release --lib mounts_showing_cost -- --ignored --nocapture`).
     #[test]
     #[ignore]
-    fn listmount_cost() {
+    fn mounts_showing_cost() {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let base = Path::new("/tmp/sf-binds");
         let _ = fs::create_dir(base);
         let src = base.join("src");

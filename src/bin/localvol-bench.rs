@@ -436,18 +436,9 @@ async fn floor(
         eprintln!("localvol-bench: stopped before the first floor cycle; nothing to report");
         return Ok(());
     }
-    let mkfs = timings
-        .summaries()
-        .into_iter()
-        .find(|(step, _)| *step == bench::floor::MKFS)
-        .map(|(_, s)| s.p50_ms);
+    let mkfs = timings.p50_ms(bench::floor::MKFS);
     let floor = bench::floor::floor_of(&timings);
-    let kubelet = timings
-        .summaries()
-        .into_iter()
-        .find(|(step, _)| *step == bench::floor::KUBELET)
-        .map(|(_, s)| s.p50_ms)
-        .unwrap_or(0.0);
+    let kubelet = timings.p50_ms(bench::floor::KUBELET).unwrap_or(0.0);
     let per_second = 1.0 / floor.as_secs_f64();
     let rpcs = bench::rpcs_json(&timings);
     if as_json {

@@ -340,6 +340,8 @@ struct Index {
     /// Whether `by_id` holds every mount: false until the first listing, and
     /// after reports were lost.
     complete: bool,
+    /// Listings of every mount so far: with reports, one plus one per loss.
+    listings: u64,
 }
 
 /// One index per mount namespace (by its inode): a thread in another namespace
@@ -360,6 +362,7 @@ impl Index {
             by_data: HashMap::new(),
             watch,
             complete: false,
+            listings: 0,
         }
     }
 
@@ -399,6 +402,13 @@ impl Index {
     /// Makes the index hold exactly the mounts listmount names.
     fn relist(&mut self, buf: &mut Vec<u64>) -> Option<()> {
         let ids = list_ids()?;
+        self.listings += 1;
+        if self.watch.is_some() && self.listings > 1 {
+            tracing::debug!(
+                listings = self.listings,
+                "mount reports were lost; listed every mount again"
+            );
+        }
         let gone: Vec<u64> = self
             .by_id
             .keys()
@@ -541,6 +551,12 @@ pub(super) fn lose_reports() {
         i.complete = false;
     })
     .unwrap()
+}
+
+/// How many times this namespace's index listed every mount.
+#[cfg(test)]
+pub(super) fn listings() -> u64 {
+    with_index(|i| i.listings).unwrap()
 }
 
 /// Stops the reports, as on a kernel without them.

@@ -70,6 +70,11 @@ impl Timings {
         }
     }
 
+    /// The median of one step, in milliseconds; None if it never ran.
+    pub fn p50_ms(&self, step: &str) -> Option<f64> {
+        summarize(self.samples.get(step)?).map(|s| s.p50_ms)
+    }
+
     /// One summary per step, in first-seen order.
     pub fn summaries(&self) -> Vec<(&'static str, Summary)> {
         self.order
