@@ -104,6 +104,29 @@ pub fn check_supported(offer: Offer, cap: &Capability) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `asked` is among the capabilities a volume was created for, by access
+/// type (block or filesystem) and access mode: a CreateVolume retry must ask for
+/// the volume that exists, not another one under the same name.
+pub fn check_created_for(created: &[Capability], asked: &Capability) -> Result<(), String> {
+    let kind = |c: &Capability| if c.is_block() { "block" } else { "filesystem" };
+    if created
+        .iter()
+        .any(|c| c.is_block() == asked.is_block() && c.mode == asked.mode)
+    {
+        return Ok(());
+    }
+    let made: Vec<String> = created
+        .iter()
+        .map(|c| format!("{} {:?}", kind(c), c.mode))
+        .collect();
+    Err(format!(
+        "it was created for {}, not {} {:?}",
+        made.join(", "),
+        kind(asked),
+        asked.mode
+    ))
+}
+
 /// Whether a mount should be read-only: the caller asked, or the mode says so.
 pub fn effective_readonly(mode: AccessMode, readonly_flag: bool) -> bool {
     readonly_flag || mode.is_read_only()
@@ -184,6 +207,20 @@ mod tests {
             );
             assert!(check_supported(shared, &mount(m)).is_ok(), "{m:?}");
         }
+    }
+
+    #[test]
+    fn a_retry_asks_for_what_was_created() {
+        let block = |mode| Capability {
+            access_type: AccessType::Block,
+            mode,
+        };
+        let created = [block(SingleNodeWriter), mount(SingleNodeReaderOnly)];
+        assert!(check_created_for(&created, &block(SingleNodeWriter)).is_ok());
+        assert!(check_created_for(&created, &mount(SingleNodeReaderOnly)).is_ok());
+        let why = check_created_for(&created, &mount(SingleNodeWriter)).unwrap_err();
+        assert!(why.contains("block SingleNodeWriter"), "{why}");
+        assert!(check_created_for(&created, &block(SingleNodeSingleWriter)).is_err());
     }
 
     #[test]

@@ -78,12 +78,21 @@ impl Driver {
         let _guard = self.lock(id)?;
         rec = self.volume(id)?;
         if let Some(existing) = rec.attachments.get(node) {
-            if existing.readonly == rules.readonly {
+            let same = existing.readonly == rules.readonly
+                && existing.mode.is_none_or(|m| m == cap.mode)
+                && existing.block.is_none_or(|b| b == cap.is_block());
+            if same {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
-                "volume {id} is already published to node {node:?} {}; unpublish it first to change that",
-                if existing.readonly { "read-only" } else { "read-write" }
+                "volume {id} is already published to node {node:?} {}{}{}; unpublish it first to change that",
+                if existing.readonly { "read-only" } else { "read-write" },
+                existing.mode.map(|m| format!(" as {m:?}")).unwrap_or_default(),
+                match existing.block {
+                    Some(true) => " for block access",
+                    Some(false) => " for filesystem access",
+                    None => "",
+                }
             )));
         }
         let attached: Vec<String> = rec.attachments.keys().cloned().collect();
@@ -109,6 +118,8 @@ impl Driver {
             node.to_string(),
             Attachment {
                 readonly: rules.readonly,
+                mode: Some(cap.mode),
+                block: Some(cap.is_block()),
             },
         );
         self.store.put_volume(&rec)?;

@@ -38,7 +38,13 @@ impl Driver {
 
     pub fn stage(&self, id: &str, staging: &Path, cap: &Capability) -> Result<()> {
         let rec = self.volume(id)?;
-        let rules = publish_rules(&rec, cap, false)?;
+        // Attached read-only to this node by the controller: staged read-only, and
+        // never checked or grown (both write).
+        let attached_ro = rec
+            .attachments
+            .get(&self.cfg.node_id)
+            .is_some_and(|a| a.readonly);
+        let rules = publish_rules(&rec, cap, attached_ro)?;
         let _guard = self.lock(id)?;
         let data = self.data_path(&rec);
         if fs::symlink_metadata(&data).is_err() {
@@ -47,30 +53,68 @@ impl Driver {
                 data.display()
             )));
         }
-        if let Some(m) = mount::mount_at(staging)? {
-            if self.is_ours(&rec, &m)? {
-                return Ok(());
-            }
-            return Err(Error::AlreadyExists(format!(
-                "staging path {} already holds another mount ({})",
-                staging.display(),
-                m.source
-            )));
-        }
         let flags = Flags::parse(cap.mount_flags())?.readonly(rules.readonly);
+        if let Some(m) = mount::mount_at(staging)? {
+            if !self.is_ours(&rec, &m)? {
+                return Err(Error::AlreadyExists(format!(
+                    "staging path {} already holds another mount ({})",
+                    staging.display(),
+                    m.source
+                )));
+            }
+            // Staged already: by this request, or by one it does not agree with.
+            let asked_fs = cap.fs_type();
+            if m.is_readonly() != flags.is_readonly()
+                || (rec.volume_type == VolumeType::Loop
+                    && !asked_fs.is_empty()
+                    && asked_fs != m.fs_type)
+            {
+                return Err(Error::AlreadyExists(format!(
+                    "volume {id} is already staged at {} ({}, {}) differently from this request; \
+                     unstage it first",
+                    staging.display(),
+                    m.fs_type,
+                    if m.is_readonly() {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    }
+                )));
+            }
+            return Ok(());
+        }
         match rec.volume_type {
             VolumeType::Dir => {
                 make_staging(staging)?;
                 mount::bind_via(self.volumes_mount.as_ref(), &data, staging, &flags)?;
             }
             VolumeType::Loop => {
+                // In use elsewhere on this node (staged at another path, or its
+                // device published for block access): a filesystem here would be
+                // a second writer of the same blocks.
+                if !cap.is_block() {
+                    let elsewhere: Vec<String> = self
+                        .mounts_of_volume(&rec)?
+                        .iter()
+                        .map(|m| m.mount_point.display().to_string())
+                        .collect();
+                    if !elsewhere.is_empty() {
+                        return Err(Error::FailedPrecondition(format!(
+                            "volume {id} is in use on this node at {elsewhere:?}; unpublish and \
+                             unstage it there before staging it at {}",
+                            staging.display()
+                        )));
+                    }
+                }
                 make_staging(staging)?;
                 let (dev, attached_here) = loopdev::attach_reporting(&data)?;
                 faults::point("stage.after_attach");
                 // A stage that fails after attaching must not leak the device: the
-                // kubelet never unstages a volume whose stage did not succeed.
+                // kubelet never unstages a volume whose stage did not succeed. The
+                // device may be left from a stage killed after attaching: nothing
+                // mounted from it, it is this failed stage's to detach.
                 let detach_on_error = |e: Error| {
-                    if attached_here {
+                    if attached_here || self.mounts_of_volume(&rec).is_ok_and(|m| m.is_empty()) {
                         let _ = loopdev::detach_device(&dev);
                     }
                     e
@@ -203,25 +247,63 @@ impl Driver {
         Ok(())
     }
 
-    /// Unmounts the volume from `path` if it is mounted there; refuses to unmount
-    /// something that is not this volume.
+    /// Unmounts the volume from `path` if it is mounted there (every copy of it
+    /// stacked there). A mount that cannot be shown to be this volume's is left in
+    /// place: the path comes from the request.
     fn unmount_volume_at(&self, rec: &VolumeRecord, path: &Path) -> Result<bool> {
-        let Some(m) = mount::mount_at(path)? else {
-            return Ok(false);
-        };
         let keys = self.volume_keys(rec)?;
-        // With the volume's data gone there is no key to compare: unmount anyway,
-        // the kubelet asked for this path to be freed.
-        if !keys.is_empty() && !keys.contains(&m.key()) {
-            return Err(Error::FailedPrecondition(format!(
-                "{} holds a mount of {}, not of volume {}; leaving it",
-                path.display(),
-                m.source,
-                rec.id
-            )));
+        let mut unmounted = false;
+        for _ in 0..16 {
+            let Some(m) = mount::mount_at(path)? else {
+                return Ok(unmounted);
+            };
+            if !(keys.contains(&m.key()) || keys.is_empty() && self.shows_lost_data(rec, &m)) {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds a mount of {}{}, not of volume {}; leaving it",
+                    path.display(),
+                    m.source,
+                    if unmounted {
+                        " under this volume's mount, now unmounted"
+                    } else {
+                        ""
+                    },
+                    rec.id
+                )));
+            }
+            mount::unmount(path)?;
+            unmounted = true;
         }
-        mount::unmount_all(path)?;
-        Ok(true)
+        Err(Error::Internal(format!(
+            "{} stays mounted after 16 unmounts",
+            path.display()
+        )))
+    }
+
+    /// A mount of a volume whose data was removed behind the driver's back no
+    /// longer matches the volume's keys. It is still recognised: a directory
+    /// volume's by its root, which names the volume, on the filesystem of the
+    /// volumes; a loop volume's by the device still attached to the deleted file
+    /// (its filesystem, or its device node bound for a block publish).
+    fn shows_lost_data(&self, rec: &VolumeRecord, m: &mount::MountEntry) -> bool {
+        let data = self.data_path(rec);
+        if fs::symlink_metadata(&data).is_ok() {
+            return false;
+        }
+        match rec.volume_type {
+            VolumeType::Dir => {
+                let names_it = m
+                    .root
+                    .iter()
+                    .any(|c| c.to_str().is_some_and(|c| c.starts_with(rec.id.as_str())));
+                names_it
+                    && mount::key_of(&self.layout.volumes_dir(rec.shared))
+                        .is_ok_and(|k| k.dev == m.dev)
+            }
+            VolumeType::Loop => loopdev::find_deleted(&data).iter().any(|d| {
+                d.dev == m.dev
+                    || (m.fs_type == "devtmpfs" && m.root == Path::new("/").join(&d.name))
+            }),
+        }
     }
 
     pub fn publish(&self, req: &PublishRequest) -> Result<()> {
@@ -241,11 +323,11 @@ impl Driver {
         }
         let block = req.capability.is_block();
         // A block volume is staged by attaching its device; a mount volume by a mount.
-        let source = if block {
-            self.loop_device(&rec).ok_or_else(not_staged)?.path()
+        let (source, staged_ro) = if block {
+            (self.loop_device(&rec).ok_or_else(not_staged)?.path(), false)
         } else {
             match mount::mount_at(&req.staging_path)? {
-                Some(m) if keys.contains(&m.key()) => req.staging_path.clone(),
+                Some(m) if keys.contains(&m.key()) => (req.staging_path.clone(), m.is_readonly()),
                 _ => return Err(not_staged()),
             }
         };
@@ -255,6 +337,11 @@ impl Driver {
                 .attachments
                 .get(&self.cfg.node_id)
                 .is_some_and(|a| a.readonly);
+        let flags = Flags::parse(req.capability.mount_flags())?.readonly(ro);
+        // What this request's mount is: read-only also when a mount flag says "ro"
+        // or the staging mount it is cloned from is read-only, so that the same
+        // request again finds its own mount.
+        let ro = flags.is_readonly() || staged_ro;
         let target = mount::canonical(&req.target_path);
         if let Some(m) = mount::mount_at(&target)? {
             let ours = keys.contains(&m.key());
@@ -293,7 +380,6 @@ impl Driver {
 
         let created = make_target(&req.target_path, block)?;
         faults::point("publish.after_target");
-        let flags = Flags::parse(req.capability.mount_flags())?.readonly(ro);
         if let Err(e) = mount::bind(&source, &req.target_path, &flags) {
             if created {
                 let _ = remove_target(&req.target_path);

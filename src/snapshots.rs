@@ -120,6 +120,7 @@ impl Driver {
         // Outside the lock: a DeleteSnapshot meanwhile is fine (checked below).
         let synced = copy::make_durable(&self.snapshot_data(&snap));
         let _guard = self.lock(id)?;
+        let synced_cut = (snap.created_unix, snap.created_nanos);
         let Some(snap) = self.store.snapshots.get(id) else {
             return Err(Error::NotFound(format!(
                 "snapshot {id} was deleted while it was being made durable"
@@ -127,6 +128,12 @@ impl Driver {
         };
         if snap.ready() {
             return Ok(snap);
+        }
+        if (snap.created_unix, snap.created_nanos) != synced_cut {
+            // Deleted and cut again under the same name meanwhile: what was synced
+            // is the old copy; the new one is made durable on its own.
+            drop(_guard);
+            return self.finish_snapshot(id);
         }
         if let Err(e) = synced {
             let data = self.snapshot_data(&snap);

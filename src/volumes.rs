@@ -402,27 +402,14 @@ impl Driver {
         if !p.shared {
             self.check_topology(&req)?;
         }
-        // Volumes may overcommit free space (sparse files, unused directories), but
-        // never promise more than the whole filesystem could ever hold.
-        let total = mount::usage(&self.layout.volumes_dir(p.shared))?.total_bytes;
-        if capacity > total {
-            return Err(Error::OutOfRange(format!(
-                "{capacity} bytes is more than the whole filesystem under the driver root \
-                 holds ({total} bytes)"
-            )));
-        }
+        self.check_fits(capacity, p.shared)?;
 
         let id = ids::id_for_name(Kind::Volume, &req.name);
         let _guard = self.lock(&id)?;
         if let Some(existing) = self.store.volume(&id) {
             return self.check_same_volume(existing, &req, &p, fs_type.as_deref());
         }
-        let source = self.resolve_source(&req, &p, fs_type.as_deref())?;
-        let _source_guard = match &source {
-            Some(Source::Volume(v)) if v.id != id => Some(self.lock(&v.id)?),
-            Some(Source::Snapshot(snap)) => Some(self.lock(&snap.id)?),
-            _ => None,
-        };
+        let (_source_guard, source) = self.locked_source(&id, &req, &p, fs_type.as_deref())?;
         let capacity = match &source {
             Some(s) => capacity.max(s.size_bytes()),
             None => capacity,
@@ -560,7 +547,38 @@ impl Driver {
         Ok(Some(source))
     }
 
-    /// Refuses a requested topology that does not include this node.
+    /// The request's content source, locked against its deletion for the copy and
+    /// looked up again under that lock (deleted meanwhile, it is NOT_FOUND).
+    fn locked_source(
+        &self,
+        id: &str,
+        req: &CreateRequest,
+        p: &params::VolumeParams,
+        fs_type: Option<&str>,
+    ) -> Result<(Option<KeyGuard>, Option<Source>)> {
+        let source = self.resolve_source(req, p, fs_type)?;
+        let guard = match &source {
+            Some(Source::Volume(v)) if v.id != id => self.lock(&v.id)?,
+            Some(Source::Snapshot(snap)) => self.lock(&snap.id)?,
+            _ => return Ok((None, source)),
+        };
+        Ok((Some(guard), self.resolve_source(req, p, fs_type)?))
+    }
+
+    /// Volumes may overcommit free space (sparse files, unused directories), but
+    /// never promise more than the whole filesystem could ever hold.
+    fn check_fits(&self, capacity: u64, shared: bool) -> Result<()> {
+        let total = mount::usage(&self.layout.volumes_dir(shared))?.total_bytes;
+        if capacity > total {
+            return Err(Error::OutOfRange(format!(
+                "{capacity} bytes is more than the whole filesystem under the driver root \
+                 holds ({total} bytes)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a required topology that does not include this node.
     fn check_topology(&self, req: &CreateRequest) -> Result<()> {
         let here = |segs: &[Segment]| segs.iter().any(|s| self.matches_this_node(s));
         if !req.requisite.is_empty() && !here(&req.requisite) {
@@ -571,13 +589,8 @@ impl Driver {
                 self.cfg.node_id
             )));
         }
-        if req.requisite.is_empty() && !req.preferred.is_empty() && !here(&req.preferred) {
-            return Err(Error::ResourceExhausted(format!(
-                "preferred topology does not include this node ({}={})",
-                self.cfg.topology_key(),
-                self.cfg.node_id
-            )));
-        }
+        // Without requisite topologies the spec lets the plugin choose any topology
+        // when it cannot serve a preferred one: here, this node.
         Ok(())
     }
 
@@ -610,13 +623,22 @@ impl Driver {
         if p.volume_type == VolumeType::Loop && existing.fs_type.as_deref() != fs_type {
             return conflict("filesystem type");
         }
-        Self::check_capabilities(Self::offer_of(&existing), &req.capabilities)?;
+        if !existing.capabilities.is_empty() {
+            for cap in &req.capabilities {
+                if let Err(why) = access::check_created_for(&existing.capabilities, cap) {
+                    return Err(Error::AlreadyExists(format!(
+                        "volume {:?} already exists ({}) with other capabilities: {why}",
+                        req.name, existing.id
+                    )));
+                }
+            }
+        }
         // A crash between the record's commit and the data directory's can leave a
         // record (never acknowledged) without data: the retry makes it again.
         let data = self.data_path(&existing);
         if fs::symlink_metadata(&data).is_err() && existing.attachments.is_empty() {
             tracing::warn!(volume = %existing.id, "data of an unacknowledged create is missing; making it again");
-            let source = self.resolve_source(req, p, fs_type)?;
+            let (_source_guard, source) = self.locked_source(&existing.id, req, p, fs_type)?;
             self.make_data(&existing, source.as_ref())?;
             crate::store::sync_dir(data.parent().expect("volume paths have a parent"))?;
         }
@@ -740,6 +762,7 @@ impl Driver {
             return Ok(rec);
         }
         let wanted = choose_capacity(required, limit)?;
+        self.check_fits(wanted, rec.shared)?;
         let p = params::parse(&rec.parameters)?;
         let data = self.data_path(&rec);
         match rec.volume_type {
@@ -791,16 +814,38 @@ impl Driver {
         }
     }
 
-    /// Checks that each capability can be served; returns those confirmed.
+    /// Checks that each capability can be served, and that `parameters` (when
+    /// given) are the volume's; the record back, or why not.
     pub fn validate_capabilities(
         &self,
         id: &str,
         caps: &[Capability],
-    ) -> Result<std::result::Result<(), String>> {
+        parameters: &BTreeMap<String, String>,
+    ) -> Result<std::result::Result<VolumeRecord, String>> {
         let rec = self.volume(id)?;
+        if !parameters.is_empty() && *parameters != rec.parameters {
+            return Ok(Err(format!(
+                "the parameters are not the volume's: it was created with {:?}",
+                rec.parameters
+            )));
+        }
         for cap in caps {
             if let Err(why) = access::check_supported(Self::offer_of(&rec), cap) {
                 return Ok(Err(why));
+            }
+            let kind_created = rec
+                .capabilities
+                .iter()
+                .any(|c| c.is_block() == cap.is_block());
+            if !rec.capabilities.is_empty() && !kind_created {
+                return Ok(Err(format!(
+                    "the volume was created for {} access",
+                    if cap.is_block() {
+                        "filesystem"
+                    } else {
+                        "block"
+                    }
+                )));
             }
             if rec.volume_type == VolumeType::Loop && !cap.is_block() {
                 let fs = cap.fs_type();
@@ -812,7 +857,7 @@ impl Driver {
                 }
             }
         }
-        Ok(Ok(()))
+        Ok(Ok(rec))
     }
 
     /// One page of volumes after `starting_token`; a token we did not hand out is
@@ -851,6 +896,13 @@ impl Driver {
         params: &BTreeMap<String, String>,
     ) -> Result<u64> {
         let p = params::parse(params)?;
+        // Nothing of a class CreateVolume refuses here can be made here: report no
+        // room, so that the scheduler does not send its pods to this node.
+        let refused = (p.shared && self.layout.shared_root.is_none())
+            || (p.enforce_size && p.volume_type == VolumeType::Dir && !self.limits_for(p.shared));
+        if refused {
+            return Ok(0);
+        }
         if let Some(seg) = segment {
             if !p.shared && !seg.is_empty() && !self.matches_this_node(seg) {
                 return Ok(0);

@@ -133,6 +133,19 @@ async fn node_local_volumes_refuse_multi_node_modes() {
         controller_publish(&mut c, &rwo.volume_id, NODE, Mode::SingleNodeWriter, true).await,
         Code::AlreadyExists,
     );
+    // Another access mode is another request too (the spec's "incompatible with
+    // the specified volume_capability").
+    assert_code(
+        controller_publish(
+            &mut c,
+            &rwo.volume_id,
+            NODE,
+            Mode::SingleNodeSingleWriter,
+            false,
+        )
+        .await,
+        Code::AlreadyExists,
+    );
     // Published on its node, a second node is told it is published elsewhere.
     assert_code(
         controller_publish(
@@ -309,4 +322,40 @@ fn assert_code_or_ok(r: Result<(), tonic::Status>, code: Code) -> Option<()> {
             None
         }
     }
+}
+
+/// A volume the controller attached read-only to this node is staged read-only:
+/// the pod cannot write it, and the stage writes nothing to it either.
+#[tokio::test]
+async fn a_read_only_attachment_stages_read_only() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let ext4 = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
+    let v = c
+        .create("ro-att", 16 * MIB, &[("type", "loop")], ext4.clone())
+        .await
+        .volume_id;
+    let staging = d.path("staging");
+    // Formatted once by a read-write stage.
+    c.stage(&v, &staging, ext4.clone()).await.unwrap();
+    c.unstage(&v, &staging).await.unwrap();
+    controller_publish(&mut c, &v, NODE, Mode::SingleNodeWriter, true)
+        .await
+        .unwrap();
+    c.stage(&v, &staging, ext4.clone()).await.unwrap();
+    let err = std::fs::write(staging.join("f"), b"x").unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+    c.unstage(&v, &staging).await.unwrap();
+    c.controller
+        .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+            volume_id: v.clone(),
+            node_id: NODE.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    c.delete(&v).await.unwrap();
 }

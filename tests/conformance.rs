@@ -166,6 +166,35 @@ async fn create_volume_rules() {
         preferred: vec![topo(NODE)],
     });
     ctl.create_volume(here).await.unwrap();
+    // Only a preferred topology elsewhere: the plugin may choose, and does (here).
+    let mut preferred = create_req("pvc-p", MIB, &[], rwo());
+    preferred.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![],
+        preferred: vec![topo("elsewhere")],
+    });
+    let made = ctl.create_volume(preferred).await.unwrap().into_inner();
+    assert_eq!(
+        made.volume.unwrap().accessible_topology[0].segments[TOPOLOGY_KEY],
+        NODE
+    );
+
+    // A retry asking for other capabilities asks for another volume.
+    let loop_kv = [("type", "loop")];
+    let block = block_cap(Mode::SingleNodeWriter);
+    ctl.create_volume(create_req("pvc-blk", 16 * MIB, &loop_kv, block.clone()))
+        .await
+        .unwrap();
+    ctl.create_volume(create_req("pvc-blk", 16 * MIB, &loop_kv, block))
+        .await
+        .unwrap();
+    for other in [rwo(), block_cap(Mode::SingleNodeSingleWriter)] {
+        let r = ctl
+            .create_volume(create_req("pvc-blk", 16 * MIB, &loop_kv, other))
+            .await;
+        let s = r.unwrap_err();
+        assert_eq!(s.code(), Code::AlreadyExists, "{s:?}");
+        assert!(s.message().contains("capabilities"), "{}", s.message());
+    }
 
     // A content source this version cannot restore from is refused, not ignored.
     let mut from_snap = create_req("pvc-c", MIB, &[], rwo());
@@ -230,6 +259,58 @@ async fn delete_validate_get_rules() {
         .unwrap()
         .into_inner();
     assert!(no.confirmed.is_none() && !no.message.is_empty());
+    // Parameters, context and mutable parameters are confirmed only when they are
+    // the volume's.
+    let with = |parameters: &[(&str, &str)], context: &[(&str, &str)], mutable: &[(&str, &str)]| {
+        ValidateVolumeCapabilitiesRequest {
+            volume_id: v.volume_id.clone(),
+            volume_capabilities: vec![rwo()],
+            parameters: params(parameters),
+            volume_context: params(context),
+            mutable_parameters: params(mutable),
+            ..Default::default()
+        }
+    };
+    for (req, confirmed) in [
+        (with(&[], &[("type", "dir")], &[]), true),
+        (
+            with(&[], &[("type", "dir"), ("csi.storage.k8s.io/x", "y")], &[]),
+            true,
+        ),
+        (with(&[("type", "loop")], &[], &[]), false),
+        (with(&[("tpye", "x")], &[], &[]), false),
+        (with(&[], &[("type", "loop")], &[]), false),
+        (with(&[], &[], &[("iops", "5")]), false),
+    ] {
+        let what = format!(
+            "{:?} {:?} {:?}",
+            req.parameters, req.volume_context, req.mutable_parameters
+        );
+        let r = ctl
+            .validate_volume_capabilities(req)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.confirmed.is_some(), confirmed, "{what}: {}", r.message);
+        assert_eq!(r.message.is_empty(), confirmed, "{what}");
+    }
+    // A loop volume made for block access is not confirmed for a filesystem.
+    let blk = c
+        .create(
+            "pvc-vb",
+            16 * MIB,
+            &[("type", "loop")],
+            block_cap(Mode::SingleNodeWriter),
+        )
+        .await;
+    let ctl = &mut c.controller;
+    let r = ctl
+        .validate_volume_capabilities(validate(&blk.volume_id, vec![rwo()]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_none(), "{r:?}");
+    assert!(r.message.contains("block"), "{}", r.message);
 
     let get = |id: &str| ControllerGetVolumeRequest {
         volume_id: id.into(),
@@ -366,6 +447,16 @@ async fn capacity_and_node_info() {
     let mut bad = cap(None);
     bad.parameters = params(&[("bogus", "1")]);
     assert_code(c.controller.get_capacity(bad).await, Code::InvalidArgument);
+    // A class CreateVolume refuses on this node (no --shared-root) has no room here.
+    let mut shared = cap(None);
+    shared.parameters = params(&[("shared", "true")]);
+    let r = c
+        .controller
+        .get_capacity(shared)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.available_capacity, 0);
 
     let info = c
         .node
@@ -496,4 +587,106 @@ async fn capacity_beyond_the_root_is_out_of_range() {
         .create_volume(create_req("huge", i64::MAX / 2, &[], rwo()))
         .await;
     assert_code(r, tonic::Code::OutOfRange);
+
+    // Nor is growing one past it: the controller's and the node's expansion alike,
+    // and the capacity stays what it was.
+    let v = c.create("small", MIB, &[], rwo()).await;
+    for required in [i64::MAX, i64::MAX / 2] {
+        assert_code(
+            c.expand(&v.volume_id, required, None).await,
+            tonic::Code::OutOfRange,
+        );
+    }
+    let staging = d.path("s");
+    c.stage(&v.volume_id, &staging, rwo()).await.unwrap();
+    assert_code(
+        c.node_expand(&v.volume_id, &staging, i64::MAX, None).await,
+        tonic::Code::OutOfRange,
+    );
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+    let listed = c.all_volumes().await;
+    let now = listed.iter().find(|x| x.volume_id == v.volume_id).unwrap();
+    assert_eq!(now.capacity_bytes, MIB);
+}
+
+/// Node calls free only what is the volume's, answer the same request the same
+/// way twice, and name a missing staging path as the spec does.
+#[tokio::test]
+async fn node_calls_touch_only_their_volume() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let dir = c.create("pvc-d", MIB, &[], rwo()).await.volume_id;
+    let lp = c
+        .create("pvc-l", 16 * MIB, &[("type", "loop")], rwo())
+        .await
+        .volume_id;
+    let (staging, target) = (d.path("staging"), d.path("target"));
+
+    // No staging path: FAILED_PRECONDITION (STAGE_UNSTAGE_VOLUME is offered).
+    let mut req = NodePublishVolumeRequest {
+        volume_id: dir.clone(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(rwo()),
+        ..Default::default()
+    };
+    let r = c.node.node_publish_volume(req.clone()).await;
+    assert_code(r, Code::FailedPrecondition);
+
+    // A mount flag "ro" makes a read-only publish; the same request again is OK.
+    c.stage(&dir, &staging, rwo()).await.unwrap();
+    req.staging_target_path = staging.display().to_string();
+    req.volume_capability = Some(mount_cap_fs(Mode::SingleNodeWriter, "", &["ro"]));
+    c.node.node_publish_volume(req.clone()).await.unwrap();
+    c.node.node_publish_volume(req.clone()).await.unwrap();
+    assert!(std::fs::write(target.join("f"), b"x").is_err(), "read-only");
+    c.unpublish(&dir, &target).await.unwrap();
+    // Staged read-write already: a read-only stage of it is another request.
+    assert_code(
+        c.stage(&dir, &staging, mount_cap(Mode::SingleNodeReaderOnly))
+            .await,
+        Code::AlreadyExists,
+    );
+    c.stage(&dir, &staging, rwo()).await.unwrap();
+
+    // Someone else's mount at a path a request names is left alone, whether the
+    // volume is staged elsewhere (dir) or attached nowhere (loop).
+    let foreign = d.path("foreign");
+    std::fs::create_dir_all(&foreign).unwrap();
+    nix::mount::mount(
+        Some("foreign-tmpfs"),
+        &foreign,
+        Some("tmpfs"),
+        nix::mount::MsFlags::empty(),
+        Some("size=1m"),
+    )
+    .unwrap();
+    for id in [&dir, &lp] {
+        for r in [
+            c.unpublish(id, &foreign).await,
+            c.unstage(id, &foreign).await,
+        ] {
+            let s = r.unwrap_err();
+            assert_eq!(s.code(), Code::FailedPrecondition, "{id}: {s:?}");
+            assert!(s.message().contains("foreign-tmpfs"), "{}", s.message());
+        }
+        assert!(is_mounted(&foreign), "{id}: the foreign mount stays");
+    }
+    nix::mount::umount2(&foreign, nix::mount::MntFlags::empty()).unwrap();
+
+    // A loop volume staged at one path is not staged at a second one too: two
+    // mounts of one filesystem's device would be two writers.
+    let (s1, s2) = (d.path("s1"), d.path("s2"));
+    c.stage(&lp, &s1, rwo()).await.unwrap();
+    let s = c.stage(&lp, &s2, rwo()).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("s1"), "{}", s.message());
+    c.stage(&lp, &s1, rwo()).await.unwrap();
+    c.unstage(&lp, &s1).await.unwrap();
+    c.unstage(&dir, &staging).await.unwrap();
+    for id in [&dir, &lp] {
+        c.delete(id).await.unwrap();
+    }
 }

@@ -347,7 +347,13 @@ async fn every_path_rpc(
         .node
         .node_publish_volume(publish_req(id, path, target, rwo()))
         .await;
-    t.expect(&what("NodePublishVolume staging"), r, allowed);
+    // The spec names FAILED_PRECONDITION for a missing staging path.
+    let staging_codes: &[Code] = if path.is_empty() {
+        &[Code::FailedPrecondition]
+    } else {
+        allowed
+    };
+    t.expect(&what("NodePublishVolume staging"), r, staging_codes);
     // Reads and idempotent undos of something not there may answer OK.
     let r = c
         .node

@@ -50,6 +50,18 @@ pub fn volume_to_proto(driver: &Driver, rec: &VolumeRecord) -> Volume {
             }
         }),
     });
+    Volume {
+        capacity_bytes: rec.capacity_bytes as i64,
+        volume_id: rec.id.clone(),
+        volume_context: volume_context(rec),
+        content_source,
+        accessible_topology: driver.topology_of(rec).iter().map(topology).collect(),
+    }
+}
+
+/// What CreateVolume tells the CO about a volume, and ValidateVolumeCapabilities
+/// checks against.
+fn volume_context(rec: &VolumeRecord) -> std::collections::HashMap<String, String> {
     let mut context = std::collections::HashMap::new();
     context.insert(
         "type".to_string(),
@@ -58,13 +70,7 @@ pub fn volume_to_proto(driver: &Driver, rec: &VolumeRecord) -> Volume {
     if let Some(fs) = &rec.fs_type {
         context.insert("fsType".to_string(), fs.clone());
     }
-    Volume {
-        capacity_bytes: rec.capacity_bytes as i64,
-        volume_id: rec.id.clone(),
-        volume_context: context,
-        content_source,
-        accessible_topology: driver.topology_of(rec).iter().map(topology).collect(),
-    }
+    context
 }
 
 fn content_source(src: &Option<VolumeContentSource>) -> Result<Option<ContentSource>, Status> {
@@ -183,7 +189,31 @@ impl Controller for ControllerService {
         let driver = self.driver.clone();
         run("ValidateVolumeCapabilities", &id.clone(), move || {
             let caps = capabilities(&r.volume_capabilities)?;
-            let answer = match driver.validate_capabilities(&id, &caps)? {
+            let params: std::collections::BTreeMap<_, _> =
+                r.parameters.clone().into_iter().collect();
+            let checked = driver
+                .validate_capabilities(&id, &caps, &params)?
+                .and_then(|rec| {
+                    if !r.mutable_parameters.is_empty() {
+                        return Err(
+                            "mutable parameters are not supported: this driver does not \
+                                    modify volumes"
+                                .to_string(),
+                        );
+                    }
+                    // Keys of ours must agree; others (the CO's own) are not ours to judge.
+                    let context = volume_context(&rec);
+                    let ours_differ = r.volume_context.iter().any(|(k, v)| {
+                        ["type", "fsType"].contains(&k.as_str()) && context.get(k) != Some(v)
+                    });
+                    if ours_differ {
+                        return Err(format!(
+                            "the volume context is not the volume's: it is {context:?}"
+                        ));
+                    }
+                    Ok(())
+                });
+            let answer = match checked {
                 Ok(()) => ValidateVolumeCapabilitiesResponse {
                     confirmed: Some(validate_volume_capabilities_response::Confirmed {
                         volume_context: r.volume_context,

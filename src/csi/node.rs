@@ -61,8 +61,15 @@ impl Node for NodeService {
         let r = request.into_inner();
         let id = required("volume_id", &r.volume_id)?.to_string();
         let target_path = check_path("target_path", &r.target_path)?;
-        let staging_path = check_path("staging_target_path", &r.staging_target_path)?;
         let capability = required_capability(&r.volume_capability)?;
+        // STAGE_UNSTAGE_VOLUME is offered, so the spec names FAILED_PRECONDITION.
+        if r.staging_target_path.is_empty() {
+            return Err(Status::failed_precondition(
+                "staging_target_path is required: this driver stages volumes \
+                 (NodeStageVolume) before they are published",
+            ));
+        }
+        let staging_path = check_path("staging_target_path", &r.staging_target_path)?;
         let req = PublishRequest {
             volume_id: id.clone(),
             staging_path,

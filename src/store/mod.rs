@@ -20,7 +20,7 @@ use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
-use crate::access::Capability;
+use crate::access::{AccessMode, Capability};
 use crate::error::{Context, Result};
 use crate::params::VolumeType;
 
@@ -35,6 +35,12 @@ pub enum ContentSource {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attachment {
     pub readonly: bool,
+    /// The capability it was published with (absent in records of older versions):
+    /// a repeat with another one is another request.
+    #[serde(default)]
+    pub mode: Option<AccessMode>,
+    #[serde(default)]
+    pub block: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
