@@ -187,6 +187,7 @@ mod tests {
             node_id: String::new(),
             created_unix: 0,
             attachments: BTreeMap::new(),
+            formatting: false,
         }
     }
 

@@ -18,6 +18,7 @@ pub const POINTS: &[&str] = &[
     "snapshot.before_ready",
     "delete_snapshot.after_record",
     "stage.after_attach",
+    "stage.format_marked",
     "stage.after_format",
     "stage.after_mount",
     "publish.after_target",

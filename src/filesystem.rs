@@ -15,8 +15,11 @@ use crate::mount::{self, check, Flags};
 /// What the first bytes of a device say it holds.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Content {
-    /// No signature we know: safe to format.
+    /// Nothing written where any signature would be: safe to format.
     Empty,
+    /// Bytes, but no signature we know: an interrupted format of ours, or data of a
+    /// kind we do not recognise. The caller knows which.
+    Unrecognized,
     Filesystem(String),
     /// Something that is not a filesystem we mount (a partition table, swap, LUKS):
     /// data all the same, never to be formatted over.
@@ -92,7 +95,11 @@ fn classify(head: &[u8]) -> Content {
             };
         }
     }
-    Content::Empty
+    if head.iter().all(|b| *b == 0) {
+        Content::Empty
+    } else {
+        Content::Unrecognized
+    }
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
@@ -395,5 +402,8 @@ mod tests {
         p[511] = 0xAA;
         assert!(matches!(classify(&p), Content::Other(_)));
         assert_eq!(classify(&[]), Content::Empty);
+        let mut lvm = vec![0u8; 70000];
+        lvm[512..520].copy_from_slice(b"LABELONE");
+        assert_eq!(classify(&lvm), Content::Unrecognized);
     }
 }

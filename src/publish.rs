@@ -119,6 +119,12 @@ impl Driver {
                     }
                     e
                 };
+                if cap.is_block() && rec.formatting {
+                    // Handed out raw from now on: whatever is written there is data.
+                    let mut cleared = rec.clone();
+                    cleared.formatting = false;
+                    self.store.put_volume(&cleared).map_err(detach_on_error)?;
+                }
                 if !cap.is_block() {
                     let (fs_type, smaller) = (|| {
                         let fs_type = self.filesystem_for(&rec, cap)?;
@@ -173,14 +179,38 @@ impl Driver {
     }
 
     /// Formats the device only when it holds nothing: data is never formatted over.
+    ///
+    /// Bytes without a signature we know are what an interrupted mkfs leaves, or
+    /// data. A volume only ever staged as a filesystem, made empty, can hold
+    /// nothing else. One that could hold data (handed out as a raw device, or made
+    /// from a source) is formatted over such bytes only if its record says a
+    /// format of ours was started; that intent is written before its mkfs and
+    /// cleared before its device is handed out raw.
     fn prepare_filesystem(
         &self,
         rec: &VolumeRecord,
         dev: &loopdev::LoopDevice,
         fs_type: &str,
     ) -> Result<()> {
+        let may_hold_data = rec.source.is_some() || rec.capabilities.iter().any(|c| c.is_block());
+        let format = |rec: &VolumeRecord| {
+            if may_hold_data && !rec.formatting {
+                let mut marked = rec.clone();
+                marked.formatting = true;
+                self.store.put_volume(&marked)?;
+                faults::point("stage.format_marked");
+            }
+            filesystem::format(&dev.path(), fs_type)
+        };
         match filesystem::probe(&dev.path())? {
-            Content::Empty => filesystem::format(&dev.path(), fs_type),
+            Content::Empty => format(rec),
+            Content::Unrecognized if !may_hold_data || rec.formatting => format(rec),
+            Content::Unrecognized => Err(Error::FailedPrecondition(format!(
+                "volume {} holds data of a kind this driver does not recognise (no filesystem \
+                 signature), written through its block device or copied from its source; \
+                 refusing to format it",
+                rec.id
+            ))),
             Content::Filesystem(f) if f == fs_type => Ok(()),
             Content::Filesystem(f) => Err(Error::FailedPrecondition(format!(
                 "volume {} holds a {f} filesystem, not {fs_type}; refusing to format it",

@@ -439,6 +439,7 @@ impl Driver {
             },
             created_unix: secs,
             attachments: BTreeMap::new(),
+            formatting: false,
         };
         let data = self.data_path(&rec);
         self.make_data(&rec, source.as_ref())?;

@@ -246,6 +246,29 @@ async fn walk(point: &str) {
                 c.delete(&w.volume_id).await.unwrap();
             }
         }
+        "stage.format_marked" => {
+            // A volume that may hold data (made for block and filesystem access)
+            // has its format announced in its record before mkfs runs.
+            let mut req = create_req("v", 64 * MIB, EXT4, ext4());
+            req.volume_capabilities
+                .push(block_cap(Mode::SingleNodeWriter));
+            let v = c.controller.create_volume(req).await.unwrap().into_inner();
+            let id = v.volume.unwrap().volume_id;
+            let mut c = arm(&mut d, point).await;
+            let r = c.stage(&id, &staging, ext4()).await;
+            let mut c = recover(&mut d, r, point).await;
+            // What an mkfs killed half-way leaves: bytes, and no signature yet.
+            {
+                use std::os::unix::fs::FileExt;
+                let img = d.root.join("volumes").join(format!("{id}.img"));
+                let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+                f.write_all_at(&[0x5a; 4096], 4096).unwrap();
+                f.sync_all().unwrap();
+            }
+            // Announced, so the retry formats over it.
+            c.stage(&id, &staging, ext4()).await.unwrap();
+            std::fs::write(staging.join("f"), b"x").unwrap();
+        }
         "publish.after_target" => {
             let v = c.create("v", 64 * MIB, EXT4, ext4()).await;
             c.stage(&v.volume_id, &staging, ext4()).await.unwrap();

@@ -247,6 +247,83 @@ async fn block_volume_is_a_raw_device_that_keeps_its_data() {
     assert!(loops_below(&d.root).is_empty());
 }
 
+/// A volume made for both block and filesystem access: what a pod wrote through
+/// its device is data even without a signature this driver knows (here an LVM
+/// label), and a later filesystem stage refuses to format over it.
+#[tokio::test]
+async fn raw_data_without_a_known_signature_is_never_formatted() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let block = block_cap(Mode::SingleNodeWriter);
+    let fs = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
+    let mut req = create_req("both", 64 * MIB, &[("type", "loop")], block.clone());
+    req.volume_capabilities.push(fs.clone());
+    let id = c
+        .controller
+        .create_volume(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .volume_id;
+    let (staging, target, fs_staging) = (d.path("staging"), d.path("dev"), d.path("fs"));
+
+    // First a filesystem stage: formatted, used, unstaged.
+    c.stage(&id, &fs_staging, fs.clone()).await.unwrap();
+    std::fs::write(fs_staging.join("f"), b"fs").unwrap();
+    c.unstage(&id, &fs_staging).await.unwrap();
+
+    // Then raw use overwrites the start of the device.
+    c.stage(&id, &staging, block.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, block.clone(), false)
+        .await
+        .unwrap();
+    let mut label = vec![0u8; 64 * 1024];
+    label[512..520].copy_from_slice(b"LABELONE");
+    label[1024..1028].copy_from_slice(b"data");
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_SYNC)
+            .open(&target)
+            .unwrap();
+        f.write_all(&label).unwrap();
+    }
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+
+    let s = c.stage(&id, &fs_staging, fs.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("refusing to format"),
+        "{}",
+        s.message()
+    );
+    assert!(
+        loops_below(&d.root).is_empty(),
+        "the refused stage detached"
+    );
+
+    // The data is as the pod left it.
+    c.stage(&id, &staging, block.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, block.clone(), false)
+        .await
+        .unwrap();
+    let mut back = vec![0u8; 64 * 1024];
+    std::fs::File::open(&target)
+        .unwrap()
+        .read_exact(&mut back)
+        .unwrap();
+    assert!(back == label, "the raw data is untouched");
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    c.delete(&id).await.unwrap();
+}
+
 #[tokio::test]
 async fn preallocated_volume_without_room_leaves_nothing() {
     if !need_root() {

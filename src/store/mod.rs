@@ -67,6 +67,10 @@ pub struct VolumeRecord {
     /// Nodes the volume is controller-published to (ControllerPublishVolume).
     #[serde(default)]
     pub attachments: BTreeMap<String, Attachment>,
+    /// A format of ours may have been interrupted: what it left is not data.
+    /// Kept only for volumes whose content could be data (`prepare_filesystem`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub formatting: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
