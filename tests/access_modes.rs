@@ -359,3 +359,38 @@ async fn a_read_only_attachment_stages_read_only() {
         .unwrap();
     c.delete(&v).await.unwrap();
 }
+
+/// ListVolumes on one node shows the shared volumes another node made or
+/// removed since, not what the shared root held when it started.
+#[tokio::test]
+async fn shared_volumes_listed_as_the_shared_root_holds_them() {
+    let mut a = Driver::start_with(vec![], None).await;
+    let shared = a.path("shared");
+    fs::create_dir_all(&shared).unwrap();
+    let args: Vec<String> = vec!["--shared-root".into(), shared.display().to_string()];
+    a.extra_args = args.clone();
+    a.restart_after_kill9().await;
+    let b = Driver::start_as("node-b", args, None).await;
+    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let ids =
+        |vols: Vec<Volume>| -> Vec<String> { vols.into_iter().map(|v| v.volume_id).collect() };
+    assert!(ids(cb.all_volumes().await).is_empty());
+    let v = ca
+        .create(
+            "pvc-listed",
+            MIB,
+            &[("shared", "true")],
+            mount_cap(Mode::MultiNodeMultiWriter),
+        )
+        .await;
+    assert_eq!(
+        ids(cb.all_volumes().await),
+        vec![v.volume_id.clone()],
+        "made on A, listed on B"
+    );
+    ca.delete(&v.volume_id).await.unwrap();
+    assert!(
+        ids(cb.all_volumes().await).is_empty(),
+        "removed on A, gone on B"
+    );
+}

@@ -155,6 +155,9 @@ pub struct Table<T: Record> {
     /// Damaged records whose id cannot be read either: while there are any, no
     /// data is a leftover, since any of it may be theirs.
     illegible: usize,
+    /// For records in files (the shared root, where other nodes write too): the
+    /// directory's modification time when the map last matched it.
+    listed: std::sync::Mutex<Option<std::time::SystemTime>>,
 }
 
 impl<T: Record> Table<T> {
@@ -163,41 +166,34 @@ impl<T: Record> Table<T> {
     pub fn open(dir: PathBuf) -> Result<Self> {
         // Temporary files in it are removed: it must not be a symlink to elsewhere.
         crate::backend::dir::own_dir(&dir)?;
-        let mut map = BTreeMap::new();
-        let mut unreadable = std::collections::BTreeSet::new();
-        for entry in fs::read_dir(&dir).ctx(|| format!("read {}", dir.display()))? {
-            let entry = entry.ctx(|| format!("read {}", dir.display()))?;
-            let path = entry.path();
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if name == TOO_OLD_GUARD {
-                continue;
-            }
-            if name.ends_with(".tmp") {
-                let _ = fs::remove_file(&path);
-                continue;
-            }
-            if !name.ends_with(".json") {
-                continue;
-            }
-            let bytes = fs::read(&path).ctx(|| format!("read {}", path.display()))?;
-            match serde_json::from_slice::<T>(&bytes) {
-                Ok(rec) => {
-                    map.insert(rec.id().to_string(), rec);
-                }
-                Err(e) => {
-                    tracing::error!(path = %path.display(), error = %e,
-                        "record is unreadable; it is ignored, and its data kept, until repaired or removed");
-                    unreadable.insert(name.trim_end_matches(".json").to_string());
-                }
-            }
-        }
+        let mtime = modified(&dir);
+        let (map, unreadable) = read_records(&dir, true)?;
         Ok(Table {
             dir,
             medium: Medium::Files,
             map: RwLock::new(map),
             unreadable,
             illegible: 0,
+            listed: std::sync::Mutex::new(mtime),
         })
+    }
+
+    /// Reads the records in files again if their directory changed since they were
+    /// last read (another node made, replaced or removed one): one stat otherwise.
+    pub fn refresh(&self) -> Result<()> {
+        if !matches!(self.medium, Medium::Files) {
+            return Ok(());
+        }
+        let mut listed = self.listed.lock().unwrap_or_else(|e| e.into_inner());
+        let before = modified(&self.dir);
+        if before.is_some() && before == *listed {
+            return Ok(());
+        }
+        let (map, _) = read_records::<T>(&self.dir, false)?;
+        *self.map.write().unwrap_or_else(|e| e.into_inner()) = map;
+        // Changed while it was read: read it again next time.
+        *listed = before.filter(|b| modified(&self.dir) == Some(*b));
+        Ok(())
     }
 
     /// Loads the table kept in a slot file in `dir`. Records still in files of an
@@ -272,6 +268,7 @@ impl<T: Record> Table<T> {
             map: RwLock::new(map),
             unreadable,
             illegible,
+            listed: std::sync::Mutex::new(None),
         })
     }
 
@@ -447,6 +444,56 @@ impl<T: Record> Table<T> {
     }
 }
 
+fn modified(dir: &Path) -> Option<std::time::SystemTime> {
+    fs::metadata(dir).and_then(|m| m.modified()).ok()
+}
+
+/// The readable records in `dir`, and the ids of those that are not. Temporary
+/// files of interrupted writes are removed if `remove_temporary` (at start-up).
+fn read_records<T: Record>(
+    dir: &Path,
+    remove_temporary: bool,
+) -> Result<(BTreeMap<String, T>, std::collections::BTreeSet<String>)> {
+    let mut map = BTreeMap::new();
+    let mut unreadable = std::collections::BTreeSet::new();
+    for entry in fs::read_dir(dir).ctx(|| format!("read {}", dir.display()))? {
+        let entry = entry.ctx(|| format!("read {}", dir.display()))?;
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name == TOO_OLD_GUARD {
+            continue;
+        }
+        if name.ends_with(".tmp") {
+            if remove_temporary {
+                let _ = fs::remove_file(&path);
+            }
+            continue;
+        }
+        if !name.ends_with(".json") {
+            continue;
+        }
+        let bytes = match fs::read(&path) {
+            Ok(b) => b,
+            // Removed by another node since the listing.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e).ctx(|| format!("read {}", path.display())),
+        };
+        match serde_json::from_slice::<T>(&bytes) {
+            Ok(rec) => {
+                map.insert(rec.id().to_string(), rec);
+            }
+            Err(e) => {
+                if remove_temporary {
+                    tracing::error!(path = %path.display(), error = %e,
+                        "record is unreadable; it is ignored, and its data kept, until repaired or removed");
+                }
+                unreadable.insert(name.trim_end_matches(".json").to_string());
+            }
+        }
+    }
+    Ok((map, unreadable))
+}
+
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("record paths have a parent");
@@ -523,6 +570,10 @@ impl Store {
         let Some(shared) = &self.shared_volumes else {
             return self.volumes.page(after, max, |_| true);
         };
+        // Other nodes make and remove shared volumes: list what the root holds now.
+        if let Err(e) = shared.refresh() {
+            tracing::warn!(error = %e, "cannot read the shared root's records again; listing what was read before");
+        }
         let take = if max == 0 { 0 } else { max + 1 };
         let (mut all, _) = self.volumes.page(after, take, |_| true);
         all.extend(shared.page(after, take, |_| true).0);
