@@ -423,9 +423,12 @@ impl Driver {
     pub fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         let rec = self.volume(id)?;
         let _guard = self.lock(id)?;
-        self.unmount_volume_at(&rec, target)?;
-        remove_target(target)?;
-        tracing::info!(volume = %id, target = %target.display(), "volume unpublished");
+        // The path is the request's: it is removed only as the target this call
+        // has just taken the volume from (the CO removes what a retry leaves).
+        if self.unmount_volume_at(&rec, target)? {
+            remove_target(target)?;
+            tracing::info!(volume = %id, target = %target.display(), "volume unpublished");
+        }
         Ok(())
     }
 

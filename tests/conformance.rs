@@ -675,6 +675,12 @@ async fn node_calls_touch_only_their_volume() {
         assert!(is_mounted(&foreign), "{id}: the foreign mount stays");
     }
     nix::mount::umount2(&foreign, nix::mount::MntFlags::empty()).unwrap();
+    // A path where the volume is not published is not the call's to remove.
+    let lock = d.path("some.lock");
+    std::fs::write(&lock, b"").unwrap();
+    c.unpublish(&dir, &lock).await.unwrap();
+    c.unpublish(&dir, &foreign).await.unwrap();
+    assert!(lock.exists() && foreign.exists(), "left in place");
 
     // A loop volume staged at one path is not staged at a second one too: two
     // mounts of one filesystem's device would be two writers.
