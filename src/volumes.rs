@@ -29,6 +29,8 @@ use crate::store::{ContentSource, Store, VolumeRecord};
 /// Size given to a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
+/// Marks a shared volume's data renamed for removal (`remove_shared_data`).
+const DELETING: &str = ".deleting-";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -245,6 +247,24 @@ impl Driver {
             {
                 if let Ok(true) = crate::filesystem::thaw(&m.mount_point) {
                     tracing::warn!(mount = %m.mount_point.display(), "thawed a filesystem left frozen by an interrupted snapshot");
+                }
+            }
+        }
+        // On the shared root only what a delete renamed for removal: data without
+        // a record there may be another node's create in progress.
+        if let Some(shared) = self
+            .layout
+            .shared_root
+            .is_some()
+            .then(|| self.layout.volumes_dir(true))
+        {
+            for entry in fs::read_dir(&shared).into_iter().flatten().flatten() {
+                if entry.file_name().to_string_lossy().contains(DELETING) {
+                    let path = entry.path();
+                    tracing::info!(path = %path.display(), "removing a shared volume's data left by an interrupted delete");
+                    if let Err(e) = dir::remove(&path) {
+                        tracing::warn!(path = %path.display(), error = %e, "cannot remove it yet");
+                    }
                 }
             }
         }
@@ -518,10 +538,37 @@ impl Driver {
         p: &params::VolumeParams,
         fs_type: Option<&str>,
     ) -> Result<Option<Source>> {
+        // Kubernetes picks the node before it asks (WaitForFirstConsumer): a source
+        // held by another node is RESOURCE_EXHAUSTED, which sends the claim back to
+        // the scheduler, where NOT_FOUND would be retried on this node forever.
+        let not_here = |e: Error| match e {
+            Error::NotFound(m) if !req.requisite.is_empty() && !p.shared => {
+                Error::ResourceExhausted(format!(
+                    "{m} on this node ({}); a copy is made on the node that holds its source, \
+                     so the new claim's pod must run there",
+                    self.cfg.node_id
+                ))
+            }
+            e => e,
+        };
         let source = match &req.source {
             None => return Ok(None),
-            Some(ContentSource::Snapshot(id)) => Source::Snapshot(self.snapshot(id)?),
-            Some(ContentSource::Volume(id)) => Source::Volume(self.volume(id)?),
+            Some(ContentSource::Snapshot(id)) => {
+                Source::Snapshot(self.snapshot(id).map_err(|e| {
+                    if ids::is_valid_id(Kind::Snapshot, id) {
+                        not_here(e)
+                    } else {
+                        e
+                    }
+                })?)
+            }
+            Some(ContentSource::Volume(id)) => Source::Volume(self.volume(id).map_err(|e| {
+                if ids::is_valid_id(Kind::Volume, id) {
+                    not_here(e)
+                } else {
+                    e
+                }
+            })?),
         };
         if source.volume_type() != p.volume_type {
             return Err(Error::InvalidArgument(format!(
@@ -692,13 +739,32 @@ impl Driver {
         self.store.remove_volume(&rec)?;
         faults::point("delete.after_record");
         if rec.shared {
-            dir::remove(&data)?;
+            self.remove_shared_data(&rec.id, &data)?;
         } else {
             self.trash.discard(&data)?;
         }
         faults::point("delete.in_trash");
         tracing::info!(volume = %id, "volume deleted");
         Ok(())
+    }
+
+    /// Removes a shared volume's data. Every node's provisioner sees a shared
+    /// volume's deletion, so other nodes may be here at the same moment: the node
+    /// whose rename wins removes the data, the others find it gone. A crash leaves
+    /// the renamed tree, which the next start of any node removes.
+    fn remove_shared_data(&self, id: &str, data: &Path) -> Result<()> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let doomed = data.with_file_name(format!("{id}{DELETING}{nanos}"));
+        match fs::rename(data, &doomed) {
+            Ok(()) => dir::remove(&doomed),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io(
+                format!("rename {} for removal", data.display()),
+                e,
+            )),
+        }
     }
 
     /// The size limits that apply to directory volumes on the local or shared root.

@@ -394,3 +394,45 @@ async fn shared_volumes_listed_as_the_shared_root_holds_them() {
         "removed on A, gone on B"
     );
 }
+
+/// Every node's provisioner sees a shared volume's deletion: deletes on two nodes
+/// at once both succeed and leave nothing; what an interrupted one left is
+/// removed at the next start.
+#[tokio::test]
+async fn shared_volume_deleted_by_two_nodes_at_once() {
+    let mut a = Driver::start_with(vec![], None).await;
+    let shared = a.path("shared");
+    fs::create_dir_all(&shared).unwrap();
+    let args: Vec<String> = vec!["--shared-root".into(), shared.display().to_string()];
+    a.extra_args = args.clone();
+    a.restart_after_kill9().await;
+    let mut b = Driver::start_as("node-b", args, None).await;
+    let (mut ca, mut cb) = (a.clients().await, b.clients().await);
+    let vols = shared.join("volumes");
+    for round in 0..5 {
+        let v = ca
+            .create(
+                &format!("pvc-del-{round}"),
+                MIB,
+                &[("shared", "true")],
+                mount_cap(Mode::MultiNodeMultiWriter),
+            )
+            .await;
+        fs::write(vols.join(&v.volume_id).join("f"), vec![7u8; 64 * 1024]).unwrap();
+        let (ra, rb) = tokio::join!(ca.delete(&v.volume_id), cb.delete(&v.volume_id));
+        ra.unwrap();
+        rb.unwrap();
+        let left: Vec<_> = fs::read_dir(&vols)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "round {round}: {left:?}");
+    }
+    // A delete killed after its rename leaves the renamed tree: the next start
+    // of a node removes it.
+    let left = vols.join("vol-00000000000000000000000000000000.deleting-1");
+    fs::create_dir_all(left.join("sub")).unwrap();
+    fs::write(left.join("sub/f"), b"x").unwrap();
+    b.restart_after_kill9().await;
+    assert!(!left.exists());
+}

@@ -205,11 +205,24 @@ async fn create_volume_rules() {
             },
         )),
     });
-    let code = ctl.create_volume(from_snap).await.unwrap_err().code();
+    let code = ctl
+        .create_volume(from_snap.clone())
+        .await
+        .unwrap_err()
+        .code();
     assert!(
         matches!(code, Code::NotFound | Code::InvalidArgument),
         "{code:?}"
     );
+    // Asked on a node chosen by the scheduler (a requisite topology), a source this
+    // node does not hold is RESOURCE_EXHAUSTED: Kubernetes then picks another node.
+    from_snap.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topo(NODE)],
+        preferred: vec![topo(NODE)],
+    });
+    let s = ctl.create_volume(from_snap).await.unwrap_err();
+    assert_eq!(s.code(), Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("holds its source"), "{}", s.message());
 }
 
 #[tokio::test]
