@@ -253,7 +253,7 @@ pub fn attach_reporting(file: &Path) -> Result<(LoopDevice, bool)> {
         .open("/dev/loop-control")
         .ctx(|| "open /dev/loop-control (is the loop module loaded?)")?;
     // Another process may take the free device between our two calls: try again.
-    for _ in 0..32 {
+    for attempt in 0..32 {
         let n = ioctl(&control, LOOP_CTL_GET_FREE, 0).ctx(|| "find a free loop device")?;
         let name = format!("loop{n}");
         let path = PathBuf::from("/dev").join(&name);
@@ -266,7 +266,13 @@ pub fn attach_reporting(file: &Path) -> Result<(LoopDevice, bool)> {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 // The node appears a moment after the device; wait for devtmpfs.
-                std::thread::sleep(std::time::Duration::from_millis(5));
+                // A /dev that is a copy rather than devtmpfs (a kind node's) never
+                // gets it: then it is made from the numbers sysfs gives.
+                if attempt < 4 {
+                    std::thread::sleep(std::time::Duration::from_millis(5));
+                } else {
+                    make_node(&name, &path)?;
+                }
                 continue;
             }
             Err(e) => return Err(Error::io(format!("open {}", path.display()), e)),
@@ -289,6 +295,31 @@ pub fn attach_reporting(file: &Path) -> Result<(LoopDevice, bool)> {
     Err(Error::Aborted(
         "every free loop device was taken by someone else; retry".into(),
     ))
+}
+
+/// Makes `/dev/loopN` for a device the kernel has (its sysfs entry), as devtmpfs
+/// would have.
+fn make_node(name: &str, path: &Path) -> Result<()> {
+    use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+    let Some((major, minor)) = read_dev(name) else {
+        return Ok(());
+    };
+    match mknod(
+        path,
+        SFlag::S_IFBLK,
+        Mode::from_bits_truncate(0o660),
+        makedev(major.into(), minor.into()),
+    ) {
+        Ok(()) => {
+            tracing::info!(device = %path.display(), "made the device node /dev lacks (not devtmpfs)");
+            Ok(())
+        }
+        Err(nix::errno::Errno::EEXIST) => Ok(()),
+        Err(e) => Err(Error::io(
+            format!("make the missing device node {}", path.display()),
+            io::Error::from(e),
+        )),
+    }
 }
 
 /// LOOP_CONFIGURE sets file, block size and direct I/O in one call (Linux 5.8);
@@ -418,6 +449,53 @@ mod tests {
         assert_eq!(hints().lock().unwrap().get(&canon), Some(&d.name));
         detach(&file).unwrap();
         assert_eq!(find(&file), None);
+    }
+
+    /// In a /dev that is a copy (a kind node's), a new device's node never appears:
+    /// the attach makes it. Played in a mount namespace of this thread's own, with
+    /// a tmpfs on /dev holding only loop-control.
+    #[test]
+    fn attaches_where_dev_is_not_devtmpfs() {
+        let Some((_dir, file)) = image() else {
+            return;
+        };
+        std::thread::spawn(move || {
+            use nix::mount::{mount, MsFlags};
+            use nix::sys::stat::{makedev, mknod, Mode, SFlag};
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
+            mount(
+                None::<&str>,
+                "/",
+                None::<&str>,
+                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                None::<&str>,
+            )
+            .unwrap();
+            mount(
+                Some("tmpfs"),
+                "/dev",
+                Some("tmpfs"),
+                MsFlags::empty(),
+                Some("mode=755"),
+            )
+            .unwrap();
+            mknod(
+                "/dev/loop-control",
+                SFlag::S_IFCHR,
+                Mode::from_bits_truncate(0o660),
+                makedev(10, 237),
+            )
+            .unwrap();
+            let (d, made) = attach_reporting(&file).unwrap();
+            let _guard = Detach(file.clone());
+            assert!(made);
+            assert!(d.path().exists(), "{} made", d.path().display());
+            assert_eq!(find(&file), Some(d));
+            detach(&file).unwrap();
+            assert_eq!(find(&file), None);
+        })
+        .join()
+        .unwrap();
     }
 
     /// A 1 MiB image in a new directory, when running as root; None (the test is
