@@ -213,8 +213,14 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
                     .ctx(|| format!("create {}", out.display()))?;
                 queue.push(child);
             } else if ft.is_file() {
-                let s = open_beneath(&base, &child, libc::O_RDONLY)
-                    .map_err(|e| Error::io(format!("open {}", src.join(&child).display()), e))?;
+                let s = open_regular(&base, &child, &meta).map_err(|e| {
+                    let path = src.join(&child);
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        Error::Aborted(format!("{} {e}; retry", path.display()))
+                    } else {
+                        Error::io(format!("open {}", path.display()), e)
+                    }
+                })?;
                 let d = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
@@ -250,6 +256,22 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
         }
     }
     Ok((files, all_reflink))
+}
+
+/// Opens for reading the regular file at `rel` that a listing described as
+/// `listed`. The pod may have swapped it for a FIFO or a device node since, and
+/// opening a device can act on it: the path is taken without opening what it
+/// names (O_PATH), checked to be the same regular file, and only then opened.
+fn open_regular(base: &File, rel: &Path, listed: &fs::Metadata) -> io::Result<File> {
+    let handle = open_beneath(base, rel, libc::O_PATH)?;
+    let now = handle.metadata()?;
+    if !now.file_type().is_file() || (now.dev(), now.ino()) != (listed.dev(), listed.ino()) {
+        return Err(io::Error::new(
+            io::ErrorKind::Interrupted,
+            "changed while it was being copied",
+        ));
+    }
+    File::open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
 }
 
 fn copy_owner_mode(meta: &fs::Metadata, path: &Path) -> Result<()> {
@@ -305,6 +327,39 @@ mod tests {
         assert_eq!(fs::read(&src).unwrap(), fs::read(&dst).unwrap());
         // Far less allocated than the 64 MiB length: the hole stayed a hole.
         assert!(fs::metadata(&dst).unwrap().blocks() * 512 < 8 << 20);
+    }
+
+    /// A file the pod swapped for a FIFO after the listing is neither opened (the
+    /// open would block the copy forever) nor taken for the file.
+    #[test]
+    fn a_file_swapped_after_the_listing_is_refused_without_opening_it() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join("f"), b"data").unwrap();
+        let base = File::open(dir.path()).unwrap();
+        let listed = fs::symlink_metadata(dir.path().join("f")).unwrap();
+        let mut same = String::new();
+        io::Read::read_to_string(
+            &mut open_regular(&base, Path::new("f"), &listed).unwrap(),
+            &mut same,
+        )
+        .unwrap();
+        assert_eq!(same, "data");
+
+        fs::remove_file(dir.path().join("f")).unwrap();
+        nix::unistd::mkfifo(
+            &dir.path().join("f"),
+            nix::sys::stat::Mode::from_bits_truncate(0o600),
+        )
+        .unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let r = open_regular(&base, Path::new("f"), &listed).map(|_| ());
+            let _ = tx.send(r.map_err(|e| e.kind()));
+        });
+        let r = rx
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the open blocked on the FIFO");
+        assert_eq!(r, Err(io::ErrorKind::Interrupted));
     }
 
     #[test]
