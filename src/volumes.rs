@@ -29,6 +29,18 @@ use crate::store::{ContentSource, Store, VolumeRecord};
 /// Size given to a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
+/// Commits everything of the filesystem holding `path` (syncfs): what no fsync of
+/// one file reaches, such as quota limits.
+fn sync_filesystem(path: &Path) -> Result<()> {
+    let f = fs::File::open(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    nix::unistd::syncfs(&f).map_err(|e| {
+        Error::io(
+            format!("syncfs {}", path.display()),
+            std::io::Error::from(e),
+        )
+    })
+}
+
 /// Marks a shared volume's data renamed for removal (`remove_shared_data`).
 const DELETING: &str = ".deleting-";
 
@@ -193,6 +205,7 @@ impl Driver {
             _root_lock: root_lock,
         };
         driver.remove_leftovers()?;
+        driver.reapply_limits();
         driver.report_found();
         Ok(driver)
     }
@@ -234,6 +247,35 @@ impl Driver {
     /// Data under volumes/ or snapshots/ with no record was never reported created
     /// (or was being deleted): remove it, unless something still has it in use. A
     /// loop filesystem a crash left frozen (mid-snapshot) is thawed.
+    /// Sets every local directory volume's size limit again from its record and
+    /// makes the limits durable. A limit is not in what a volume's fsync or a
+    /// record's flush writes (a btrfs qgroup limit waits for the next transaction
+    /// commit, a quota for the next journal commit), so a power cut can lose one
+    /// that was set just before; the record says what it must be.
+    fn reapply_limits(&self) {
+        if !self.dir_limits.enforced() {
+            return;
+        }
+        let mut set = 0;
+        for rec in self.store.volumes.all() {
+            if rec.volume_type != VolumeType::Dir || rec.shared {
+                continue;
+            }
+            let data = self.data_path(&rec);
+            match dir::reapply_limit(&data, &rec.id, rec.capacity_bytes, &self.dir_limits) {
+                Ok(()) => set += 1,
+                Err(e) => {
+                    tracing::warn!(volume = %rec.id, error = %e, "cannot set the volume's size limit again")
+                }
+            }
+        }
+        if set > 0 {
+            if let Err(e) = sync_filesystem(&self.layout.volumes_dir(false)) {
+                tracing::warn!(error = %e, "cannot make the size limits durable");
+            }
+        }
+    }
+
     fn remove_leftovers(&self) -> Result<()> {
         let table = mount::mounts()?;
         let root = fs::canonicalize(&self.layout.root).unwrap_or(self.layout.root.clone());
@@ -688,8 +730,23 @@ impl Driver {
             tracing::warn!(volume = %existing.id, "data of an unacknowledged create is missing; making it again");
             let (_source_guard, source) = self.locked_source(&existing.id, req, p, fs_type)?;
             self.make_data(&existing, source.as_ref())?;
-            crate::store::sync_dir(data.parent().expect("volume paths have a parent"))?;
         }
+        // The first attempt may have been killed after its record was flushed and
+        // before its data was durable or limited: acknowledged only now, the
+        // volume is made so again (each step is a no-op where it was done).
+        match existing.volume_type {
+            VolumeType::Dir => {
+                dir::reapply_limit(
+                    &data,
+                    &existing.id,
+                    existing.capacity_bytes,
+                    self.limits(existing.shared),
+                )?;
+                crate::store::sync_dir(&data)?;
+            }
+            VolumeType::Loop => loopfile::grow(&data, existing.capacity_bytes, p.allocation)?,
+        }
+        crate::store::sync_dir(data.parent().expect("volume paths have a parent"))?;
         Ok(existing)
     }
 
@@ -736,11 +793,15 @@ impl Driver {
                 m.mount_point.display()
             )));
         }
-        self.store.remove_volume(&rec)?;
-        faults::point("delete.after_record");
         if rec.shared {
+            // Data first: on the shared root data without a record is never taken
+            // for a leftover (it may be another node's create), a renamed tree is.
             self.remove_shared_data(&rec.id, &data)?;
+            self.store.remove_volume(&rec)?;
+            faults::point("delete.after_record");
         } else {
+            self.store.remove_volume(&rec)?;
+            faults::point("delete.after_record");
             self.trash.discard(&data)?;
         }
         faults::point("delete.in_trash");
@@ -833,7 +894,13 @@ impl Driver {
         let p = params::parse(&rec.parameters)?;
         let data = self.data_path(&rec);
         match rec.volume_type {
-            VolumeType::Dir => dir::set_size(&data, wanted, self.limits(rec.shared))?,
+            VolumeType::Dir => {
+                dir::set_size(&data, wanted, self.limits(rec.shared))?;
+                // The record must not promise a limit a power cut can take back.
+                if self.limits(rec.shared).enforced() {
+                    sync_filesystem(&data)?;
+                }
+            }
             VolumeType::Loop => {
                 self.with_room(id, || loopfile::grow(&data, wanted, p.allocation))?;
                 faults::point("expand.after_grow");

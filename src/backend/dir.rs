@@ -45,6 +45,18 @@ pub fn limit_new(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result
     }
 }
 
+/// Sets the size limit of an existing volume again (a retried create, start-up):
+/// its own project or qgroup keeps its usage; a directory never given a project
+/// (a create killed before that step, still empty) gets one.
+pub fn reapply_limit(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()> {
+    match limits {
+        DirLimits::ProjectQuota if projquota::project_of(path)? == 0 => {
+            projquota::assign(path, id, size)
+        }
+        _ => set_size(path, size, limits),
+    }
+}
+
 /// Changes the size limit of the volume at `path`, where the root has limits.
 pub fn set_size(path: &Path, size: u64, limits: &DirLimits) -> Result<()> {
     match limits {

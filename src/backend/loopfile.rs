@@ -31,7 +31,9 @@ pub fn create(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
     Ok(())
 }
 
-/// Grows the backing file to `size`; a file already that large is left alone.
+/// Grows the backing file to `size` and makes its length durable; a file already
+/// that large keeps its length, and is still synced (a grow killed before its sync
+/// leaves the length in the page cache only).
 pub fn grow(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
     let f = OpenOptions::new()
         .write(true)
@@ -42,10 +44,9 @@ pub fn grow(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
         .metadata()
         .ctx(|| format!("stat {}", path.display()))?
         .len();
-    if now >= size {
-        return Ok(());
+    if now < size {
+        size_file(&f, path, now, size, allocation)?;
     }
-    size_file(&f, path, now, size, allocation)?;
     f.sync_all().ctx(|| format!("sync {}", path.display()))
 }
 

@@ -121,28 +121,41 @@ fn free_project(fs: &File, volume_id: &str) -> Result<u32> {
 }
 
 /// Gives the (new, empty) directory `dir` a project of its own limited to `bytes`.
+/// The limit is set before the directory joins the project, so that a journal
+/// commit that makes the directory's change durable (its fsync) makes the limit,
+/// an earlier change, durable too.
 pub fn assign(dir: &Path, volume_id: &str, bytes: u64) -> Result<()> {
     let d = open(dir)?;
     let id = free_project(&d, volume_id)?;
+    limit_project(&d, dir, id, bytes)?;
     let mut x = FsXattr::default();
     ioctl(&d, FS_IOC_FSGETXATTR, &mut x).ctx(|| format!("read attributes of {}", dir.display()))?;
     x.projid = id;
     x.xflags |= FS_XFLAG_PROJINHERIT;
-    ioctl(&d, FS_IOC_FSSETXATTR, &mut x).ctx(|| format!("set project of {}", dir.display()))?;
-    set_limit(dir, bytes)
+    ioctl(&d, FS_IOC_FSSETXATTR, &mut x).ctx(|| format!("set project of {}", dir.display()))
+}
+
+/// The project `dir` belongs to; 0 for none.
+pub fn project_of(dir: &Path) -> Result<u32> {
+    let d = open(dir)?;
+    let mut x = FsXattr::default();
+    ioctl(&d, FS_IOC_FSGETXATTR, &mut x).ctx(|| format!("read attributes of {}", dir.display()))?;
+    Ok(x.projid)
 }
 
 /// Sets the hard limit of the project `dir` belongs to.
 pub fn set_limit(dir: &Path, bytes: u64) -> Result<()> {
-    let d = open(dir)?;
-    let mut x = FsXattr::default();
-    ioctl(&d, FS_IOC_FSGETXATTR, &mut x).ctx(|| format!("read attributes of {}", dir.display()))?;
-    if x.projid == 0 {
+    let projid = project_of(dir)?;
+    if projid == 0 {
         return Err(Error::FailedPrecondition(format!(
             "{} has no project id; it was made without project quotas",
             dir.display()
         )));
     }
+    limit_project(&open(dir)?, dir, projid, bytes)
+}
+
+fn limit_project(fs: &File, dir: &Path, projid: u32, bytes: u64) -> Result<()> {
     let kib = bytes.div_ceil(1024);
     let mut q = DqBlk {
         bhardlimit: kib,
@@ -150,7 +163,7 @@ pub fn set_limit(dir: &Path, bytes: u64) -> Result<()> {
         valid: QIF_BLIMITS,
         ..Default::default()
     };
-    quotactl(&d, Q_SETQUOTA, x.projid, &mut q)
+    quotactl(fs, Q_SETQUOTA, projid, &mut q)
         .ctx(|| format!("set project quota of {}", dir.display()))
 }
 

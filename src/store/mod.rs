@@ -444,6 +444,9 @@ impl<T: Record> Table<T> {
     }
 }
 
+/// A temporary record file older than this is no write in progress.
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(600);
+
 fn modified(dir: &Path) -> Option<std::time::SystemTime> {
     fs::metadata(dir).and_then(|m| m.modified()).ok()
 }
@@ -464,7 +467,13 @@ fn read_records<T: Record>(
             continue;
         }
         if name.ends_with(".tmp") {
-            if remove_temporary {
+            // Left by a write a crash interrupted; on the shared root a recent one
+            // may be another node's write in progress.
+            let stale = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE_TEMPORARY));
+            if remove_temporary && stale {
                 let _ = fs::remove_file(&path);
             }
             continue;
@@ -497,7 +506,12 @@ fn read_records<T: Record>(
 /// Replaces `path` with `bytes` so that a crash leaves the old or the new content.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path.parent().expect("record paths have a parent");
-    let tmp = path.with_extension("json.tmp");
+    // A name of this write's own: on the shared root another node may be writing
+    // the same record, and a shared name would let the two writes mix.
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let tmp = path.with_extension(format!("json.{}-{nanos}.tmp", std::process::id()));
     let mut f = File::create(&tmp).ctx(|| format!("create {}", tmp.display()))?;
     f.write_all(bytes)
         .ctx(|| format!("write {}", tmp.display()))?;
@@ -616,10 +630,32 @@ mod tests {
         }
         t.remove("d").unwrap();
         t.remove("never-was").unwrap();
-        std::fs::write(dir.path().join("s/x.json.tmp"), b"{half").unwrap();
+        // A write a crash interrupted an hour ago goes; one in progress (another
+        // node's, on a shared root) stays.
+        let (old, fresh) = (
+            dir.path().join("s/x.json.tmp"),
+            dir.path().join("s/y.json.1-2.tmp"),
+        );
+        std::fs::write(&old, b"{half").unwrap();
+        std::fs::write(&fresh, b"{hal").unwrap();
+        let hour_ago = nix::sys::time::TimeSpec::from(
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                - std::time::Duration::from_secs(3600),
+        );
+        nix::sys::stat::utimensat(
+            nix::fcntl::AT_FDCWD,
+            &old,
+            &hour_ago,
+            &hour_ago,
+            nix::sys::stat::UtimensatFlags::NoFollowSymlink,
+        )
+        .unwrap();
         let t: Table<SnapshotRecord> = Table::open(dir.path().join("s")).unwrap();
         assert_eq!(t.len(), 3);
-        assert!(!dir.path().join("s/x.json.tmp").exists());
+        assert!(!old.exists());
+        assert!(fresh.exists());
         let (p1, next) = t.page(None, 2, |_| true);
         assert_eq!(
             p1.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
