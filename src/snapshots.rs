@@ -345,7 +345,8 @@ impl Source {
 /// A directory's data: a btrfs snapshot where source and destination allow it
 /// (instant), else a tree copy. Returns whether every block is shared.
 fn copy_dir_data(src: &Path, dest: &Path, readonly: bool) -> Result<bool> {
-    if btrfs::is_subvolume(src) {
+    // A snapshot would leave the pod's own subvolumes in it empty: copy those.
+    if btrfs::is_subvolume(src) && !btrfs::has_child_subvolumes(src) {
         match btrfs::snapshot(src, dest, readonly) {
             Ok(()) => return Ok(true),
             // Another filesystem (a shared root), or snapshots refused: copy instead.

@@ -471,6 +471,45 @@ async fn instant(fs: &str, kind: Kind) {
     unmount(&mut c, &m).await;
 }
 
+/// A pod can make subvolumes inside its volume without privileges; a btrfs
+/// snapshot would show them empty. The snapshot and its restore keep their data.
+#[tokio::test]
+async fn btrfs_snapshot_keeps_what_a_pod_put_in_subvolumes_of_its_own() {
+    if !need_root() {
+        return;
+    }
+    let img = ImageFs::new("btrfs", 1 << 30, &["-q"], "").expect("mount image");
+    let root = img.mnt.join("root");
+    let d = Driver::start_with(vec![], Some(root.clone())).await;
+    let mut c = d.clients().await;
+    let v = c
+        .create("nest", 64 << 20, &Kind::Dir.params(), Kind::Dir.cap())
+        .await;
+    let m = mount(&mut c, &d, &v.volume_id, Kind::Dir).await;
+    std::fs::write(m.target.join("top"), b"top").unwrap();
+    localvol::backend::btrfs::create_subvolume(&m.target.join("inner")).unwrap();
+    std::fs::write(m.target.join("inner/kept"), b"inner data").unwrap();
+    let snap = c.snapshot_once("nested", &v.volume_id).await.unwrap();
+    let restored = create_from(
+        &mut c,
+        "r",
+        Kind::Dir,
+        64 << 20,
+        from_snapshot(&snap.snapshot_id),
+    )
+    .await
+    .unwrap();
+    let r = mount(&mut c, &d, &restored.volume_id, Kind::Dir).await;
+    assert_eq!(std::fs::read(r.target.join("top")).unwrap(), b"top");
+    assert_eq!(
+        std::fs::read(r.target.join("inner/kept")).unwrap(),
+        b"inner data",
+        "the pod's subvolume was copied, not left empty"
+    );
+    unmount(&mut c, &r).await;
+    unmount(&mut c, &m).await;
+}
+
 #[tokio::test]
 async fn btrfs_root_snapshots_dir_volumes_instantly() {
     instant("btrfs", Kind::Dir).await;

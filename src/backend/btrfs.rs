@@ -29,6 +29,7 @@ const SNAP_CREATE_V2: libc::c_ulong = ioc(W, 23, 4096);
 const FS_INFO: libc::c_ulong = ioc(R, 31, 1024);
 const QUOTA_CTL: libc::c_ulong = ioc(R | W, 40, 16);
 const QGROUP_LIMIT: libc::c_ulong = ioc(R, 43, 48);
+const GET_SUBVOL_ROOTREF: libc::c_ulong = ioc(R | W, 61, 4096);
 
 #[repr(C)]
 struct VolArgs {
@@ -60,6 +61,15 @@ struct QgroupLimitArgs {
     max_excl: u64,
     rsv_rfer: u64,
     rsv_excl: u64,
+}
+
+#[repr(C)]
+struct RootrefArgs {
+    min_treeid: u64,
+    /// (tree id, directory id) of each child subvolume.
+    rootref: [[u64; 2]; 255],
+    num_items: u8,
+    align: [u8; 7],
 }
 
 fn ioctl<T>(f: &File, req: libc::c_ulong, arg: &mut T) -> io::Result<()> {
@@ -151,6 +161,28 @@ pub fn create_subvolume(path: &Path) -> Result<()> {
     ioctl(&p, SUBVOL_CREATE, &mut args).ctx(|| format!("create subvolume {}", path.display()))
 }
 
+/// Whether the subvolume at `path` holds subvolumes of its own. A pod can make
+/// them in its volume without privileges, and a btrfs snapshot does not descend
+/// into them (they show as empty directories in it). When the kernel cannot say
+/// (before Linux 4.18), the answer is yes: a copy is never wrong.
+pub fn has_child_subvolumes(path: &Path) -> bool {
+    let Ok(f) = open_dir(path) else {
+        return true;
+    };
+    let mut args = RootrefArgs {
+        min_treeid: 0,
+        rootref: [[0; 2]; 255],
+        num_items: 0,
+        align: [0; 7],
+    };
+    match ioctl(&f, GET_SUBVOL_ROOTREF, &mut args) {
+        Ok(()) => args.num_items > 0,
+        // More than one call's worth of children.
+        Err(e) if e.raw_os_error() == Some(libc::EOVERFLOW) => true,
+        Err(_) => true,
+    }
+}
+
 const SUBVOL_RDONLY: u64 = 1 << 1;
 
 /// A snapshot of subvolume `source` at `dest`: instant, no data copied. Snapshots
@@ -231,6 +263,8 @@ mod tests {
         assert_eq!(FS_INFO, 0x8400_941F);
         assert_eq!(QUOTA_CTL, 0xC010_9428);
         assert_eq!(QGROUP_LIMIT, 0x8030_942B);
+        assert_eq!(GET_SUBVOL_ROOTREF, 0xD000_943D);
+        assert_eq!(std::mem::size_of::<RootrefArgs>(), 4096);
         assert_eq!(std::mem::size_of::<VolArgs>(), 4096);
         assert_eq!(std::mem::size_of::<VolArgsV2>(), 4096);
         assert_eq!(std::mem::size_of::<QgroupLimitArgs>(), 48);
