@@ -242,12 +242,33 @@ impl Driver {
                 let frozen = self.freeze_if_mounted(src)?;
                 if frozen.is_some() {
                     faults::point("snapshot.frozen");
+                } else if self.published_raw(src)? {
+                    // Nothing to freeze: a pod writes the device directly. Only a
+                    // copy made in one step (shared blocks) is of one moment.
+                    if copy::clone_file(&data, dest)? {
+                        return Ok(true);
+                    }
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {} is published as a raw block device, and this root cannot \
+                         share blocks: a copy taken while the pod writes would mix blocks of \
+                         different moments; unpublish it and retry (or use an xfs or btrfs root, \
+                         where the copy is instant)",
+                        src.id
+                    )));
                 }
                 let copied = copy::copy_file(&data, dest);
                 drop(frozen);
                 Ok(copied? == copy::Method::Reflink)
             }
         }
+    }
+
+    /// Whether the loop volume's device node is bound anywhere (a block publish).
+    fn published_raw(&self, rec: &VolumeRecord) -> Result<bool> {
+        let Some(dev) = self.loop_device(rec) else {
+            return Ok(false);
+        };
+        Ok(self.mounts_of_volume(rec)?.iter().any(|m| m.dev != dev.dev))
     }
 
     /// Freezes the loop volume's filesystem where this node has it mounted.
