@@ -237,6 +237,12 @@ pub fn attach(file: &Path) -> Result<LoopDevice> {
 /// [`attach`], also saying whether this call made the attachment (one lookup,
 /// not a second scan of every loop device to find out).
 pub fn attach_reporting(file: &Path) -> Result<(LoopDevice, bool)> {
+    attach_with_nodes_in(file, Path::new("/dev"))
+}
+
+/// [`attach_reporting`], opening device nodes in `dev` (tests use a directory
+/// of their own, as a /dev that is not devtmpfs).
+fn attach_with_nodes_in(file: &Path, dev_dir: &Path) -> Result<(LoopDevice, bool)> {
     if let Some(d) = find(file) {
         return Ok((d, false));
     }
@@ -256,7 +262,7 @@ pub fn attach_reporting(file: &Path) -> Result<(LoopDevice, bool)> {
     for attempt in 0..32 {
         let n = ioctl(&control, LOOP_CTL_GET_FREE, 0).ctx(|| "find a free loop device")?;
         let name = format!("loop{n}");
-        let path = PathBuf::from("/dev").join(&name);
+        let path = dev_dir.join(&name);
         let dev = match OpenOptions::new()
             .read(true)
             .write(true)
@@ -452,50 +458,26 @@ mod tests {
     }
 
     /// In a /dev that is a copy (a kind node's), a new device's node never appears:
-    /// the attach makes it. Played in a mount namespace of this thread's own, with
-    /// a tmpfs on /dev holding only loop-control.
+    /// the attach makes it. Played with a directory of the test's own as /dev.
     #[test]
     fn attaches_where_dev_is_not_devtmpfs() {
-        let Some((_dir, file)) = image() else {
+        let Some((dir, file)) = image() else {
             return;
         };
-        std::thread::spawn(move || {
-            use nix::mount::{mount, MsFlags};
-            use nix::sys::stat::{makedev, mknod, Mode, SFlag};
-            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS).unwrap();
-            mount(
-                None::<&str>,
-                "/",
-                None::<&str>,
-                MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-                None::<&str>,
-            )
-            .unwrap();
-            mount(
-                Some("tmpfs"),
-                "/dev",
-                Some("tmpfs"),
-                MsFlags::empty(),
-                Some("mode=755"),
-            )
-            .unwrap();
-            mknod(
-                "/dev/loop-control",
-                SFlag::S_IFCHR,
-                Mode::from_bits_truncate(0o660),
-                makedev(10, 237),
-            )
-            .unwrap();
-            let (d, made) = attach_reporting(&file).unwrap();
-            let _guard = Detach(file.clone());
-            assert!(made);
-            assert!(d.path().exists(), "{} made", d.path().display());
-            assert_eq!(find(&file), Some(d));
-            detach(&file).unwrap();
-            assert_eq!(find(&file), None);
-        })
-        .join()
-        .unwrap();
+        let dev_dir = dir.path().join("dev");
+        fs::create_dir(&dev_dir).unwrap();
+        let (d, made) = attach_with_nodes_in(&file, &dev_dir).unwrap();
+        let _guard = Detach(file.clone());
+        assert!(made);
+        let node = fs::metadata(dev_dir.join(&d.name)).unwrap();
+        assert!(
+            std::os::unix::fs::FileTypeExt::is_block_device(&node.file_type()),
+            "{} made",
+            d.name
+        );
+        assert_eq!(find(&file), Some(d));
+        detach(&file).unwrap();
+        assert_eq!(find(&file), None);
     }
 
     /// A 1 MiB image in a new directory, when running as root; None (the test is
