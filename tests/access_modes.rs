@@ -178,19 +178,22 @@ async fn node_local_volumes_refuse_multi_node_modes() {
     c.delete(&rwo.volume_id).await.unwrap();
 }
 
-#[tokio::test]
-async fn every_mode_on_a_shared_root_with_two_nodes_and_a_restart() {
+/// Two nodes' drivers, this node's and node-b's, on one shared root (a directory
+/// in node A's temporary directory), and that directory.
+async fn two_nodes_on_a_shared_root() -> (Driver, Driver, std::path::PathBuf) {
     let mut a = Driver::start_with(vec![], None).await;
     let shared = a.path("shared");
     fs::create_dir_all(&shared).unwrap();
-    a.extra_args = vec!["--shared-root".into(), shared.display().to_string()];
+    let args: Vec<String> = vec!["--shared-root".into(), shared.display().to_string()];
+    a.extra_args = args.clone();
     a.restart_after_kill9().await;
-    let b = Driver::start_as(
-        "node-b",
-        vec!["--shared-root".into(), shared.display().to_string()],
-        None,
-    )
-    .await;
+    let b = Driver::start_as("node-b", args, None).await;
+    (a, b, shared)
+}
+
+#[tokio::test]
+async fn every_mode_on_a_shared_root_with_two_nodes_and_a_restart() {
+    let (mut a, b, _) = two_nodes_on_a_shared_root().await;
     let mut ca = a.clients().await;
     let mut cb = b.clients().await;
 
@@ -364,13 +367,7 @@ async fn a_read_only_attachment_stages_read_only() {
 /// removed since, not what the shared root held when it started.
 #[tokio::test]
 async fn shared_volumes_listed_as_the_shared_root_holds_them() {
-    let mut a = Driver::start_with(vec![], None).await;
-    let shared = a.path("shared");
-    fs::create_dir_all(&shared).unwrap();
-    let args: Vec<String> = vec!["--shared-root".into(), shared.display().to_string()];
-    a.extra_args = args.clone();
-    a.restart_after_kill9().await;
-    let b = Driver::start_as("node-b", args, None).await;
+    let (a, b, _) = two_nodes_on_a_shared_root().await;
     let (mut ca, mut cb) = (a.clients().await, b.clients().await);
     let ids =
         |vols: Vec<Volume>| -> Vec<String> { vols.into_iter().map(|v| v.volume_id).collect() };
@@ -400,13 +397,7 @@ async fn shared_volumes_listed_as_the_shared_root_holds_them() {
 /// removed at the next start.
 #[tokio::test]
 async fn shared_volume_deleted_by_two_nodes_at_once() {
-    let mut a = Driver::start_with(vec![], None).await;
-    let shared = a.path("shared");
-    fs::create_dir_all(&shared).unwrap();
-    let args: Vec<String> = vec!["--shared-root".into(), shared.display().to_string()];
-    a.extra_args = args.clone();
-    a.restart_after_kill9().await;
-    let mut b = Driver::start_as("node-b", args, None).await;
+    let (a, mut b, shared) = two_nodes_on_a_shared_root().await;
     let (mut ca, mut cb) = (a.clients().await, b.clients().await);
     let vols = shared.join("volumes");
     for round in 0..5 {

@@ -252,8 +252,7 @@ async fn walk(point: &str) {
             let mut req = create_req("v", 64 * MIB, EXT4, ext4());
             req.volume_capabilities
                 .push(block_cap(Mode::SingleNodeWriter));
-            let v = c.controller.create_volume(req).await.unwrap().into_inner();
-            let id = v.volume.unwrap().volume_id;
+            let id = c.create_as(req).await.volume_id;
             let mut c = arm(&mut d, point).await;
             let r = c.stage(&id, &staging, ext4()).await;
             let mut c = recover(&mut d, r, point).await;

@@ -261,15 +261,7 @@ async fn raw_data_without_a_known_signature_is_never_formatted() {
     let fs = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
     let mut req = create_req("both", 64 * MIB, &[("type", "loop")], block.clone());
     req.volume_capabilities.push(fs.clone());
-    let id = c
-        .controller
-        .create_volume(req)
-        .await
-        .unwrap()
-        .into_inner()
-        .volume
-        .unwrap()
-        .volume_id;
+    let id = c.create_as(req).await.volume_id;
     let (staging, target, fs_staging) = (d.path("staging"), d.path("dev"), d.path("fs"));
 
     // First a filesystem stage: formatted, used, unstaged.

@@ -112,24 +112,25 @@ fn buffered(src: &File, dst: &File, mut at: i64, mut left: usize) -> io::Result<
 /// is in the page cache only: `make_durable` is the caller's separate step, so a
 /// snapshot's cut (and a loop filesystem's freeze) does not wait for the disk.
 pub fn copy_file(src: &Path, dst: &Path) -> Result<Method> {
-    let s = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(src)
-        .ctx(|| format!("open {}", src.display()))?;
-    let d = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(dst)
-        .ctx(|| format!("create {}", dst.display()))?;
+    let (s, d) = open_pair(src, dst)?;
     copy_fd(&s, &d).map_err(|e| copy_error(e, src, dst))
 }
 
 /// A copy of `src` at `dst` that shares every block (FICLONE, one atomic step),
 /// or nothing (false) where the filesystem cannot share blocks.
 pub fn clone_file(src: &Path, dst: &Path) -> Result<bool> {
+    let (s, d) = open_pair(src, dst)?;
+    if unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) } == 0 {
+        return Ok(true);
+    }
+    drop(d);
+    fs::remove_file(dst).ctx(|| format!("remove {}", dst.display()))?;
+    Ok(false)
+}
+
+/// `src` opened to read and the new file `dst` (which must not exist) to write,
+/// neither through a symlink.
+fn open_pair(src: &Path, dst: &Path) -> Result<(File, File)> {
     let s = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
@@ -142,12 +143,7 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<bool> {
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(dst)
         .ctx(|| format!("create {}", dst.display()))?;
-    if unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) } == 0 {
-        return Ok(true);
-    }
-    drop(d);
-    fs::remove_file(dst).ctx(|| format!("remove {}", dst.display()))?;
-    Ok(false)
+    Ok((s, d))
 }
 
 fn copy_error(e: io::Error, src: &Path, dst: &Path) -> Error {

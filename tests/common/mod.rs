@@ -297,8 +297,14 @@ impl Clients {
         kv: &[(&str, &str)],
         cap: VolumeCapability,
     ) -> Volume {
+        self.create_as(create_req(name, bytes, kv, cap)).await
+    }
+
+    /// CreateVolume of a request built by the caller (several capabilities, ...).
+    pub async fn create_as(&mut self, req: CreateVolumeRequest) -> Volume {
+        let name = req.name.clone();
         self.controller
-            .create_volume(create_req(name, bytes, kv, cap))
+            .create_volume(req)
             .await
             .unwrap_or_else(|s| panic!("CreateVolume {name}: {s:?}"))
             .into_inner()
