@@ -46,6 +46,8 @@ impl Driver {
             .is_some_and(|a| a.readonly);
         let rules = publish_rules(&rec, cap, attached_ro)?;
         let _guard = self.lock(id)?;
+        // Read again under the lock: a stage may write the record back.
+        let rec = self.volume(id)?;
         let data = self.data_path(&rec);
         if fs::symlink_metadata(&data).is_err() {
             return Err(Error::FailedPrecondition(format!(

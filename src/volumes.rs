@@ -29,6 +29,9 @@ use crate::store::{ContentSource, Store, VolumeRecord};
 /// Size given to a volume whose request names none.
 pub const DEFAULT_CAPACITY: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
+/// Marks a shared volume's data renamed for removal (`remove_shared_data`).
+const DELETING: &str = ".deleting-";
+
 /// Commits everything of the filesystem holding `path` (syncfs): what no fsync of
 /// one file reaches, such as quota limits.
 fn sync_filesystem(path: &Path) -> Result<()> {
@@ -40,9 +43,6 @@ fn sync_filesystem(path: &Path) -> Result<()> {
         )
     })
 }
-
-/// Marks a shared volume's data renamed for removal (`remove_shared_data`).
-const DELETING: &str = ".deleting-";
 
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -244,9 +244,6 @@ impl Driver {
         }
     }
 
-    /// Data under volumes/ or snapshots/ with no record was never reported created
-    /// (or was being deleted): remove it, unless something still has it in use. A
-    /// loop filesystem a crash left frozen (mid-snapshot) is thawed.
     /// Sets every local directory volume's size limit again from its record and
     /// makes the limits durable. A limit is not in what a volume's fsync or a
     /// record's flush writes (a btrfs qgroup limit waits for the next transaction
@@ -276,6 +273,9 @@ impl Driver {
         }
     }
 
+    /// Data under volumes/ or snapshots/ with no record was never reported created
+    /// (or was being deleted): remove it, unless something still has it in use. A
+    /// loop filesystem a crash left frozen (mid-snapshot) is thawed.
     fn remove_leftovers(&self) -> Result<()> {
         let table = mount::mounts()?;
         let root = fs::canonicalize(&self.layout.root).unwrap_or(self.layout.root.clone());
@@ -733,7 +733,11 @@ impl Driver {
         }
         // The first attempt may have been killed after its record was flushed and
         // before its data was durable or limited: acknowledged only now, the
-        // volume is made so again (each step is a no-op where it was done).
+        // volume is made so again (each step is a no-op where it was done). Data
+        // removed since it was acknowledged stays missing: its condition says so.
+        if fs::symlink_metadata(&data).is_err() {
+            return Ok(existing);
+        }
         match existing.volume_type {
             VolumeType::Dir => {
                 dir::reapply_limit(
