@@ -308,6 +308,8 @@ fn attach_with_nodes_in(file: &Path, dev_dir: &Path) -> Result<(LoopDevice, bool
 fn make_node(name: &str, path: &Path) -> Result<()> {
     use nix::sys::stat::{makedev, mknod, Mode, SFlag};
     let Some((major, minor)) = read_dev(name) else {
+        // Not (or no longer) a device: the caller asks for another.
+        std::thread::sleep(std::time::Duration::from_millis(5));
         return Ok(());
     };
     match mknod(

@@ -425,10 +425,12 @@ impl Driver {
     pub fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         let rec = self.volume(id)?;
         let _guard = self.lock(id)?;
-        // The path is the request's: it is removed only as the target this call
-        // has just taken the volume from (the CO removes what a retry leaves).
-        if self.unmount_volume_at(&rec, target)? {
-            remove_target(target)?;
+        // The spec has the plugin remove the target it made, also when a retry
+        // (or a reboot) finds nothing mounted there: only an empty directory or an
+        // empty file, what a publish makes.
+        let unmounted = self.unmount_volume_at(&rec, target)?;
+        remove_target(target)?;
+        if unmounted {
             tracing::info!(volume = %id, target = %target.display(), "volume unpublished");
         }
         Ok(())

@@ -263,12 +263,16 @@ impl Driver {
         }
     }
 
-    /// Whether the loop volume's device node is bound anywhere (a block publish).
+    /// Whether the loop volume's device node is bound read-write anywhere (a block
+    /// publish a pod may write through).
     fn published_raw(&self, rec: &VolumeRecord) -> Result<bool> {
         let Some(dev) = self.loop_device(rec) else {
             return Ok(false);
         };
-        Ok(self.mounts_of_volume(rec)?.iter().any(|m| m.dev != dev.dev))
+        Ok(self
+            .mounts_of_volume(rec)?
+            .iter()
+            .any(|m| m.dev != dev.dev && !m.is_readonly()))
     }
 
     /// Freezes the loop volume's filesystem where this node has it mounted.
@@ -366,12 +370,17 @@ impl Source {
 /// A directory's data: a btrfs snapshot where source and destination allow it
 /// (instant), else a tree copy. Returns whether every block is shared.
 fn copy_dir_data(src: &Path, dest: &Path, readonly: bool) -> Result<bool> {
-    // A snapshot would leave the pod's own subvolumes in it empty: copy those.
-    if btrfs::is_subvolume(src) && !btrfs::has_child_subvolumes(src) {
-        match btrfs::snapshot(src, dest, readonly) {
-            Ok(()) => return Ok(true),
-            // Another filesystem (a shared root), or snapshots refused: copy instead.
-            Err(e) => tracing::debug!("btrfs snapshot not possible ({e}); copying"),
+    if btrfs::is_subvolume(src) {
+        if !btrfs::has_child_subvolumes(src) {
+            match btrfs::snapshot(src, dest, readonly) {
+                Ok(()) => return Ok(true),
+                // Another filesystem (a shared root), or snapshots refused: copy instead.
+                Err(e) => tracing::debug!("btrfs snapshot not possible ({e}); copying"),
+            }
+        } else if btrfs::create_subvolume(dest).is_ok() {
+            // A snapshot would leave the pod's own subvolumes in it empty: copied
+            // instead, into a subvolume of its own, which keeps a size limit.
+            return copy::copy_tree(src, dest).map(|(_, all_reflink)| all_reflink);
         }
     }
     copy::copy_tree(src, dest).map(|(_, all_reflink)| all_reflink)

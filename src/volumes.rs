@@ -294,20 +294,30 @@ impl Driver {
         }
         // On the shared root only what a delete renamed for removal: data without
         // a record there may be another node's create in progress.
+        // In the background: a large tree on a network filesystem must not hold
+        // up serving.
         if let Some(shared) = self
             .layout
             .shared_root
             .is_some()
             .then(|| self.layout.volumes_dir(true))
         {
-            for entry in fs::read_dir(&shared).into_iter().flatten().flatten() {
-                if entry.file_name().to_string_lossy().contains(DELETING) {
-                    let path = entry.path();
-                    tracing::info!(path = %path.display(), "removing a shared volume's data left by an interrupted delete");
-                    if let Err(e) = dir::remove(&path) {
-                        tracing::warn!(path = %path.display(), error = %e, "cannot remove it yet");
+            let sweep = move || {
+                for entry in fs::read_dir(&shared).into_iter().flatten().flatten() {
+                    if entry.file_name().to_string_lossy().contains(DELETING) {
+                        let path = entry.path();
+                        tracing::info!(path = %path.display(), "removing a shared volume's data left by an interrupted delete");
+                        if let Err(e) = dir::remove(&path) {
+                            tracing::warn!(path = %path.display(), error = %e, "cannot remove it yet");
+                        }
                     }
                 }
+            };
+            if let Err(e) = std::thread::Builder::new()
+                .name("shared-sweep".into())
+                .spawn(sweep)
+            {
+                tracing::warn!(error = %e, "cannot start removing what interrupted shared deletes left");
             }
         }
         // Only this node's root: on a shared root, data without a record may be
@@ -824,7 +834,18 @@ impl Driver {
         let doomed = data.with_file_name(format!("{id}{DELETING}{nanos}"));
         match fs::rename(data, &doomed) {
             Ok(()) => dir::remove(&doomed),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            // Gone already: renamed by another node, or by an attempt of ours whose
+            // removal failed (its retry lands here; what it left is removed now).
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let parent = data.parent().expect("volume paths have a parent");
+                let prefix = format!("{id}{DELETING}");
+                for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
+                    if entry.file_name().to_string_lossy().starts_with(&prefix) {
+                        dir::remove(&entry.path())?;
+                    }
+                }
+                Ok(())
+            }
             Err(e) => Err(Error::io(
                 format!("rename {} for removal", data.display()),
                 e,
@@ -898,13 +919,9 @@ impl Driver {
         let p = params::parse(&rec.parameters)?;
         let data = self.data_path(&rec);
         match rec.volume_type {
-            VolumeType::Dir => {
-                dir::set_size(&data, wanted, self.limits(rec.shared))?;
-                // The record must not promise a limit a power cut can take back.
-                if self.limits(rec.shared).enforced() {
-                    sync_filesystem(&data)?;
-                }
-            }
+            // A power cut can take back a limit set now (limits are in no fsync);
+            // start-up sets it again from the record.
+            VolumeType::Dir => dir::set_size(&data, wanted, self.limits(rec.shared))?,
             VolumeType::Loop => {
                 self.with_room(id, || loopfile::grow(&data, wanted, p.allocation))?;
                 faults::point("expand.after_grow");

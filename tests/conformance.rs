@@ -688,12 +688,14 @@ async fn node_calls_touch_only_their_volume() {
         assert!(is_mounted(&foreign), "{id}: the foreign mount stays");
     }
     nix::mount::umount2(&foreign, nix::mount::MntFlags::empty()).unwrap();
-    // A path where the volume is not published is not the call's to remove.
-    let lock = d.path("some.lock");
-    std::fs::write(&lock, b"").unwrap();
-    c.unpublish(&dir, &lock).await.unwrap();
+    // What a reboot leaves (a target with nothing mounted) is removed, as the spec
+    // says; a target with content is not.
+    std::fs::write(foreign.join("kept"), b"x").unwrap();
+    assert_code(c.unpublish(&dir, &foreign).await, Code::FailedPrecondition);
+    assert!(foreign.join("kept").exists());
+    std::fs::remove_file(foreign.join("kept")).unwrap();
     c.unpublish(&dir, &foreign).await.unwrap();
-    assert!(lock.exists() && foreign.exists(), "left in place");
+    assert!(!foreign.exists());
 
     // A loop volume staged at one path is not staged at a second one too: two
     // mounts of one filesystem's device would be two writers.

@@ -522,6 +522,10 @@ async fn btrfs_snapshot_keeps_what_a_pod_put_in_subvolumes_of_its_own() {
     )
     .await
     .unwrap();
+    // Copied into a subvolume of its own, which can carry a size limit.
+    assert!(localvol::backend::btrfs::is_subvolume(
+        &root.join("volumes").join(&restored.volume_id)
+    ));
     let r = mount(&mut c, &d, &restored.volume_id, Kind::Dir).await;
     assert_eq!(std::fs::read(r.target.join("top")).unwrap(), b"top");
     assert_eq!(

@@ -123,9 +123,14 @@ pub fn clone_file(src: &Path, dst: &Path) -> Result<bool> {
     if unsafe { libc::ioctl(d.as_raw_fd(), FICLONE as _, s.as_raw_fd()) } == 0 {
         return Ok(true);
     }
+    let e = io::Error::last_os_error();
     drop(d);
     fs::remove_file(dst).ctx(|| format!("remove {}", dst.display()))?;
-    Ok(false)
+    match e.raw_os_error() {
+        // The filesystem cannot share blocks (or not between these two files).
+        Some(libc::EOPNOTSUPP | libc::ENOTTY | libc::EXDEV | libc::EINVAL) => Ok(false),
+        _ => Err(copy_error(e, src, dst)),
+    }
 }
 
 /// `src` opened to read and the new file `dst` (which must not exist) to write,
@@ -203,10 +208,13 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
         .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(src)
         .ctx(|| format!("open {}", src.display()))?;
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(dst)
-        .ctx(|| format!("create {}", dst.display()))?;
+    // An empty directory already there (a btrfs subvolume made for the copy) will do.
+    match fs::DirBuilder::new().mode(0o700).create(dst) {
+        Err(e)
+            if e.kind() == io::ErrorKind::AlreadyExists
+                && fs::read_dir(dst).is_ok_and(|mut d| d.next().is_none()) => {}
+        r => r.ctx(|| format!("create {}", dst.display()))?,
+    }
     let (mut files, mut all_reflink) = (0u64, true);
     let mut queue: Vec<PathBuf> = vec![PathBuf::new()];
     while let Some(rel) = queue.pop() {
@@ -232,7 +240,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
                     .ctx(|| format!("create {}", out.display()))?;
                 queue.push(child);
             } else if ft.is_file() {
-                let s = open_regular(&base, &child, &meta).map_err(|e| {
+                let (s, meta) = open_regular(&base, &child).map_err(|e| {
                     let path = src.join(&child);
                     if e.kind() == io::ErrorKind::Interrupted {
                         Error::Aborted(format!("{} {e}; retry", path.display()))
@@ -277,20 +285,24 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
     Ok((files, all_reflink))
 }
 
-/// Opens for reading the regular file at `rel` that a listing described as
-/// `listed`. The pod may have swapped it for a FIFO or a device node since, and
-/// opening a device can act on it: the path is taken without opening what it
-/// names (O_PATH), checked to be the same regular file, and only then opened.
-fn open_regular(base: &File, rel: &Path, listed: &fs::Metadata) -> io::Result<File> {
+/// Opens for reading the regular file at `rel`, with what it is now. The pod may
+/// have swapped it for a FIFO or a device node since it was listed, and opening a
+/// device can act on it: the path is taken without opening what it names
+/// (O_PATH), checked to be a regular file, and only then opened. A file replaced
+/// by another (a rename over it) is copied as it is now.
+fn open_regular(base: &File, rel: &Path) -> io::Result<(File, fs::Metadata)> {
     let handle = open_beneath(base, rel, libc::O_PATH)?;
     let now = handle.metadata()?;
-    if !now.file_type().is_file() || (now.dev(), now.ino()) != (listed.dev(), listed.ino()) {
+    if !now.file_type().is_file() {
         return Err(io::Error::new(
             io::ErrorKind::Interrupted,
-            "changed while it was being copied",
+            "is no longer a regular file",
         ));
     }
-    File::open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+    Ok((
+        File::open(format!("/proc/self/fd/{}", handle.as_raw_fd()))?,
+        now,
+    ))
 }
 
 fn copy_owner_mode(meta: &fs::Metadata, path: &Path) -> Result<()> {
@@ -351,18 +363,24 @@ mod tests {
     /// A file the pod swapped for a FIFO after the listing is neither opened (the
     /// open would block the copy forever) nor taken for the file.
     #[test]
-    fn a_file_swapped_after_the_listing_is_refused_without_opening_it() {
+    fn a_file_swapped_for_a_fifo_is_refused_without_opening_it() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("f"), b"data").unwrap();
         let base = File::open(dir.path()).unwrap();
-        let listed = fs::symlink_metadata(dir.path().join("f")).unwrap();
-        let mut same = String::new();
-        io::Read::read_to_string(
-            &mut open_regular(&base, Path::new("f"), &listed).unwrap(),
-            &mut same,
-        )
-        .unwrap();
-        assert_eq!(same, "data");
+        let read = |base: &File| {
+            let mut text = String::new();
+            io::Read::read_to_string(
+                &mut open_regular(base, Path::new("f")).unwrap().0,
+                &mut text,
+            )
+            .unwrap();
+            text
+        };
+        assert_eq!(read(&base), "data");
+        // Replaced by another file (a rename over it): copied as it is now.
+        fs::write(dir.path().join("g"), b"newer").unwrap();
+        fs::rename(dir.path().join("g"), dir.path().join("f")).unwrap();
+        assert_eq!(read(&base), "newer");
 
         fs::remove_file(dir.path().join("f")).unwrap();
         nix::unistd::mkfifo(
@@ -372,7 +390,7 @@ mod tests {
         .unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let r = open_regular(&base, Path::new("f"), &listed).map(|_| ());
+            let r = open_regular(&base, Path::new("f")).map(|_| ());
             let _ = tx.send(r.map_err(|e| e.kind()));
         });
         let r = rx

@@ -46,12 +46,22 @@ pub fn limit_new(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result
 }
 
 /// Sets the size limit of an existing volume again (a retried create, start-up):
-/// its own project or qgroup keeps its usage; a directory never given a project
-/// (a create killed before that step, still empty) gets one.
+/// its own project or qgroup keeps its usage. A directory never given a project
+/// gets one only while empty (a create killed before that step): files already
+/// in it would stay outside the project, and renames across its edge would fail.
 pub fn reapply_limit(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()> {
     match limits {
         DirLimits::ProjectQuota if projquota::project_of(path)? == 0 => {
-            projquota::assign(path, id, size)
+            let empty = fs::read_dir(path)
+                .ctx(|| format!("list {}", path.display()))?
+                .next()
+                .is_none();
+            if empty {
+                projquota::assign(path, id, size)
+            } else {
+                tracing::warn!(path = %path.display(), "volume holds data but no project (made before project quotas were on); its size is not limited");
+                Ok(())
+            }
         }
         _ => set_size(path, size, limits),
     }

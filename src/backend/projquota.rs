@@ -129,10 +129,17 @@ pub fn assign(dir: &Path, volume_id: &str, bytes: u64) -> Result<()> {
     let id = free_project(&d, volume_id)?;
     limit_project(&d, dir, id, bytes)?;
     let mut x = FsXattr::default();
-    ioctl(&d, FS_IOC_FSGETXATTR, &mut x).ctx(|| format!("read attributes of {}", dir.display()))?;
-    x.projid = id;
-    x.xflags |= FS_XFLAG_PROJINHERIT;
-    ioctl(&d, FS_IOC_FSSETXATTR, &mut x).ctx(|| format!("set project of {}", dir.display()))
+    let joined = ioctl(&d, FS_IOC_FSGETXATTR, &mut x).and_then(|()| {
+        x.projid = id;
+        x.xflags |= FS_XFLAG_PROJINHERIT;
+        ioctl(&d, FS_IOC_FSSETXATTR, &mut x)
+    });
+    if let Err(e) = joined {
+        // A limit on a project nobody joined would keep its id from being free.
+        let _ = limit_project(&d, dir, id, 0);
+        return Err(Error::io(format!("set project of {}", dir.display()), e));
+    }
+    Ok(())
 }
 
 /// The project `dir` belongs to; 0 for none.

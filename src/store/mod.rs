@@ -189,10 +189,11 @@ impl<T: Record> Table<T> {
         if before.is_some() && before == *listed {
             return Ok(());
         }
-        let (map, _) = read_records::<T>(&self.dir, false)?;
+        let (map, unreadable) = read_records::<T>(&self.dir, false)?;
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = map;
-        // Changed while it was read: read it again next time.
-        *listed = before.filter(|b| modified(&self.dir) == Some(*b));
+        // Changed while it was read, or a record caught half-written (another
+        // node's create writes in place): read it again next time.
+        *listed = before.filter(|b| unreadable.is_empty() && modified(&self.dir) == Some(*b));
         Ok(())
     }
 
