@@ -179,8 +179,8 @@ fn main() -> ExitCode {
             root_lock_wait,
         } => {
             init_logging(log_format);
-            if rpc_timeout == 0 {
-                eprintln!("localvol: --rpc-timeout must be at least 1 second");
+            if rpc_timeout == 0 || rpc_timeout > 86_400 {
+                eprintln!("localvol: --rpc-timeout must be 1 to 86400 seconds");
                 return ExitCode::from(2);
             }
             localvol::csi::deadline::set_rpc_timeout(std::time::Duration::from_secs(rpc_timeout));

@@ -26,7 +26,10 @@ pub(crate) fn without_children<T>(f: impl FnOnce() -> T) -> T {
 /// `cmd`'s output, as `Command::output` gives it, started while no such
 /// descriptor is open (std's spawn returns once the child has reached exec).
 pub(crate) fn output_of(cmd: &mut Command) -> io::Result<Output> {
-    cmd.stdin(Stdio::null())
+    // Messages in English whatever the node's locale: errors are recognised by
+    // their words ("in use", "busy").
+    cmd.env("LC_ALL", "C")
+        .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     let child = {

@@ -38,6 +38,9 @@ pub struct DriverInfo {
     pub name: String,
     pub version: String,
     pub node_id: String,
+    /// This node's topology (NodeGetInfo), asked for at CreateVolume as the
+    /// provisioner does once the scheduler has picked the node.
+    pub topology: Option<Topology>,
     pub controller_publish: bool,
     pub snapshots: bool,
     pub node_stage: bool,
@@ -67,10 +70,20 @@ fn rpc_err(rpc: &'static str, s: tonic::Status) -> BenchError {
 }
 
 /// Times one call into `t` (successful or not: a failure still took that long).
+/// The longest the bench waits for one call, as a sidecar would (then it gives up
+/// on the run, which undoes what it made).
+pub const CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(180);
+
 macro_rules! timed {
     ($t:expr, $name:literal, $call:expr) => {{
         let start = Instant::now();
-        let r = $call.await;
+        let r = match tokio::time::timeout(CALL_TIMEOUT, $call).await {
+            Ok(r) => r,
+            Err(_) => Err(tonic::Status::deadline_exceeded(format!(
+                "no answer in {} s",
+                CALL_TIMEOUT.as_secs()
+            ))),
+        };
         $t.record($name, start.elapsed());
         r.map(|r| r.into_inner()).map_err(|s| rpc_err($name, s))
     }};
@@ -118,16 +131,16 @@ impl Session {
                 _ => None,
             })
             .collect();
-        let node_id = node
+        let node_info = node
             .node_get_info(NodeGetInfoRequest {})
             .await
             .map_err(|s| rpc_err("NodeGetInfo", s))?
-            .into_inner()
-            .node_id;
+            .into_inner();
         let info = DriverInfo {
             name: plugin.name,
             version: plugin.vendor_version,
-            node_id,
+            node_id: node_info.node_id,
+            topology: node_info.accessible_topology,
             controller_publish: ctrl_caps.contains(&(CtrlRpc::PublishUnpublishVolume as i32)),
             snapshots: ctrl_caps.contains(&(CtrlRpc::CreateDeleteSnapshot as i32)),
             node_stage: node_caps.contains(&(NodeRpc::StageUnstageVolume as i32)),
@@ -172,6 +185,10 @@ impl Session {
             volume_capabilities: vec![self.capability()],
             parameters: self.params.clone(),
             volume_content_source: source,
+            accessibility_requirements: self.info.topology.clone().map(|t| TopologyRequirement {
+                requisite: vec![t.clone()],
+                preferred: vec![t],
+            }),
             ..Default::default()
         };
         let resp = timed!(t, "CreateVolume", self.controller.create_volume(req))?;
@@ -229,12 +246,15 @@ impl Pod {
                 secrets: Default::default(),
                 volume_context: self.volume.volume_context.clone(),
             };
+            // Marked before the call, as for every step: a timed-out call may
+            // still have done its work, and `down` undoes it (an undo of nothing
+            // is OK for a conformant driver).
+            self.controller_published = true;
             let r = timed!(
                 t,
                 "ControllerPublishVolume",
                 s.controller.controller_publish_volume(req)
             )?;
-            self.controller_published = true;
             self.publish_context = r.publish_context;
         }
         if s.info.node_stage {
@@ -248,8 +268,8 @@ impl Pod {
                 secrets: Default::default(),
                 volume_context: self.volume.volume_context.clone(),
             };
-            timed!(t, "NodeStageVolume", s.node.node_stage_volume(req))?;
             self.staged = true;
+            timed!(t, "NodeStageVolume", s.node.node_stage_volume(req))?;
         }
         // Kubelet creates only the parent of the target; the driver makes the target.
         let parent = self.target.parent().expect("target has a parent");
@@ -268,7 +288,6 @@ impl Pod {
             secrets: Default::default(),
             volume_context: self.volume.volume_context.clone(),
         };
-        // Marked before the call: a timed-out publish may still have mounted.
         self.published = true;
         timed!(t, "NodePublishVolume", s.node.node_publish_volume(req))?;
         Ok(())
