@@ -832,16 +832,34 @@ impl Driver {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
         let doomed = data.with_file_name(format!("{id}{DELETING}{nanos}"));
+        // Two removers of one tree (another node's retry sweeping it) each find
+        // entries gone under them: a removal that fails is tried again on what
+        // is left, and it is done once nothing is left.
+        let remove = |path: &Path| {
+            let mut tries = 0;
+            loop {
+                match dir::remove(path) {
+                    Err(_) if fs::symlink_metadata(path).is_err() => return Ok(()),
+                    Err(e) if tries == 3 => return Err(e),
+                    Err(_) => tries += 1,
+                    done => return done,
+                }
+            }
+        };
         match fs::rename(data, &doomed) {
-            Ok(()) => dir::remove(&doomed),
+            Ok(()) => remove(&doomed),
             // Gone already: renamed by another node, or by an attempt of ours whose
-            // removal failed (its retry lands here; what it left is removed now).
+            // removal failed (its retry lands here; what it left is removed now, as
+            // far as it can be: another node may be removing the same tree, and
+            // any node's next start removes what stays).
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 let parent = data.parent().expect("volume paths have a parent");
                 let prefix = format!("{id}{DELETING}");
                 for entry in fs::read_dir(parent).into_iter().flatten().flatten() {
                     if entry.file_name().to_string_lossy().starts_with(&prefix) {
-                        dir::remove(&entry.path())?;
+                        if let Err(e) = remove(&entry.path()) {
+                            tracing::debug!(path = %entry.path().display(), error = %e, "left for another remover");
+                        }
                     }
                 }
                 Ok(())
@@ -948,10 +966,12 @@ impl Driver {
         match rec.volume_type {
             VolumeType::Dir => {
                 let data = self.data_path(rec);
-                if !data.exists() {
-                    return Ok(vec![]);
+                match mount::key_of(&data) {
+                    Ok(key) => Ok(vec![key]),
+                    // Gone, also a moment ago (a shared volume another node deletes).
+                    Err(_) if fs::symlink_metadata(&data).is_err() => Ok(vec![]),
+                    Err(e) => Err(e),
                 }
-                Ok(vec![mount::key_of(&data)?])
             }
             VolumeType::Loop => {
                 let Some(d) = self.loop_device(rec) else {
