@@ -40,34 +40,43 @@ const SIGNATURES: &[(usize, &[u8], &str)] = &[
 const XFS_SB_INPROGRESS: usize = 126;
 
 /// Reads the device's signatures; the one decision that keeps data from being
-/// formatted over. The device is opened exclusively: a mkfs still running from a
-/// call whose driver was killed holds it so, and formatting again beside it could
-/// overwrite a filesystem that has just been made and used. Such a call is ABORTED
-/// and retried once that mkfs is done.
+/// formatted over. The device is first opened exclusively: a mkfs still running
+/// from a call whose driver was killed holds it so, and formatting again beside it
+/// could overwrite a filesystem that has just been made and used. Such a call is
+/// ABORTED and retried once that mkfs is done (nothing starts another meanwhile:
+/// the caller holds the volume's lock).
 pub fn probe(device: &Path) -> Result<Content> {
+    // Only the exclusive open is made while no program starts (a child would hold
+    // a copy of it): a read that hangs on a failing disk must not hold up every
+    // other program start on the node.
+    crate::programs::without_children(|| check_not_busy(device))?;
     let mut head = vec![0u8; 65536 + 4096];
-    crate::programs::without_children(|| read_head(device, &mut head))?;
+    read_head(device, &mut head)?;
     Ok(classify(&head))
 }
 
-/// The first bytes of `device`, read through an exclusive open.
-fn read_head(device: &Path, head: &mut Vec<u8>) -> Result<()> {
+/// Fails (ABORTED) if another holds `device` exclusively: a mkfs, or a mount.
+fn check_not_busy(device: &Path) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let mut f = match std::fs::OpenOptions::new()
+    match std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_EXCL | libc::O_CLOEXEC)
         .open(device)
     {
-        Ok(f) => f,
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
-            return Err(Error::Aborted(format!(
-                "{} is busy (a format started by an interrupted call may still be running, or \
-                 it is mounted elsewhere); retry",
-                device.display()
-            )))
-        }
-        Err(e) => return Err(Error::io(format!("open {}", device.display()), e)),
-    };
+        Ok(_) => Ok(()),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => Err(Error::Aborted(format!(
+            "{} is busy (a format started by an interrupted call may still be running, or \
+             it is mounted elsewhere); retry",
+            device.display()
+        ))),
+        Err(e) => Err(Error::io(format!("open {}", device.display()), e)),
+    }
+}
+
+/// The first bytes of `device`.
+fn read_head(device: &Path, head: &mut Vec<u8>) -> Result<()> {
+    let mut f = std::fs::File::open(device)
+        .map_err(|e| Error::io(format!("open {}", device.display()), e))?;
     let mut n = 0;
     while n < head.len() {
         match f.read(&mut head[n..]) {
