@@ -251,14 +251,20 @@ impl Metrics {
         g.trash.set(d.trash.pending() as i64);
     }
 
-    /// The Prometheus text exposition, freshly computed.
-    pub fn render(&self) -> String {
-        let _one_at_a_time = self.scrape.lock().unwrap_or_else(|e| e.into_inner());
+    /// The Prometheus text exposition, freshly computed; None while another
+    /// scrape is still computing it (on a hung root it may never finish: later
+    /// scrapes must not each hold a thread waiting behind it).
+    pub fn render(&self) -> Option<String> {
+        let _one_at_a_time = match self.scrape.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(e)) => e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => return None,
+        };
         self.refresh();
         let mut out = String::new();
         prometheus_client::encoding::prometheus_text::encode(&mut out, &self.registry)
             .expect("writing to a String cannot fail");
-        out
+        Some(out)
     }
 }
 
@@ -313,10 +319,15 @@ async fn answer<B>(
     }
     Ok(
         match tokio::task::spawn_blocking(move || metrics.render()).await {
-            Ok(body) => reply(
+            Ok(Some(body)) => reply(
                 StatusCode::OK,
                 prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
                 body,
+            ),
+            Ok(None) => reply(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                "an earlier scrape is still collecting (is the driver's root hung?)\n".into(),
             ),
             Err(e) => reply(
                 StatusCode::INTERNAL_SERVER_ERROR,
