@@ -1,15 +1,31 @@
 //! Per-key locks: calls on the same volume (or request name) run one at a time,
 //! calls on different volumes never wait for each other.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::error::{Error, Result};
 
 /// How long a call waits for another call on the same volume before answering
 /// ABORTED (the spec's "operation pending for volume"); the caller retries.
 pub const WAIT: Duration = Duration::from_secs(60);
+
+thread_local! {
+    /// The deadline of the RPC this thread is running, if any (`run_until`).
+    static CALL_DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// Runs `f` as the work of an RPC answered by `deadline`: a lock it waits for is
+/// given up at the deadline (ABORTED, nothing done), since by then the caller has
+/// been told DEADLINE_EXCEEDED and may have moved on (a later unpublish, say).
+pub fn run_until<T>(deadline: Instant, f: impl FnOnce() -> T) -> T {
+    let before = CALL_DEADLINE.replace(Some(deadline));
+    let out = f();
+    CALL_DEADLINE.set(before);
+    out
+}
 
 #[derive(Default)]
 struct Slot {
@@ -46,9 +62,13 @@ impl KeyLocks {
         slot
     }
 
-    /// Waits (up to `WAIT`) for the lock on `key`.
+    /// Waits (up to `WAIT`, and not past the call's deadline) for the lock on `key`.
     pub fn lock(&self, key: &str) -> Result<KeyGuard> {
-        self.lock_within(key, WAIT)
+        let wait = match CALL_DEADLINE.get() {
+            Some(d) => WAIT.min(d.saturating_duration_since(Instant::now())),
+            None => WAIT,
+        };
+        self.lock_within(key, wait)
     }
 
     pub fn lock_within(&self, key: &str, wait: Duration) -> Result<KeyGuard> {
@@ -73,6 +93,24 @@ impl KeyLocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_call_waits_for_a_lock_no_longer_than_its_deadline() {
+        let locks = KeyLocks::default();
+        let _held = locks.lock("a").unwrap();
+        let start = Instant::now();
+        let r = run_until(start + Duration::from_millis(100), || {
+            locks.lock("a").map(|_| ())
+        });
+        assert!(matches!(r, Err(Error::Aborted(_))), "{r:?}");
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "{:?}",
+            start.elapsed()
+        );
+        // Outside a call: the deadline is gone.
+        assert!(CALL_DEADLINE.get().is_none());
+    }
 
     #[test]
     fn same_key_serializes_other_keys_do_not() {

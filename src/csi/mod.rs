@@ -52,11 +52,19 @@ where
     F: FnOnce() -> Result<T> + Send + 'static,
 {
     let start = Instant::now();
+    let deadline_at = start + deadline::rpc_timeout();
     // Counted until the blocking work ends, even if the client goes away.
     let counted = InFlight::enter();
     let task = tokio::task::spawn_blocking(move || {
         let _counted = counted;
-        f()
+        // Started only after its caller was told DEADLINE_EXCEEDED (every
+        // blocking thread busy): doing it now could undo a later call's work.
+        if Instant::now() >= deadline_at {
+            return Err(Error::Aborted(format!(
+                "{method} could not start before its deadline; nothing was done, retry"
+            )));
+        }
+        crate::locks::run_until(deadline_at, f)
     });
     let result = match deadline::within(
         method,
