@@ -538,24 +538,6 @@ pub fn is_mount_root(path: &Path) -> Option<bool> {
     Some(stx.stx_attributes & STATX_ATTR_MOUNT_ROOT != 0)
 }
 
-/// Unmounts every mount stacked at `target`.
-pub fn unmount_all(target: &Path) -> Result<()> {
-    for _ in 0..16 {
-        let mounted = match is_mount_root(target) {
-            Some(m) => m,
-            None => mount_at(target)?.is_some(),
-        };
-        if !mounted {
-            return Ok(());
-        }
-        unmount(target)?;
-    }
-    Err(Error::Internal(format!(
-        "{} stays mounted after 16 unmounts",
-        target.display()
-    )))
-}
-
 /// Filesystem usage of the filesystem holding `path`.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Usage {
@@ -585,6 +567,25 @@ pub fn usage(path: &Path) -> Result<Usage> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Unmounts every mount stacked at `target` (the driver unmounts only what it
+    /// shows to be a volume's: `Driver::unmount_volume_at`).
+    fn unmount_all(target: &Path) -> Result<()> {
+        for _ in 0..16 {
+            let mounted = match is_mount_root(target) {
+                Some(m) => m,
+                None => mount_at(target)?.is_some(),
+            };
+            if !mounted {
+                return Ok(());
+            }
+            unmount(target)?;
+        }
+        Err(Error::Internal(format!(
+            "{} stays mounted after 16 unmounts",
+            target.display()
+        )))
+    }
 
     const SAMPLE: &str = "\
 22 1 253:0 / / rw,relatime shared:1 - ext4 /dev/vda rw

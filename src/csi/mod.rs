@@ -52,7 +52,8 @@ where
     F: FnOnce() -> Result<T> + Send + 'static,
 {
     let start = Instant::now();
-    let deadline_at = start + deadline::rpc_timeout();
+    let timeout = deadline::rpc_timeout();
+    let deadline_at = start + timeout;
     // Counted until the blocking work ends, even if the client goes away.
     let counted = InFlight::enter();
     let task = tokio::task::spawn_blocking(move || {
@@ -66,15 +67,7 @@ where
         }
         crate::locks::run_until(deadline_at, f)
     });
-    let result = match deadline::within(
-        method,
-        volume,
-        task,
-        deadline::SLOW_CALL,
-        deadline::rpc_timeout(),
-    )
-    .await
-    {
+    let result = match deadline::within(method, volume, task, deadline::SLOW_CALL, timeout).await {
         Ok(r) => r.map_err(Status::from),
         Err(e @ deadline::Failure::Exceeded(_)) => Err(Status::deadline_exceeded(format!(
             "{method} {e}; it may be stuck in the kernel, retry later"
