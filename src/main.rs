@@ -84,8 +84,8 @@ enum Command {
         /// Log format; the level comes from RUST_LOG (default info).
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// Serve Prometheus metrics at http://HOST:PORT/metrics (off by default).
-        #[arg(long, value_name = "HOST:PORT")]
+        /// Serve Prometheus metrics at http://IP:PORT/metrics (off by default).
+        #[arg(long, value_name = "IP:PORT")]
         metrics_address: Option<std::net::SocketAddr>,
         /// Seconds a call may run before it is answered DEADLINE_EXCEEDED.
         #[arg(long, value_name = "SECONDS", default_value_t = 120)]

@@ -82,6 +82,7 @@ impl Driver {
         let dest = self.snapshot_data(&snap);
         let started = std::time::Instant::now();
         let shared = self.with_room(&id, || {
+            dir::remove(&dest)?;
             self.copy_volume(&source, &dest, true).inspect_err(|_| {
                 // A partial copy (a full root) is no snapshot: give its space back now.
                 if let Err(re) = dir::remove(&dest) {
@@ -224,16 +225,16 @@ impl Driver {
         }))
     }
 
-    /// Copies a volume's data to `dest` (which must not exist yet), consistent as
-    /// of one instant for loop filesystems (frozen while copied). Not yet durable;
-    /// returns whether every block is shared with the source (nothing to write).
+    /// Copies a volume's data to `dest` (absent, or for a directory an empty
+    /// directory made for it), consistent as of one instant for loop filesystems
+    /// (frozen while copied). Not yet durable; returns whether every block is
+    /// shared with the source (nothing to write).
     pub(crate) fn copy_volume(
         &self,
         src: &VolumeRecord,
         dest: &Path,
         readonly: bool,
     ) -> Result<bool> {
-        dir::remove(dest)?;
         let data = self.data_path(src);
         match src.volume_type {
             VolumeType::Dir => copy_dir_data(&data, dest, readonly),
@@ -280,8 +281,8 @@ impl Driver {
         let Some(dev) = self.loop_device(rec) else {
             return Ok(None);
         };
-        let table = crate::mount::mounts()?;
-        let fs_mount = table
+        let mounts = self.mounts_of_volume(rec)?;
+        let fs_mount = mounts
             .iter()
             .find(|m| m.dev == dev.dev && m.root == Path::new("/") && !m.is_readonly());
         match fs_mount {
@@ -294,9 +295,13 @@ impl Driver {
     /// new volume's capacity.
     pub(crate) fn fill_from(&self, rec: &VolumeRecord, source: &Source) -> Result<()> {
         let dest = self.data_path(rec);
+        dir::remove(&dest)?;
+        let limits = self.limits(rec.shared);
+        if rec.volume_type == VolumeType::Dir {
+            dir::prepare_copy(&dest, &rec.id, rec.capacity_bytes, limits)?;
+        }
         match source {
             Source::Snapshot(snap) => {
-                dir::remove(&dest)?;
                 let data = self.snapshot_data(snap);
                 match snap.volume_type {
                     VolumeType::Dir => copy_dir_data(&data, &dest, false).map(|_| ())?,
@@ -310,9 +315,7 @@ impl Driver {
         // A new volume's record follows its data: durable first.
         copy::make_durable(&dest)?;
         match rec.volume_type {
-            VolumeType::Dir => {
-                dir::limit_new(&dest, &rec.id, rec.capacity_bytes, self.limits(rec.shared))
-            }
+            VolumeType::Dir => dir::limit_new(&dest, rec.capacity_bytes, limits),
             VolumeType::Loop => {
                 let p = params::parse(&rec.parameters)?;
                 loopfile::grow(&dest, rec.capacity_bytes, p.allocation)

@@ -172,13 +172,20 @@ impl Driver {
         fs::create_dir_all(&layout.root)
             .map_err(|e| Error::io(format!("create {}", layout.root.display()), e))?;
         let root_lock = crate::rootlock::RootLock::take(&layout.root, cfg.root_lock_wait)?;
-        for d in [layout.volumes_dir(false), layout.snapshots_dir()] {
+        // state/ too: the record directories below it are checked, but a link in
+        // its place would put them, and their removals, outside the root.
+        for d in [
+            layout.volumes_dir(false),
+            layout.snapshots_dir(),
+            layout.state_dir(),
+        ] {
             dir::own_dir(&d)?;
         }
-        if layout.shared_root.is_some() {
-            dir::own_dir(&layout.volumes_dir(true))?;
-        }
         let shared_state = layout.shared_root.as_ref().map(|r| r.join("state"));
+        if let Some(state) = &shared_state {
+            dir::own_dir(&layout.volumes_dir(true))?;
+            dir::own_dir(state)?;
+        }
         let store = Store::open(&layout.state_dir(), shared_state.as_deref())?;
         let dir_limits = DirLimits::detect(&layout.root, cfg.enable_btrfs_quota)?;
         if dir_limits.enforced() {

@@ -934,7 +934,7 @@ async fn failed_loop_stage_detaches() {
 }
 
 /// The directories the driver removes entries from (volumes/, snapshots/, trash/,
-/// the record directories) replaced by symlinks to the canary: the driver refuses to start, and nothing
+/// the record directories and state/ above them) replaced by symlinks to the canary: the driver refuses to start, and nothing
 /// of the canary is removed, though it is full of names that look like leftovers.
 /// Starts the driver on `root`; its stderr if it refused to start (exited with a
 /// failure within 20 s), None if it started (then it is killed).
@@ -979,11 +979,15 @@ fn symlinked_root_directories_are_refused_at_start() {
         "volumes",
         "snapshots",
         "trash",
+        "state",
         "state/volumes",
         "state/snapshots",
     ] {
         let root = tmp.path().join(format!("root-{}", sub.replace('/', "-")));
-        std::fs::create_dir_all(root.join("state")).unwrap();
+        std::fs::create_dir_all(&root).unwrap();
+        if sub != "state" {
+            std::fs::create_dir_all(root.join("state")).unwrap();
+        }
         std::os::unix::fs::symlink(canary.path(), root.join(sub)).unwrap();
         let err = refused_start(&root, &tmp.path().join("csi.sock"))
             .unwrap_or_else(|| panic!("{sub}: the driver started"));

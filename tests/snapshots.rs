@@ -415,6 +415,47 @@ async fn list_snapshots_filters_and_pages() {
     }
     ids.sort();
     assert_eq!(seen, ids);
+    // GetSnapshot, advertised: one snapshot by id, as ListSnapshots shows it.
+    let caps = c
+        .controller
+        .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let get_snapshot = controller_service_capability::rpc::Type::GetSnapshot as i32;
+    assert!(
+        caps.capabilities.iter().any(|c| matches!(
+            &c.r#type,
+            Some(controller_service_capability::Type::Rpc(r)) if r.r#type == get_snapshot
+        )),
+        "{caps:?}"
+    );
+    let get = |id: &str| GetSnapshotRequest {
+        snapshot_id: id.into(),
+        ..Default::default()
+    };
+    let s3 = one.entries[0].snapshot.clone().unwrap();
+    let got = c
+        .controller
+        .get_snapshot(get(&s3.snapshot_id))
+        .await
+        .unwrap()
+        .into_inner()
+        .snapshot
+        .unwrap();
+    assert_eq!(got, s3);
+    assert_eq!(got.source_volume_id, b);
+    assert!(got.ready_to_use);
+    assert_code(
+        c.controller.get_snapshot(get("")).await,
+        Code::InvalidArgument,
+    );
+    for missing in ["snap-00000000000000000000000000000000", "../../etc"] {
+        assert_code(
+            c.controller.get_snapshot(get(missing)).await,
+            Code::NotFound,
+        );
+    }
     assert_code(
         c.controller
             .list_snapshots(list("", "", "garbage", 1))

@@ -159,6 +159,14 @@ fn copy_error(e: io::Error, src: &Path, dst: &Path) -> Error {
             dst.display()
         ));
     }
+    if e.raw_os_error() == Some(libc::EDQUOT) {
+        // Only a copy into a volume whose project was given first (project quotas).
+        return Error::OutOfRange(format!(
+            "the data of {} does not fit in the size limit of {}; ask for a larger capacity",
+            src.display(),
+            dst.display()
+        ));
+    }
     Error::io(format!("copy {} to {}", src.display(), dst.display()), e)
 }
 

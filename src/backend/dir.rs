@@ -33,14 +33,25 @@ pub fn create(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()
         .ctx(|| format!("chmod {}", path.display()))
 }
 
-/// Puts a size limit on a volume whose data was copied in (restore, clone). With
-/// project quotas only files written from now on carry the project.
-pub fn limit_new(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()> {
+/// Makes what a restore or clone copies into, where that must exist first: with
+/// project quotas, a directory already in the volume's project, because only
+/// files made after a directory joins a project inherit it. The copied data then
+/// counts against the new volume's limit.
+pub fn prepare_copy(path: &Path, id: &str, size: u64, limits: &DirLimits) -> Result<()> {
+    match limits {
+        DirLimits::ProjectQuota => create(path, id, size, limits),
+        _ => Ok(()),
+    }
+}
+
+/// Puts a size limit on a volume whose data was copied in (restore, clone): a
+/// btrfs qgroup limit on the subvolume the copy made. (A project was given
+/// before the copy, by `prepare_copy`.)
+pub fn limit_new(path: &Path, size: u64, limits: &DirLimits) -> Result<()> {
     match limits {
         DirLimits::Btrfs { quota: true, .. } if btrfs::is_subvolume(path) => {
             btrfs::set_limit(path, size)
         }
-        DirLimits::ProjectQuota => projquota::assign(path, id, size),
         _ => Ok(()),
     }
 }

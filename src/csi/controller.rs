@@ -32,6 +32,7 @@ pub const CAPABILITIES: &[rpc::Type] = &[
     rpc::Type::ExpandVolume,
     rpc::Type::CreateDeleteSnapshot,
     rpc::Type::ListSnapshots,
+    rpc::Type::GetSnapshot,
     rpc::Type::CloneVolume,
 ];
 
