@@ -220,9 +220,12 @@ impl Driver {
                 });
             return Ok((found.into_iter().collect(), None));
         }
-        Ok(self.store.snapshots.page(after, max as usize, |s| {
-            source_volume_id.is_empty() || s.source_volume_id == source_volume_id
-        }))
+        let snapshots = &self.store.snapshots;
+        Ok(if source_volume_id.is_empty() {
+            snapshots.page(after, max as usize)
+        } else {
+            snapshots.page_of_group(source_volume_id, after, max as usize)
+        })
     }
 
     /// Copies a volume's data to `dest` (absent, or for a directory an empty

@@ -371,6 +371,30 @@ async fn list_snapshots_filters_and_pages() {
         .unwrap()
         .into_inner();
     assert_eq!(of_a.entries.len(), 2);
+    // Pages of one, of one source.
+    let mut token = String::new();
+    let mut seen_a = vec![];
+    loop {
+        let page = c
+            .controller
+            .list_snapshots(list("", &a, &token, 1))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(page.entries.len() <= 1);
+        for e in page.entries {
+            let snap = e.snapshot.unwrap();
+            assert_eq!(snap.source_volume_id, a);
+            seen_a.push(snap.snapshot_id);
+        }
+        if page.next_token.is_empty() {
+            break;
+        }
+        token = page.next_token;
+    }
+    let mut want_a = ids[..2].to_vec();
+    want_a.sort();
+    assert_eq!(seen_a, want_a);
     let one = c
         .controller
         .list_snapshots(list(&ids[2], "", "", 0))

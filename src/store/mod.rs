@@ -10,13 +10,14 @@
 //! costs one record write at most, whatever the number of volumes. The kernel's facts
 //! (mounts, loop devices) are never recorded here: they are read from the kernel.
 
+mod entries;
 pub mod slots;
 
+use entries::Entries;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::{self, File};
 use std::io::Write;
-use std::ops::Bound;
 use std::path::{Path, PathBuf};
 use std::sync::RwLock;
 
@@ -104,6 +105,10 @@ impl SnapshotRecord {
 /// Something stored under its id.
 pub trait Record: Clone + Serialize + DeserializeOwned {
     fn id(&self) -> &str;
+    /// What records are listed by besides their id (see `Table::page_of_group`).
+    fn group(&self) -> Option<&str> {
+        None
+    }
 }
 
 impl Record for VolumeRecord {
@@ -115,6 +120,10 @@ impl Record for VolumeRecord {
 impl Record for SnapshotRecord {
     fn id(&self) -> &str {
         &self.id
+    }
+    /// ListSnapshots filters by source volume.
+    fn group(&self) -> Option<&str> {
+        Some(&self.source_volume_id)
     }
 }
 
@@ -148,7 +157,7 @@ pub fn id_of(json: &[u8]) -> Option<String> {
 pub struct Table<T: Record> {
     dir: PathBuf,
     medium: Medium,
-    map: RwLock<BTreeMap<String, T>>,
+    map: RwLock<Entries<T>>,
     /// Ids whose record exists but cannot be read: their data is never treated
     /// as a leftover.
     unreadable: std::collections::BTreeSet<String>,
@@ -171,7 +180,7 @@ impl<T: Record> Table<T> {
         Ok(Table {
             dir,
             medium: Medium::Files,
-            map: RwLock::new(map),
+            map: RwLock::new(Entries::new(map)),
             unreadable,
             illegible: 0,
             listed: std::sync::Mutex::new(mtime),
@@ -190,7 +199,7 @@ impl<T: Record> Table<T> {
             return Ok(());
         }
         let (map, unreadable) = read_records::<T>(&self.dir, false)?;
-        *self.map.write().unwrap_or_else(|e| e.into_inner()) = map;
+        *self.map.write().unwrap_or_else(|e| e.into_inner()) = Entries::new(map);
         // Changed while it was read, or a record caught half-written (another
         // node's create writes in place): read it again next time.
         *listed = before.filter(|b| unreadable.is_empty() && modified(&self.dir) == Some(*b));
@@ -244,7 +253,11 @@ impl<T: Record> Table<T> {
                 }
             }
         }
-        let moved = files.map.into_inner().unwrap_or_else(|e| e.into_inner());
+        let moved = files
+            .map
+            .into_inner()
+            .unwrap_or_else(|e| e.into_inner())
+            .into_map();
         if !moved.is_empty() {
             // Written to the slots durably before any file goes; the files' removal
             // is durable before anything is served, so a stale file cannot later
@@ -266,7 +279,7 @@ impl<T: Record> Table<T> {
         Ok(Table {
             dir: files.dir,
             medium: Medium::Slots(slots),
-            map: RwLock::new(map),
+            map: RwLock::new(Entries::new(map)),
             unreadable,
             illegible,
             listed: std::sync::Mutex::new(None),
@@ -336,7 +349,7 @@ impl<T: Record> Table<T> {
         self.map
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(rec.id().to_string(), rec.clone());
+            .insert(rec.clone());
         Ok(())
     }
 
@@ -357,7 +370,7 @@ impl<T: Record> Table<T> {
         self.map
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(rec.id().to_string(), rec.clone());
+            .insert(rec.clone());
         Ok(())
     }
 
@@ -389,31 +402,22 @@ impl<T: Record> Table<T> {
         Ok(())
     }
 
-    /// Up to `max` records with ids after `after` (all when `max` is 0) that pass
-    /// `keep`, and the id to continue after when more remain.
-    pub fn page(
+    /// Up to `max` records with ids after `after` (all when `max` is 0), and the
+    /// id to continue after when more remain.
+    pub fn page(&self, after: Option<&str>, max: usize) -> (Vec<T>, Option<String>) {
+        let map = self.map.read().unwrap_or_else(|e| e.into_inner());
+        take_page(map.after(after), max)
+    }
+
+    /// Like `page`, of the records of one group only: costs what the group holds.
+    pub fn page_of_group(
         &self,
+        group: &str,
         after: Option<&str>,
         max: usize,
-        keep: impl Fn(&T) -> bool,
     ) -> (Vec<T>, Option<String>) {
         let map = self.map.read().unwrap_or_else(|e| e.into_inner());
-        let lower = match after {
-            Some(a) => Bound::Excluded(a.to_string()),
-            None => Bound::Unbounded,
-        };
-        let mut out = Vec::new();
-        for (_, rec) in map
-            .range((lower, Bound::Unbounded))
-            .filter(|(_, r)| keep(r))
-        {
-            if max > 0 && out.len() == max {
-                let last: &T = out.last().expect("max > 0");
-                return (out.clone(), Some(last.id().to_string()));
-            }
-            out.push(rec.clone());
-        }
-        (out, None)
+        take_page(map.of_group_after(group, after), max)
     }
 
     /// Reads one record again from disk (another node may have written it, on a
@@ -428,9 +432,9 @@ impl<T: Record> Table<T> {
             .and_then(|b| serde_json::from_slice::<T>(&b).ok());
         let mut map = self.map.write().unwrap_or_else(|e| e.into_inner());
         match &fresh {
-            Some(rec) => map.insert(id.to_string(), rec.clone()),
+            Some(rec) => map.insert(rec.clone()),
             None => map.remove(id),
-        };
+        }
         fresh
     }
 
@@ -443,6 +447,23 @@ impl<T: Record> Table<T> {
             .cloned()
             .collect()
     }
+}
+
+/// Up to `max` records (all when `max` is 0), and the id to continue after when
+/// more remain.
+fn take_page<'a, T: Record + 'a>(
+    records: impl Iterator<Item = &'a T>,
+    max: usize,
+) -> (Vec<T>, Option<String>) {
+    let mut out: Vec<T> = Vec::new();
+    for rec in records {
+        if max > 0 && out.len() == max {
+            let next = out.last().map(|r| r.id().to_string());
+            return (out, next);
+        }
+        out.push(rec.clone());
+    }
+    (out, None)
 }
 
 /// A temporary record file older than this is no write in progress.
@@ -583,15 +604,15 @@ impl Store {
         max: usize,
     ) -> (Vec<VolumeRecord>, Option<String>) {
         let Some(shared) = &self.shared_volumes else {
-            return self.volumes.page(after, max, |_| true);
+            return self.volumes.page(after, max);
         };
         // Other nodes make and remove shared volumes: list what the root holds now.
         if let Err(e) = shared.refresh() {
             tracing::warn!(error = %e, "cannot read the shared root's records again; listing what was read before");
         }
         let take = if max == 0 { 0 } else { max + 1 };
-        let (mut all, _) = self.volumes.page(after, take, |_| true);
-        all.extend(shared.page(after, take, |_| true).0);
+        let (mut all, _) = self.volumes.page(after, take);
+        all.extend(shared.page(after, take).0);
         all.sort_by(|a, b| a.id.cmp(&b.id));
         all.dedup_by(|a, b| a.id == b.id);
         if max > 0 && all.len() > max {
@@ -657,17 +678,17 @@ mod tests {
         assert_eq!(t.len(), 3);
         assert!(!old.exists());
         assert!(fresh.exists());
-        let (p1, next) = t.page(None, 2, |_| true);
+        let (p1, next) = t.page(None, 2);
         assert_eq!(
             p1.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
             ["a", "b"]
         );
         assert_eq!(next.as_deref(), Some("b"));
-        let (p2, next) = t.page(next.as_deref(), 2, |_| true);
+        let (p2, next) = t.page(next.as_deref(), 2);
         assert_eq!(p2.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), ["c"]);
         assert_eq!(next, None);
-        let (all, next) = t.page(None, 0, |r| r.id != "b");
-        assert_eq!(all.len(), 2);
+        let (all, next) = t.page(None, 0);
+        assert_eq!(all.len(), 3);
         assert_eq!(next, None);
     }
 
