@@ -7,18 +7,34 @@ use std::process::Command;
 
 use serde_json::Value;
 
-fn bench(d: &common::Driver, args: &[&str]) -> Value {
-    let out = Command::new(env!("CARGO_BIN_EXE_localvol-bench"))
-        .arg("--endpoint")
+/// The bench against `d`, with `args` after the common flags.
+fn command(d: &common::Driver, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_localvol-bench"));
+    cmd.arg("--endpoint")
         .arg(format!("unix://{}", d.socket.display()))
         .arg("--work-dir")
         .arg(d.path("bench"))
         .arg("--driver-pid")
         .arg(d.pid().to_string())
         .arg("--json")
-        .args(args)
-        .output()
-        .expect("run localvol-bench");
+        .args(args);
+    cmd
+}
+
+/// Runs the bench and expects it to fail; returns its stderr.
+fn bench_fails(d: &common::Driver, args: &[&str]) -> String {
+    let out = command(d, args).output().expect("run localvol-bench");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{args:?} succeeded: {stderr}");
+    stderr
+}
+
+fn bench(d: &common::Driver, args: &[&str]) -> Value {
+    bench_with_stderr(d, args).0
+}
+
+fn bench_with_stderr(d: &common::Driver, args: &[&str]) -> (Value, String) {
+    let out = command(d, args).output().expect("run localvol-bench");
     assert!(
         out.status.success(),
         "localvol-bench {args:?} failed: {}\n{}\ndriver log:\n{}",
@@ -26,12 +42,23 @@ fn bench(d: &common::Driver, args: &[&str]) -> Value {
         String::from_utf8_lossy(&out.stderr),
         d.log()
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+    let r = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
         panic!(
             "stdout is not one JSON object ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
-    })
+    });
+    (r, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// How many times the run made `step`.
+fn count(run: &Value, step: &str) -> u64 {
+    run["rpcs"]
+        .as_array()
+        .expect("rpcs array")
+        .iter()
+        .find(|r| r["rpc"] == step)
+        .map_or(0, |r| r["count"].as_u64().unwrap())
 }
 
 fn rpc_names(run: &Value) -> Vec<String> {
@@ -285,6 +312,280 @@ async fn no_controller_publish_skips_the_controller_publish_rpcs() {
     for rpc in ["CreateVolume", "NodePublishVolume", "DeleteVolume"] {
         assert!(names.iter().any(|n| n == rpc), "{rpc} missing: {names:?}");
     }
+    assert_clean(&d).await;
+}
+
+/// StorageClass parameters as external-provisioner passes them: no
+/// csi.storage.k8s.io/ key reaches CreateVolume, its fstype goes into the
+/// capability, secret references are left out with a note, and a class the
+/// provisioner would refuse is refused before anything is made.
+#[tokio::test]
+async fn storage_class_parameters_are_handled_as_the_provisioner_does() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let (r, stderr) = bench_with_stderr(
+        &d,
+        &[
+            "--param",
+            "type=loop",
+            "--param",
+            "csi.storage.k8s.io/fstype=ext4",
+            "--param",
+            "csi.storage.k8s.io/provisioner-secret-name=s",
+            "--param",
+            "csi.storage.k8s.io/node-stage-secret-namespace=ns",
+            "cycle",
+            "-n",
+            "1",
+        ],
+    );
+    assert_eq!(r["parameters"], serde_json::json!({"type": "loop"}));
+    assert_eq!(r["fs_type"], "ext4");
+    assert_eq!(r["cycles"], 1);
+    for key in [
+        "csi.storage.k8s.io/provisioner-secret-name",
+        "csi.storage.k8s.io/node-stage-secret-namespace",
+    ] {
+        assert!(stderr.contains(key), "no note of {key}: {stderr}");
+    }
+    // Passed on as a parameter, it would be one localvol keeps and never reads, and
+    // the volume would be ext4; in the capability, localvol refuses it.
+    let stderr = bench_fails(
+        &d,
+        &[
+            "--param",
+            "type=loop",
+            "--param",
+            "csi.storage.k8s.io/fstype=btrfs",
+            "cycle",
+            "-n",
+            "1",
+        ],
+    );
+    assert!(
+        stderr.contains("CreateVolume failed") && stderr.contains("\"btrfs\" is not supported"),
+        "{stderr}"
+    );
+    for (args, why) in [
+        (
+            &["--param", "csi.storage.k8s.io/pvc/name=p"][..],
+            "refuses unknown keys",
+        ),
+        (
+            &[
+                "--param",
+                "fsType=ext4",
+                "--param",
+                "csi.storage.k8s.io/fstype=ext4",
+            ][..],
+            "given twice",
+        ),
+        (
+            &[
+                "--fs-type",
+                "xfs",
+                "--param",
+                "csi.storage.k8s.io/fstype=ext4",
+            ][..],
+            "contradicts",
+        ),
+    ] {
+        let stderr = bench_fails(&d, &[args, &["cycle", "-n", "1"]].concat());
+        assert!(stderr.contains(why), "{args:?}: {stderr}");
+    }
+    assert_clean(&d).await;
+}
+
+/// `--fs-type` sets the mount capability's fs_type of every call.
+#[tokio::test]
+async fn fs_type_goes_into_the_mount_capability() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(
+        &d,
+        &[
+            "--param",
+            "type=loop",
+            "--fs-type",
+            "ext4",
+            "cycle",
+            "-n",
+            "2",
+        ],
+    );
+    assert_eq!(r["fs_type"], "ext4");
+    assert_eq!(r["cycles"], 2);
+    let stderr = bench_fails(
+        &d,
+        &[
+            "--param",
+            "type=loop",
+            "--fs-type",
+            "btrfs",
+            "cycle",
+            "-n",
+            "1",
+        ],
+    );
+    assert!(stderr.contains("\"btrfs\" is not supported"), "{stderr}");
+    assert_clean(&d).await;
+}
+
+/// A block cycle's pod writes and flushes 4 KiB on the published device, under
+/// the same step name as a filesystem cycle's.
+#[tokio::test]
+async fn block_cycles_write_to_the_device() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(&d, &["--param", "type=loop", "--block", "cycle", "-n", "2"]);
+    assert_eq!(r["access"], "block");
+    assert_eq!(count(&r, "write+fsync 4KiB"), 2, "{r}");
+    assert_eq!(count(&r, "NodePublishVolume"), 2);
+    assert_clean(&d).await;
+}
+
+/// Warmup cycles run and are undone like the others, but are in no figure.
+#[tokio::test]
+async fn warmup_cycles_are_in_no_figure() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(&d, &["--warmup", "3", "cycle", "-n", "2"]);
+    assert_eq!(r["cycles"], 2);
+    assert_eq!(r["warmup_cycles"], 3);
+    for step in ["CreateVolume", "write+fsync 4KiB", "DeleteVolume"] {
+        assert_eq!(count(&r, step), 2, "{step}: {r}");
+    }
+    assert_clean(&d).await;
+    let r = floor(&["--warmup", "2", "-n", "3"]);
+    assert_eq!(r["cycles"], 3);
+    assert_eq!(r["warmup_cycles"], 2);
+    assert!(r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["count"] == 3));
+}
+
+/// The bench as a child process that is killed if the test ends first.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts the bench, sends `signal` once a stderr line contains `when`, and
+/// returns its exit status and stderr.
+fn interrupt(
+    d: &common::Driver,
+    args: &[&str],
+    when: &str,
+    signal: nix::sys::signal::Signal,
+) -> (std::process::ExitStatus, String) {
+    use std::io::BufRead;
+    use std::time::{Duration, Instant};
+    let mut child = Running(
+        command(d, args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start localvol-bench"),
+    );
+    let stderr = child.0.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = String::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("no {when:?} on stderr: {seen}"));
+        seen += &format!("{line}\n");
+        if line.contains(when) {
+            break;
+        }
+    }
+    let pid = nix::unistd::Pid::from_raw(child.0.id() as i32);
+    nix::sys::signal::kill(pid, signal).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(status) = child.0.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still running after {signal}: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    // The reader ends with the child's stderr.
+    seen.extend(rx.iter().map(|l| format!("{l}\n")));
+    (status, seen)
+}
+
+/// Ctrl-C in a long run: no new cycle starts, the ones under way undo their steps,
+/// and the run says it was interrupted.
+#[tokio::test]
+async fn sigint_stops_cycles_and_leaves_nothing() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let (status, stderr) = interrupt(
+        &d,
+        &["cycle", "-n", "1000000", "-c", "2"],
+        "cycles:",
+        nix::sys::signal::Signal::SIGINT,
+    );
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted by SIGINT or SIGTERM"),
+        "{stderr}"
+    );
+    assert_clean(&d).await;
+}
+
+/// SIGTERM while `scale` fills the driver: the volumes made so far are deleted.
+#[tokio::test]
+async fn sigterm_during_a_fill_deletes_the_idle_volumes() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let (status, stderr) = interrupt(
+        &d,
+        &["scale", "--existing", "1000000", "-n", "2"],
+        "creating idle volumes:",
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("interrupted by SIGINT or SIGTERM"),
+        "{stderr}"
+    );
     assert_clean(&d).await;
 }
 

@@ -4,7 +4,6 @@
 #[path = "bench/mod.rs"]
 mod bench;
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -24,9 +23,19 @@ struct Cli {
     /// The driver's CSI socket.
     #[arg(long, global = true, default_value = "unix:///run/localvol/csi.sock")]
     endpoint: String,
-    /// A StorageClass parameter for CreateVolume (repeatable), e.g. type=loop.
+    /// A StorageClass parameter (repeatable), e.g. type=loop; handled as
+    /// external-provisioner does: csi.storage.k8s.io/fstype becomes the mount
+    /// capability's fs_type, no csi.storage.k8s.io/ key reaches CreateVolume.
     #[arg(long = "param", global = true, value_parser = parse_kv)]
     params: Vec<(String, String)>,
+    /// The mount capability's fs_type (default: none, the driver's choice); for
+    /// `floor --loop`, the filesystem made (default ext4).
+    #[arg(long, global = true)]
+    fs_type: Option<String>,
+    /// Cycles run before measuring, in no figure: a first cycle's costs
+    /// (connections, caches, the driver's threads) are not its pace.
+    #[arg(long, global = true, default_value_t = 0)]
+    warmup: usize,
     /// Volume size in bytes.
     #[arg(long, global = true, default_value_t = 64 << 20)]
     size: i64,
@@ -109,13 +118,10 @@ enum Command {
     Floor {
         #[arg(short = 'n', default_value_t = 1000)]
         n: usize,
-        /// Loop volumes of --size bytes: attach, probe, mkfs and mount instead of a
-        /// bind mount.
+        /// Loop volumes of --size bytes (with --fs-type, default ext4): attach,
+        /// probe, mkfs and mount instead of a bind mount.
         #[arg(long = "loop")]
         loop_volumes: bool,
-        /// Filesystem made on loop volumes.
-        #[arg(long, default_value = "ext4")]
-        fs_type: String,
     },
 }
 
@@ -194,32 +200,34 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             }
         }
     };
-    if let Command::Floor {
-        n,
-        loop_volumes,
-        fs_type,
-    } = cli.command
-    {
+    if let Command::Floor { n, loop_volumes } = cli.command {
         let kind = if loop_volumes {
             bench::floor::Kind::Loop {
                 size: cli.size as u64,
-                fs_type,
+                fs_type: cli.fs_type.unwrap_or_else(|| "ext4".into()),
             }
         } else {
             bench::floor::Kind::Dir
         };
-        return floor(&work.path, n, kind, cli.json).await;
+        return floor(&work.path, cli.warmup, n, kind, cli.json).await;
     }
-    let params: HashMap<String, String> = cli.params.iter().cloned().collect();
-    let mut session = Session::open(
-        &cli.endpoint,
-        params.clone(),
-        cli.size,
-        cli.block,
-        work.path.clone(),
-    )
-    .await?;
+    let sc = bench::csi::storage_class(&cli.params, cli.fs_type.as_deref())
+        .map_err(BenchError::Usage)?;
+    if !sc.dropped.is_empty() {
+        eprintln!(
+            "localvol-bench: not passed on: {} (secret references, which the provisioner \
+             resolves to Secrets; the bench sends no secrets)",
+            sc.dropped.join(", ")
+        );
+    }
+    let mut session =
+        Session::open(&cli.endpoint, sc, cli.size, cli.block, work.path.clone()).await?;
     session.controller_publish = session.info.controller_publish && !cli.no_controller_publish;
+    // Installed once connected, so a driver that never answers can still be left
+    // with Ctrl-C before anything was made.
+    let (stop, _watch) = bench::Stop::on_signals(bench::UNDOING)?;
+    session.stop = stop;
+    let params = session.params.clone();
     // Names unique per run, so runs against the same driver never collide.
     let prefix = format!(
         "bench-{}-{}",
@@ -235,30 +243,45 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         "endpoint": cli.endpoint,
         "access": if cli.block { "block" } else { "mount" },
         "parameters": params,
+        "fs_type": session.fs_type,
+        "warmup_cycles": cli.warmup,
         "size_bytes": cli.size,
         "controller_publish": session.controller_publish,
         "controller_publish_advertised": info.controller_publish,
         "node_stage": info.node_stage,
     });
     let header = format!(
-        "driver {} {} on node {}, {} volumes of {} bytes, parameters {:?}\nControllerPublish: {}",
+        "driver {} {} on node {}, {} volumes of {} bytes, parameters {:?}{}{}\nControllerPublish: {}",
         info.name,
         info.version,
         info.node_id,
         if cli.block { "block" } else { "mount" },
         cli.size,
         params,
+        match session.fs_type.as_str() {
+            "" => String::new(),
+            fs => format!(", fs_type {fs}"),
+        },
+        match cli.warmup {
+            0 => String::new(),
+            w => format!(", after {w} warmup cycles"),
+        },
         match (session.controller_publish, info.controller_publish) {
             (true, _) => "yes (advertised)",
             (false, true) => "no (advertised, skipped by --no-controller-publish)",
             (false, false) => "no (not advertised)",
         }
     );
+    let in_flight = match cli.command {
+        Command::Cycle { c, .. } | Command::Scale { c, .. } => c,
+        _ => 1,
+    };
+    bench::warm_up(&session, cli.warmup, in_flight, &prefix).await?;
     let mut table = String::new();
     match cli.command {
         Command::Cycle { n, c } => {
             out["command"] = json!("cycle");
-            let r = bench::run_cycles(&session, n, c, &prefix).await?;
+            let r = bench::run_cycles(&session, n, c, &prefix, "cycles").await?;
             table += &format!(
                 "{n} cycles, {} in flight, in {:.2} s: {:.1} cycles/s\n",
                 r.concurrency,
@@ -400,6 +423,7 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
 /// The floor run: no driver, so none of the driver's header or memory.
 async fn floor(
     dir: &std::path::Path,
+    warmup: usize,
     n: usize,
     kind: bench::floor::Kind,
     as_json: bool,
@@ -411,21 +435,11 @@ async fn floor(
     };
     // The floor's mounts and loop devices are the bench's own: an interrupted run
     // must undo them, so Ctrl-C or SIGTERM ends it after the cycle under way.
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let stopper = stop.clone();
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| bench::csi::io_err(std::path::Path::new("SIGTERM"), e))?;
-    let watch = tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!("localvol-bench: stopping after the cycle under way");
-        stopper.store(true, std::sync::atomic::Ordering::Relaxed);
-    });
+    let (stop, watch) = bench::Stop::on_signals("stopping after the cycle under way")?;
     let timings =
-        tokio::task::spawn_blocking(move || bench::floor::measure(&dir, n, &kind, &stop)).await;
-    watch.abort();
+        tokio::task::spawn_blocking(move || bench::floor::measure(&dir, warmup, n, &kind, &stop))
+            .await;
+    drop(watch);
     let timings = timings??;
     let n = timings
         .summaries()
@@ -446,6 +460,7 @@ async fn floor(
             "command": "floor",
             "volume": what,
             "cycles": n,
+            "warmup_cycles": warmup,
             "mkfs_share_of_floor": mkfs.map(|m| m / (floor.as_secs_f64() * 1000.0)),
             "floor_ms": floor.as_secs_f64() * 1000.0,
             "floor_cycles_per_second": per_second,

@@ -19,7 +19,7 @@ use localvol::proto::volume_capability::{
 use localvol::proto::*;
 
 use super::stats::Timings;
-use super::BenchError;
+use super::{BenchError, Stop};
 
 /// Connects to `unix:///path` (or a bare path).
 pub async fn connect(endpoint: &str) -> Result<Direct, BenchError> {
@@ -53,12 +53,101 @@ pub struct Session {
     pub node: NodeClient<Direct>,
     pub info: DriverInfo,
     pub params: HashMap<String, String>,
+    /// The mount capability's fs_type ("" = the driver's default).
+    pub fs_type: String,
     pub size: i64,
     pub block: bool,
     pub work_dir: PathBuf,
     /// Whether pods go through ControllerPublish/Unpublish: advertised and not
     /// skipped by the user.
     pub controller_publish: bool,
+    /// Set by a signal: steps not yet begun are not begun.
+    pub stop: Stop,
+}
+
+/// What external-provisioner makes of a StorageClass's parameters.
+#[derive(Debug, PartialEq)]
+pub struct StorageClass {
+    /// What CreateVolume gets: every key outside `csi.storage.k8s.io/`.
+    pub parameters: HashMap<String, String>,
+    /// The mount capability's fs_type, in every call that carries a capability.
+    pub fs_type: String,
+    /// Secret references: the provisioner resolves them to the `secrets` fields of
+    /// later calls; the bench has no Secrets to read, so they are left out.
+    pub dropped: Vec<String>,
+}
+
+/// Keys the provisioner keeps for itself.
+pub const K8S_PREFIX: &str = "csi.storage.k8s.io/";
+
+/// Whose secret a `csi.storage.k8s.io/<whose>secret-name` (or `-namespace`) key names.
+const SECRET_USERS: [&str; 7] = [
+    "",
+    "provisioner-",
+    "controller-publish-",
+    "node-stage-",
+    "node-publish-",
+    "controller-expand-",
+    "node-expand-",
+];
+
+/// The parameters as external-provisioner passes them on: the keys under
+/// `csi.storage.k8s.io/` never reach CreateVolume; `fstype` there (or a key
+/// spelled `fstype` in any case, deprecated but still read, and still passed on)
+/// becomes the capability's fs_type; `--fs-type` (`flag`) sets it directly. A
+/// prefixed key the provisioner does not know makes it refuse the class, and so
+/// does an fs type given twice; so does the bench.
+pub fn storage_class(
+    params: &[(String, String)],
+    flag: Option<&str>,
+) -> Result<StorageClass, String> {
+    let mut sc = StorageClass {
+        parameters: HashMap::new(),
+        fs_type: String::new(),
+        dropped: Vec::new(),
+    };
+    let mut fs_keys = 0;
+    for (k, v) in params {
+        let ours = k.strip_prefix(K8S_PREFIX);
+        if k.eq_ignore_ascii_case("fstype") || ours == Some("fstype") {
+            fs_keys += 1;
+            sc.fs_type = v.clone();
+        }
+        match ours {
+            None => {
+                sc.parameters.insert(k.clone(), v.clone());
+            }
+            Some("fstype") => {}
+            Some(rest)
+                if ["secret-name", "secret-namespace"].iter().any(|end| {
+                    rest.strip_suffix(end)
+                        .is_some_and(|user| SECRET_USERS.contains(&user))
+                }) =>
+            {
+                sc.dropped.push(k.clone())
+            }
+            Some(_) => {
+                return Err(format!(
+                    "parameter {k:?}: external-provisioner refuses unknown keys under {K8S_PREFIX}"
+                ))
+            }
+        }
+    }
+    if fs_keys > 1 {
+        return Err(format!(
+            "the fs type is given twice (fstype and {K8S_PREFIX}fstype); external-provisioner refuses that"
+        ));
+    }
+    if let Some(f) = flag {
+        if !sc.fs_type.is_empty() && sc.fs_type != f {
+            return Err(format!(
+                "--fs-type {f} contradicts the parameters' fs type {}",
+                sc.fs_type
+            ));
+        }
+        sc.fs_type = f.to_string();
+    }
+    Ok(sc)
 }
 
 fn rpc_err(rpc: &'static str, s: tonic::Status) -> BenchError {
@@ -92,7 +181,7 @@ macro_rules! timed {
 impl Session {
     pub async fn open(
         endpoint: &str,
-        params: HashMap<String, String>,
+        sc: StorageClass,
         size: i64,
         block: bool,
         work_dir: PathBuf,
@@ -150,10 +239,12 @@ impl Session {
             node,
             controller_publish: info.controller_publish,
             info,
-            params,
+            params: sc.parameters,
+            fs_type: sc.fs_type,
             size,
             block,
             work_dir,
+            stop: Stop::default(),
         })
     }
 
@@ -162,7 +253,10 @@ impl Session {
             access_type: Some(if self.block {
                 AccessType::Block(BlockVolume {})
             } else {
-                AccessType::Mount(MountVolume::default())
+                AccessType::Mount(MountVolume {
+                    fs_type: self.fs_type.clone(),
+                    ..Default::default()
+                })
             }),
             access_mode: Some(AccessMode {
                 mode: Mode::SingleNodeWriter as i32,
@@ -233,11 +327,12 @@ impl Pod {
     }
 
     /// ControllerPublish (if advertised and not skipped), NodeStage (if
-    /// advertised), NodePublish.
+    /// advertised), NodePublish; a signal stops it between them (`down` undoes).
     pub async fn up(&mut self, s: &mut Session, t: &mut Timings) -> Result<(), BenchError> {
         let cap = s.capability();
         let id = self.volume.volume_id.clone();
         if s.controller_publish {
+            s.stop.check()?;
             let req = ControllerPublishVolumeRequest {
                 volume_id: id.clone(),
                 node_id: s.info.node_id.clone(),
@@ -258,6 +353,7 @@ impl Pod {
             self.publish_context = r.publish_context;
         }
         if s.info.node_stage {
+            s.stop.check()?;
             // Kubelet creates the staging directory; the driver only mounts on it.
             std::fs::create_dir_all(&self.staging).map_err(|e| io_err(&self.staging, e))?;
             let req = NodeStageVolumeRequest {
@@ -271,6 +367,7 @@ impl Pod {
             self.staged = true;
             timed!(t, "NodeStageVolume", s.node.node_stage_volume(req))?;
         }
+        s.stop.check()?;
         // Kubelet creates only the parent of the target; the driver makes the target.
         let parent = self.target.parent().expect("target has a parent");
         std::fs::create_dir_all(parent).map_err(|e| io_err(parent, e))?;
@@ -372,27 +469,34 @@ pub fn write_and_fsync(target: &Path) -> Result<(), BenchError> {
     f.sync_all().map_err(|e| io_err(&path, e))
 }
 
-/// One full pod lifecycle; on failure, undoes what was done and deletes the volume.
+/// One full pod lifecycle; on failure or a signal, undoes what was done and
+/// deletes the volume.
 pub async fn cycle(s: &mut Session, t: &mut Timings, name: &str) -> Result<(), BenchError> {
     let volume = s.create(t, name, None).await?;
     let mut pod = Pod::new(s, volume, name);
-    let mut result = pod.up(s, t).await;
-    if result.is_ok() && !s.block {
+    let mut result = pod.up(s, t).await.and_then(|()| s.stop.check());
+    if result.is_ok() {
         // On the blocking pool: a pod's fsync is another process's; it must not
         // hold up the calls of the other cycles in flight, as a kubelet's are not.
         let start = Instant::now();
-        let target = pod.target.clone();
-        result = tokio::task::spawn_blocking(move || write_and_fsync(&target))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let (target, block) = (pod.target.clone(), s.block);
+        result = tokio::task::spawn_blocking(move || {
+            if block {
+                super::io::write_and_fsync_device(&target)
+            } else {
+                write_and_fsync(&target)
+            }
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
         t.record("write+fsync 4KiB", start.elapsed());
     }
     let down = pod.down(s, t).await;
-    let result = result.and(down);
+    let result = BenchError::and_undo(result, down);
     if pod.published || pod.staged || pod.controller_published {
         // Deleting a volume still in use would fail anyway; leave it for the user.
         return result;
     }
     let del = s.delete(t, &pod.volume.volume_id.clone()).await;
-    result.and(del)
+    BenchError::and_undo(result, del)
 }

@@ -7,7 +7,6 @@
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use localvol::backend::loopfile;
@@ -19,7 +18,7 @@ use localvol::store::sync_dir;
 
 use super::csi::{io_err, write_and_fsync};
 use super::stats::Timings;
-use super::BenchError;
+use super::{BenchError, Stop};
 
 /// What a driver may leave to a background thread: reported, not counted in the
 /// floor.
@@ -91,13 +90,15 @@ fn lib_err(path: &Path, e: localvol::error::Error) -> BenchError {
 }
 
 /// Times `n` floor cycles in `dir` (on the filesystem to judge: the driver's
-/// root), one at a time, or fewer if `stop` is set: the run then ends after the
-/// cycle under way, with its mounts and devices undone. Needs the right to mount.
+/// root), one at a time, after `warmup` untimed ones, or fewer if `stop` is set:
+/// the run then ends after the cycle under way, with its mounts and devices
+/// undone. Needs the right to mount.
 pub fn measure(
     dir: &Path,
+    warmup: usize,
     n: usize,
     kind: &Kind,
-    stop: &AtomicBool,
+    stop: &Stop,
 ) -> Result<Timings, BenchError> {
     let base = dir.join(format!("floor-{}", std::process::id()));
     let made = Made(base.clone());
@@ -122,12 +123,13 @@ pub fn measure(
     // Stage binds clone from a private copy of the volumes' mount, as localvol's
     // do, where the kernel can: the cheapest bind there is (see mount::Detached).
     let volumes = Detached::of(&base.join("volumes")).ok();
-    let mut t = Timings::default();
-    for i in 0..n {
-        if stop.load(Ordering::Relaxed) {
+    let (mut t, mut untimed) = (Timings::default(), Timings::default());
+    for i in 0..warmup + n {
+        if stop.is_set() {
             break;
         }
-        one(&base, volumes.as_ref(), &records, i, kind, &mut t)?;
+        let t = if i < warmup { &mut untimed } else { &mut t };
+        one(&base, volumes.as_ref(), &records, i, kind, t)?;
     }
     drop(made);
     Ok(t)

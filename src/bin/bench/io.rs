@@ -131,6 +131,15 @@ pub fn fill(path: &Path, mib: usize) -> Result<(), BenchError> {
     f.sync_all().map_err(|e| io_err(path, e))
 }
 
+/// A pod's 4 KiB made durable on a block volume: written at offset 0 of the
+/// device, past the page cache (O_DIRECT), and flushed.
+pub fn write_and_fsync_device(device: &Path) -> Result<(), BenchError> {
+    let f = open(device, true, true)?;
+    f.write_all_at(Aligned::new(SMALL, 3).get(), 0)
+        .and_then(|()| f.sync_all())
+        .map_err(|e| io_err(device, e))
+}
+
 fn rate(bytes: usize, d: Duration) -> f64 {
     bytes as f64 / MIB as f64 / d.as_secs_f64()
 }

@@ -36,7 +36,85 @@ pub enum BenchError {
     },
     #[error("worker task failed: {0}")]
     Join(#[from] tokio::task::JoinError),
+    #[error("{0}")]
+    Usage(String),
+    #[error("interrupted by SIGINT or SIGTERM; the steps under way finished and what the run made is undone")]
+    Interrupted,
 }
+
+impl BenchError {
+    /// `first`'s error, unless it is only the interruption and undoing failed:
+    /// then the failure, which says what was left behind.
+    pub fn and_undo<T>(
+        first: Result<T, BenchError>,
+        undo: Result<(), BenchError>,
+    ) -> Result<T, BenchError> {
+        match (first, undo) {
+            (Err(BenchError::Interrupted), Err(e)) => Err(e),
+            (first, undo) => first.and_then(|v| undo.map(|()| v)),
+        }
+    }
+}
+
+/// Set by the first SIGINT (Ctrl-C) or SIGTERM: no new step starts, steps under
+/// way finish, and what the run made is undone, as when a step fails. The bench's
+/// volumes, mounts and loop devices are not the driver's to clean up after it. A
+/// second signal exits at once, leaving whatever is still up.
+#[derive(Clone, Default)]
+pub struct Stop(Arc<AtomicBool>);
+
+/// Keeps the signal handler's task until dropped.
+pub struct Watch(tokio::task::JoinHandle<()>);
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+impl Stop {
+    /// A flag the signals set; `what` says on stderr what happens next.
+    pub fn on_signals(what: &'static str) -> Result<(Stop, Watch), BenchError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let err = |e| csi::io_err(std::path::Path::new("signal handler"), e);
+        let mut int = signal(SignalKind::interrupt()).map_err(err)?;
+        let mut term = signal(SignalKind::terminate()).map_err(err)?;
+        let stop = Stop::default();
+        let flag = stop.0.clone();
+        let handle = tokio::spawn(async move {
+            for second in [false, true] {
+                tokio::select! {
+                    _ = int.recv() => {}
+                    _ = term.recv() => {}
+                }
+                if second {
+                    eprintln!("localvol-bench: second signal: exiting now; volumes, mounts or devices may be left");
+                    std::process::exit(130);
+                }
+                eprintln!("localvol-bench: {what} (a second signal exits at once)");
+                flag.store(true, Ordering::Relaxed);
+            }
+        });
+        Ok((stop, Watch(handle)))
+    }
+
+    pub fn is_set(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// `Interrupted` once set: called before each step that would make something.
+    pub fn check(&self) -> Result<(), BenchError> {
+        if self.is_set() {
+            Err(BenchError::Interrupted)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// What a run against a driver says when a signal stops it.
+pub const UNDOING: &str =
+    "interrupted: starting nothing new; undoing what the run made once the steps under way finish";
 
 /// Prints `label: done/total (rate/s)` to stderr every second until dropped, so
 /// short runs stay quiet and long ones show they are alive.
@@ -125,32 +203,37 @@ pub fn rpcs_table(t: &Timings) -> String {
     out
 }
 
-/// Runs `n` full cycles, `c` at a time; stops at the first failure (after the
-/// failed cycle has undone its own steps) and returns it.
+/// Runs `n` full cycles, `c` at a time; stops at the first failure or at a signal
+/// (after the cycles under way have undone their own steps) and returns it.
 pub async fn run_cycles(
     s: &Session,
     n: usize,
     c: usize,
     prefix: &str,
+    label: &str,
 ) -> Result<CycleRun, BenchError> {
     let next = Arc::new(AtomicUsize::new(0));
     let done = Arc::new(AtomicUsize::new(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let _progress = Progress::start("cycles".to_string(), n, done.clone());
+    let failed = Arc::new(AtomicBool::new(false));
+    let _progress = Progress::start(label.to_string(), n, done.clone());
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..c.max(1) {
-        let (mut s, next, done, stop) = (s.clone(), next.clone(), done.clone(), stop.clone());
+        let (mut s, next, done, failed) = (s.clone(), next.clone(), done.clone(), failed.clone());
         let prefix = prefix.to_string();
         workers.push(tokio::spawn(async move {
             let mut t = Timings::default();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n || stop.load(Ordering::Relaxed) {
+                if i >= n || failed.load(Ordering::Relaxed) {
                     return (t, Ok(()));
                 }
-                if let Err(e) = csi::cycle(&mut s, &mut t, &format!("{prefix}-{i}")).await {
-                    stop.store(true, Ordering::Relaxed);
+                let r = match s.stop.check() {
+                    Ok(()) => csi::cycle(&mut s, &mut t, &format!("{prefix}-{i}")).await,
+                    Err(e) => Err(e),
+                };
+                if let Err(e) = r {
+                    failed.store(true, Ordering::Relaxed);
                     return (t, Err(e));
                 }
                 done.fetch_add(1, Ordering::Relaxed);
@@ -162,8 +245,12 @@ pub async fn run_cycles(
     for w in workers {
         let (t, r) = w.await?;
         timings.merge(t);
-        if let Err(e) = r {
-            first_err.get_or_insert(e);
+        match r {
+            // A failure says more than the interruption other workers stopped at.
+            Err(e) if matches!(first_err, None | Some(BenchError::Interrupted)) => {
+                first_err = Some(e)
+            }
+            _ => {}
         }
     }
     let seconds = start.elapsed().as_secs_f64();
@@ -178,14 +265,26 @@ pub async fn run_cycles(
     }
 }
 
+/// `n` cycles before a measurement, with its concurrency, whose figures are
+/// dropped: what a first cycle pays alone (connections, caches, a pool's threads)
+/// is not the driver's steady pace.
+pub async fn warm_up(s: &Session, n: usize, c: usize, prefix: &str) -> Result<(), BenchError> {
+    if n > 0 {
+        run_cycles(s, n, c, &format!("{prefix}-warmup"), "warmup cycles").await?;
+    }
+    Ok(())
+}
+
 /// Applies `op` to every item, `c` at a time, with progress; returns the
 /// successes, timings and the first error (the rest still run, so a fill that
-/// fails part way can still be deleted).
+/// fails part way can still be deleted). With `stop`, a signal ends it before the
+/// next item (an undo is run without, to its end).
 pub async fn for_each<T, R, F, Fut>(
     s: &Session,
     items: Vec<T>,
     c: usize,
     label: &str,
+    stop: Option<Stop>,
     op: F,
 ) -> (Vec<R>, Timings, Option<BenchError>)
 where
@@ -202,6 +301,7 @@ where
     let mut workers = Vec::new();
     for _ in 0..c.max(1) {
         let (mut s, queue, done, op) = (s.clone(), queue.clone(), done.clone(), op.clone());
+        let stop = stop.clone();
         workers.push(tokio::spawn(async move {
             let mut t = Timings::default();
             let mut ok = Vec::new();
@@ -209,6 +309,10 @@ where
             loop {
                 let item = queue.lock().expect("queue lock").next();
                 let Some(item) = item else { break };
+                if let Some(Err(e)) = stop.as_ref().map(Stop::check) {
+                    err.get_or_insert(e);
+                    break;
+                }
                 let (s2, t2, r) = op(s, t, item).await;
                 (s, t) = (s2, t2);
                 match r {
@@ -253,7 +357,7 @@ pub async fn scale(
     prefix: &str,
 ) -> Result<Value, BenchError> {
     let settle_empty = settle().await;
-    let empty = run_cycles(s, n, c, &format!("{prefix}-empty")).await?;
+    let empty = run_cycles(s, n, c, &format!("{prefix}-empty"), "cycles").await?;
     let names: Vec<String> = (0..m).map(|i| format!("{prefix}-idle-{i}")).collect();
     let start = Instant::now();
     let (volumes, fill_t, mut first_err) = for_each(
@@ -261,6 +365,7 @@ pub async fn scale(
         names,
         fill_c,
         "creating idle volumes",
+        Some(s.stop.clone()),
         |mut s, mut t, name| async move {
             let r = s.create(&mut t, &name, None).await.map(|v| (name, v));
             (s, t, r)
@@ -280,6 +385,7 @@ pub async fn scale(
             volumes,
             fill_c,
             "publishing idle volumes",
+            Some(s.stop.clone()),
             |mut s, mut t, (name, volume)| async move {
                 let mut pod = csi::Pod::new(&s, volume, &name);
                 let r = match pod.up(&mut s, &mut t).await {
@@ -316,7 +422,7 @@ pub async fn scale(
         Some(e) => Err(e),
         None => {
             settle_full = settle().await;
-            run_cycles(s, n, c, &format!("{prefix}-full")).await
+            run_cycles(s, n, c, &format!("{prefix}-full"), "cycles").await
         }
     };
 
@@ -334,6 +440,7 @@ pub async fn scale(
             pods,
             fill_c,
             "unpublishing idle volumes",
+            None,
             |mut s, mut t, mut pod| async move {
                 let r = pod
                     .down(&mut s, &mut t)
@@ -363,6 +470,7 @@ pub async fn scale(
         to_delete,
         fill_c,
         "deleting idle volumes",
+        None,
         |mut s, mut t, id| async move {
             let r = s.delete(&mut t, &id).await;
             (s, t, r)
@@ -376,10 +484,11 @@ pub async fn scale(
             stuck.len()
         );
     }
-    let full = full?;
-    if let Some(e) = unpublish_err.or(del_err) {
-        return Err(e);
-    }
+    let undone = match unpublish_err.or(del_err) {
+        Some(e) => Err(e),
+        None => Ok(()),
+    };
+    let full = BenchError::and_undo(full, undone)?;
     Ok(json!({
         "existing": m,
         "published": published,
@@ -423,6 +532,7 @@ pub async fn snapshot(s: &Session, mib: usize, prefix: &str) -> Result<Value, Be
     s.size = s.size.max(((mib as i64) << 20) * 5 / 4 + (16 << 20));
     let mut t = Timings::default();
     let name = format!("{prefix}-snapsrc");
+    s.stop.check()?;
     let vol = s.create(&mut t, &name, None).await?;
     let mut pod = csi::Pod::new(&s, vol, &name);
     let mut restored = None;
@@ -435,6 +545,7 @@ pub async fn snapshot(s: &Session, mib: usize, prefix: &str) -> Result<Value, Be
         } else {
             pod.target.join("localvol-bench-snapshot.dat")
         };
+        s.stop.check()?;
         let write_start = Instant::now();
         let d = data.clone();
         tokio::task::spawn_blocking(move || io::fill(&d, mib)).await??;
@@ -450,6 +561,7 @@ pub async fn snapshot(s: &Session, mib: usize, prefix: &str) -> Result<Value, Be
         let start = Instant::now();
         let mut first = true;
         let snap = loop {
+            s.stop.check()?;
             let asked = Instant::now();
             let r = s
                 .controller
@@ -486,6 +598,7 @@ pub async fn snapshot(s: &Session, mib: usize, prefix: &str) -> Result<Value, Be
         };
         figures["snapshot_ready_seconds"] = json!(start.elapsed().as_secs_f64());
 
+        s.stop.check()?;
         let start = Instant::now();
         let source = VolumeContentSource {
             r#type: Some(volume_content_source::Type::Snapshot(
@@ -528,8 +641,7 @@ pub async fn snapshot(s: &Session, mib: usize, prefix: &str) -> Result<Value, Be
     let start = Instant::now();
     cleanup = cleanup.and(s.delete(&mut t, &id).await);
     figures["delete_volume_seconds"] = json!(start.elapsed().as_secs_f64());
-    result?;
-    cleanup?;
+    BenchError::and_undo(result, cleanup)?;
     figures["mib"] = json!(mib);
     figures["rpcs"] = rpcs_json(&t);
     Ok(figures)
@@ -545,6 +657,7 @@ pub async fn io(
     let mut s = s.clone();
     let mut t = Timings::default();
     let name = format!("{prefix}-io");
+    s.stop.check()?;
     let vol = s.create(&mut t, &name, None).await?;
     let mut pod = csi::Pod::new(&s, vol, &name);
     let result: Result<(Vec<io::IoFigures>, Vec<io::IoFigures>), BenchError> = async {
@@ -556,12 +669,14 @@ pub async fn io(
         };
         let plain = compare_dir.join(format!("{prefix}-io.dat"));
         let o = opts.clone();
+        let stop = s.stop.clone();
         let (vol, plain) = tokio::task::spawn_blocking(move || {
             let (mut v, mut p) = (vec![], vec![]);
             let measured = (|| {
                 for round in 0..o.rounds.max(1) {
                     // Alternate who goes first, so a drift of the disk evens out.
                     for volume_turn in [round % 2 == 0, round % 2 == 1] {
+                        stop.check()?;
                         if volume_turn {
                             eprintln!(
                                 "io round {}: inside the volume ({})",
@@ -588,8 +703,7 @@ pub async fn io(
     let mut cleanup = pod.down(&mut s, &mut t).await;
     let id = pod.volume.volume_id.clone();
     cleanup = cleanup.and(s.delete(&mut t, &id).await);
-    let (vols, plains) = result?;
-    cleanup?;
+    let (vols, plains) = BenchError::and_undo(result, cleanup)?;
     let (vol, plain) = (io::IoFigures::median(&vols), io::IoFigures::median(&plains));
     let per_round: Vec<Value> = vols.iter().zip(&plains).map(|(v, p)| v.ratio(p)).collect();
     Ok(json!({
