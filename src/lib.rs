@@ -33,6 +33,7 @@ pub mod metrics;
 pub mod mount;
 pub mod params;
 pub mod programs;
+pub mod promises;
 pub mod publish;
 pub mod rootlock;
 pub mod server;

@@ -94,6 +94,7 @@ struct RootGauges {
     used_complete: Gauge,
     root_capacity: Gauge,
     root_free: Gauge,
+    root_promised: Gauge,
     loops: Gauge,
     in_flight: Gauge,
     trash: Gauge,
@@ -179,6 +180,12 @@ impl Metrics {
             Unit::Bytes,
             root.root_free.clone(),
         );
+        registry.register_with_unit(
+            "root_promised",
+            "Bytes the root's volumes may still write (sparse loop files, limited directories); GetCapacity is root_free less this",
+            Unit::Bytes,
+            root.root_promised.clone(),
+        );
         registry.register(
             "loop_devices_attached",
             "Loop devices whose backing file is under the driver root",
@@ -245,6 +252,7 @@ impl Metrics {
             g.root_capacity.set(gauge_i64(u.total_bytes));
             g.root_free.set(gauge_i64(u.available_bytes));
         }
+        g.root_promised.set(gauge_i64(d.promises.total()));
         g.loops
             .set(inspect::loop_devices_under(&d.layout.root).len() as i64);
         g.in_flight.set(crate::csi::in_flight() as i64);

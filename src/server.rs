@@ -92,6 +92,7 @@ pub async fn serve(
     .map_err(|e| e.to_string())?
     .map_err(|e| format!("cannot open driver root {}: {e}", root.display()))?;
     let driver = Arc::new(driver);
+    crate::promises::remeasure_in_background(Arc::downgrade(&driver));
     for id in unfinished {
         crate::snapshots::finish_in_background(&driver, id);
     }

@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::access::{self, Capability, Offer};
 use crate::backend::trash::Trash;
-use crate::backend::{dir, loopfile, DirLimits, Layout};
+use crate::backend::{btrfs, dir, loopfile, DirLimits, Layout};
 use crate::error::{Error, Result};
 use crate::faults;
 use crate::ids::{self, Kind};
@@ -115,6 +115,8 @@ pub struct Driver {
     /// A private copy of the mount of volumes/, which directory volumes are
     /// staged from; None where the kernel cannot clone from one.
     pub volumes_mount: Option<mount::Detached>,
+    /// Room this root's volumes may still take (GetCapacity subtracts it).
+    pub promises: crate::promises::Promises,
     /// This driver alone serves the root while it runs.
     _root_lock: crate::rootlock::RootLock,
 }
@@ -209,11 +211,13 @@ impl Driver {
             dir_limits,
             trash,
             volumes_mount,
+            promises: Default::default(),
             _root_lock: root_lock,
         };
         driver.remove_leftovers()?;
         driver.reapply_limits();
         driver.report_found();
+        driver.measure_promises();
         Ok(driver)
     }
 
@@ -520,8 +524,20 @@ impl Driver {
             attachments: BTreeMap::new(),
             formatting: false,
         };
-        let data = self.data_path(&rec);
-        self.make_data(&rec, source.as_ref())?;
+        let made = self.make_recorded(&rec, source.as_ref());
+        if made.is_err() {
+            self.promises.forget(&rec.id);
+        }
+        made?;
+        self.promises.set(&rec.id, self.promise_of(&rec));
+        tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
+        Ok(rec)
+    }
+
+    /// Makes a new volume's data and then its record, both durable.
+    fn make_recorded(&self, rec: &VolumeRecord, source: Option<&Source>) -> Result<()> {
+        let data = self.data_path(rec);
+        self.make_data(rec, source)?;
         faults::point("create.after_data");
         // The data's directory entry is synced while the record is written: the
         // disk flushes overlap. Either may reach the disk first; a record found
@@ -537,12 +553,11 @@ impl Driver {
                 }
                 crate::store::sync_dir(data.parent().expect("volume paths have a parent"))
             },
-            || self.store.put_new_volume(&rec),
+            || self.store.put_new_volume(rec),
         );
         recorded.and(data_synced)?;
         faults::point("create.after_record");
-        tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
-        Ok(rec)
+        Ok(())
     }
 
     /// Makes a new volume's data: empty, or filled from its content source. On
@@ -552,6 +567,7 @@ impl Driver {
         let data = self.data_path(rec);
         let p = params::parse(&rec.parameters)?;
         let make = || {
+            self.reserve_room(rec, rec.capacity_bytes)?;
             let made = match (source, rec.volume_type) {
                 (Some(s), _) => self.fill_from(rec, s),
                 (None, VolumeType::Dir) => {
@@ -822,6 +838,7 @@ impl Driver {
             faults::point("delete.after_record");
         } else {
             self.store.remove_volume(&rec)?;
+            self.promises.forget(&rec.id);
             faults::point("delete.after_record");
             self.trash.discard(&data)?;
         }
@@ -941,14 +958,27 @@ impl Driver {
         }
         let wanted = choose_capacity(required, limit)?;
         self.check_fits(wanted, rec.shared)?;
+        let more = wanted - rec.capacity_bytes;
+        self.with_room(id, || self.reserve_room(&rec, self.promise_of(&rec) + more))?;
+        let grown = self.grow_data(&mut rec, wanted);
+        // The promise as it is now: grown, or as before.
+        self.promises.set(&rec.id, self.promise_of(&rec));
+        grown?;
+        tracing::info!(volume = %id, bytes = wanted, "volume expanded");
+        Ok(rec)
+    }
+
+    /// Grows a volume's data (its limit, its backing file) and then its record.
+    fn grow_data(&self, rec: &mut VolumeRecord, wanted: u64) -> Result<()> {
+        let id = rec.id.clone();
         let p = params::parse(&rec.parameters)?;
-        let data = self.data_path(&rec);
+        let data = self.data_path(rec);
         match rec.volume_type {
             // A power cut can take back a limit set now (limits are in no fsync);
             // start-up sets it again from the record.
             VolumeType::Dir => dir::set_size(&data, wanted, self.limits(rec.shared))?,
             VolumeType::Loop => {
-                self.with_room(id, || loopfile::grow(&data, wanted, p.allocation))?;
+                self.with_room(&id, || loopfile::grow(&data, wanted, p.allocation))?;
                 faults::point("expand.after_grow");
                 // Attached here: let the device see the new size now.
                 if let Some(d) = loopdev::find(&data) {
@@ -956,10 +986,11 @@ impl Driver {
                 }
             }
         }
-        rec.capacity_bytes = wanted;
-        self.store.put_volume(&rec)?;
-        tracing::info!(volume = %id, bytes = wanted, "volume expanded");
-        Ok(rec)
+        let mut grown = rec.clone();
+        grown.capacity_bytes = wanted;
+        self.store.put_volume(&grown)?;
+        *rec = grown;
+        Ok(())
     }
 
     /// Every mount on this node that shows the volume's data.
@@ -1101,7 +1132,82 @@ impl Driver {
             return Ok(0);
         }
         let base = self.layout.volumes_dir(p.shared);
-        Ok(mount::usage(&base)?.available_bytes)
+        let free = mount::usage(&base)?.available_bytes;
+        if p.shared {
+            // Other nodes' volumes share that root; their promises are not known here.
+            return Ok(free);
+        }
+        Ok(free.saturating_sub(self.promises.total()))
+    }
+
+    /// What a volume of this root may still write beyond what it holds now: the
+    /// unallocated part of a loop volume's backing file, the unused part of a
+    /// limited directory's limit. Nothing for a directory without a limit (its
+    /// size is no promise) or a shared volume (another root).
+    pub fn promise_of(&self, rec: &VolumeRecord) -> u64 {
+        if rec.shared {
+            return 0;
+        }
+        let data = self.data_path(rec);
+        match (rec.volume_type, &self.dir_limits) {
+            (VolumeType::Loop, _) => fs::metadata(&data)
+                .map(|m| {
+                    use std::os::unix::fs::MetadataExt;
+                    rec.capacity_bytes.saturating_sub(m.blocks() * 512)
+                })
+                .unwrap_or(0),
+            (VolumeType::Dir, DirLimits::Btrfs { uuid, quota: true }) => btrfs::subvolume_id(&data)
+                .ok()
+                .and_then(|sv| btrfs::usage(uuid, sv))
+                .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
+                .map(|(used, limit)| limit.saturating_sub(used))
+                .unwrap_or(0),
+            // statfs of a directory in a project reports the project's limit.
+            (VolumeType::Dir, DirLimits::ProjectQuota) => mount::usage(&data)
+                .map(|u| u.total_bytes.saturating_sub(u.used_bytes))
+                .unwrap_or(0),
+            (VolumeType::Dir, _) => 0,
+        }
+    }
+
+    /// Promises a volume `bytes` (a new one its whole size, a grown one what it
+    /// had and the growth) where its size is a promise (a loop volume, a limited
+    /// directory), if the root's free space less what is promised to others holds
+    /// it: RESOURCE_EXHAUSTED otherwise, after the trash gave back what it holds
+    /// (`with_room`).
+    fn reserve_room(&self, rec: &VolumeRecord, bytes: u64) -> Result<()> {
+        let promised = !rec.shared
+            && match rec.volume_type {
+                VolumeType::Loop => true,
+                VolumeType::Dir => self.dir_limits.enforced(),
+            };
+        if !promised {
+            return Ok(());
+        }
+        let free = mount::usage(&self.layout.volumes_dir(false))?.available_bytes;
+        if self.promises.reserve(&rec.id, bytes, free) {
+            return Ok(());
+        }
+        Err(Error::NoSpace(format!(
+            "no room for {bytes} more bytes for volume {}: the root has {free} bytes free, of \
+             which {} are promised to its volumes (what their sparse files and limits may \
+             still take)",
+            rec.id,
+            self.promises.total()
+        )))
+    }
+
+    /// Measures every volume's promise again (start-up, then every minute).
+    pub fn measure_promises(&self) {
+        for rec in self.store.volumes.all() {
+            let part = self.promise_of(&rec);
+            self.promises.set_if(&rec.id, part, || {
+                self.store
+                    .volumes
+                    .get(&rec.id)
+                    .is_some_and(|now| now.capacity_bytes == rec.capacity_bytes)
+            });
+        }
     }
 
     /// The condition of a volume's data as the system shows it.

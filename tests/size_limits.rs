@@ -161,3 +161,121 @@ async fn xfs_project_quota_limits_directory_volumes() {
 async fn ext4_project_quota_limits_directory_volumes() {
     project_quota("ext4", &["-q", "-O", "quota,project"], "prjquota").await;
 }
+
+/// GetCapacity is the root's free space less what its volumes may still write: a
+/// sparse loop volume takes its whole size from it at once, not as its pod fills
+/// it, and gives it back when deleted; what the pod has written is not counted
+/// twice (free space already lacks it); a directory without a limit promises
+/// nothing. CreateVolume refuses what that room cannot hold.
+#[tokio::test]
+async fn capacity_counts_room_promised_to_sparse_volumes() {
+    if !need_root() {
+        return;
+    }
+    let img = ImageFs::new("ext4", 256 << 20, &["-q"], "").expect("mount ext4 image");
+    let root = img.mnt.join("root");
+    let mut d = Driver::start_with(vec![], Some(root.clone())).await;
+    let mut c = d.clients().await;
+    let loop_class = [("type", "loop")];
+    async fn capacity(c: &mut Clients, class: &[(&str, &str)]) -> i64 {
+        c.controller
+            .get_capacity(localvol::proto::GetCapacityRequest {
+                volume_capabilities: vec![rwo()],
+                parameters: params(class),
+                accessible_topology: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .available_capacity
+    }
+    let near = |got: i64, want: i64, what: &str| {
+        assert!(
+            (got - want).abs() <= 2 * MIB,
+            "{what}: {} MiB, expected about {} MiB",
+            got >> 20,
+            want >> 20
+        );
+    };
+    let empty = capacity(&mut c, &loop_class).await;
+    assert!(empty > 128 * MIB, "{empty}");
+    let v = c.create("sparse", 64 * MIB, &loop_class, rwo()).await;
+    near(
+        capacity(&mut c, &loop_class).await,
+        empty - 64 * MIB,
+        "one volume",
+    );
+    // Directory classes see the same root.
+    near(capacity(&mut c, &[]).await, empty - 64 * MIB, "dir class");
+    let dir = c.create("unlimited", 64 * MIB, &[], rwo()).await;
+    near(
+        capacity(&mut c, &[]).await,
+        empty - 64 * MIB,
+        "an unlimited directory",
+    );
+    // A volume larger than what is left unpromised is refused, and leaves nothing.
+    let left = capacity(&mut c, &loop_class).await;
+    let r = c
+        .controller
+        .create_volume(create_req("too-big", left + 8 * MIB, &loop_class, rwo()))
+        .await;
+    let e = r.expect_err("a volume larger than the room left");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("promised"), "{}", e.message());
+    near(
+        capacity(&mut c, &loop_class).await,
+        left,
+        "after the refusal",
+    );
+    assert_eq!(
+        std::fs::read_dir(root.join("volumes")).unwrap().count(),
+        2,
+        "the refused volume left data"
+    );
+
+    // The pod writes 16 MiB (here: straight into the backing file); measured again
+    // at start-up, the promise shrinks as the free space does.
+    let image = root.join("volumes").join(format!("{}.img", v.volume_id));
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&image)
+            .unwrap();
+        f.write_all_at(&vec![0xab; 16 * MIB as usize], 8 << 20)
+            .unwrap();
+        f.sync_all().unwrap();
+    }
+    d.terminate();
+    d.spawn().await;
+    let mut c = d.clients().await;
+    near(
+        capacity(&mut c, &loop_class).await,
+        empty - 64 * MIB,
+        "after writes",
+    );
+
+    c.expand(&v.volume_id, 96 * MIB, Some(rwo())).await.unwrap();
+    near(
+        capacity(&mut c, &loop_class).await,
+        empty - 96 * MIB,
+        "grown",
+    );
+    // Growth past the room left is refused too, and changes nothing.
+    let left = capacity(&mut c, &loop_class).await;
+    let e = c
+        .expand(&v.volume_id, 96 * MIB + left + 8 * MIB, Some(rwo()))
+        .await
+        .expect_err("growth larger than the room left");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    near(
+        capacity(&mut c, &loop_class).await,
+        left,
+        "after the refused growth",
+    );
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 96 << 20);
+    c.delete(&v.volume_id).await.unwrap();
+    c.delete(&dir.volume_id).await.unwrap();
+    trash_emptied(&root).await;
+    near(capacity(&mut c, &loop_class).await, empty, "deleted");
+}
