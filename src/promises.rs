@@ -31,27 +31,19 @@ struct Parts {
 impl Promises {
     /// Records what the volume may still write; 0 forgets it.
     pub fn set(&self, id: &str, bytes: u64) {
-        self.set_if(id, bytes, || true)
-    }
-
-    /// Like `set`, if `current()` still holds under the lock that `forget` takes
-    /// too: a measurement of every volume, taken over a while, must not bring
-    /// back a volume deleted meanwhile or undo a newer change.
-    pub fn set_if(&self, id: &str, bytes: u64, current: impl FnOnce() -> bool) {
         let mut p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if current() {
-            let old = if bytes == 0 {
-                p.by_volume.remove(id)
-            } else {
-                p.by_volume.insert(id.to_string(), bytes)
-            };
-            p.total = p.total - old.unwrap_or(0) + bytes;
-        }
+        let old = if bytes == 0 {
+            p.by_volume.remove(id)
+        } else {
+            p.by_volume.insert(id.to_string(), bytes)
+        };
+        p.total = p.total - old.unwrap_or(0) + bytes;
     }
 
-    /// Promises `bytes` to a volume about to be made, if `free` less what is
-    /// promised already holds them; otherwise promises nothing and says no. Taken
-    /// under the lock, so two creates at once cannot both take the last room.
+    /// Promises `bytes` to a volume about to be made or grown, if `free` less
+    /// what is promised to others holds them; otherwise changes nothing and says
+    /// no. Taken under the lock, so two creates at once cannot both take the last
+    /// room.
     pub fn reserve(&self, id: &str, bytes: u64, free: u64) -> bool {
         let mut p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let old = p.by_volume.get(id).copied().unwrap_or(0);
@@ -65,6 +57,12 @@ impl Promises {
 
     pub fn forget(&self, id: &str) {
         self.set(id, 0);
+    }
+
+    /// The volumes something is promised to.
+    pub fn ids(&self) -> Vec<String> {
+        let p = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        p.by_volume.keys().cloned().collect()
     }
 
     /// Everything promised and not yet used.

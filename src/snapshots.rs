@@ -83,12 +83,20 @@ impl Driver {
         let started = std::time::Instant::now();
         let shared = self.with_room(&id, || {
             dir::remove(&dest)?;
-            self.copy_volume(&source, &dest, true).inspect_err(|_| {
-                // A partial copy (a full root) is no snapshot: give its space back now.
-                if let Err(re) = dir::remove(&dest) {
-                    tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
-                }
-            })
+            self.copy_volume(&source, &dest, true)
+                .and_then(|shared| {
+                    // A full copy may not take room promised to volumes.
+                    if !shared {
+                        self.check_promised_room(&format!("a copy of volume {}", source.id))?;
+                    }
+                    Ok(shared)
+                })
+                .inspect_err(|_| {
+                    // A partial copy (a full root) is no snapshot: give its space back now.
+                    if let Err(re) = dir::remove(&dest) {
+                        tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
+                    }
+                })
         })?;
         faults::point("snapshot.after_copy");
         // Shared blocks cost nothing to make durable: ready at once. A full copy

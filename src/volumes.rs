@@ -1156,18 +1156,31 @@ impl Driver {
                     rec.capacity_bytes.saturating_sub(m.blocks() * 512)
                 })
                 .unwrap_or(0),
-            (VolumeType::Dir, DirLimits::Btrfs { uuid, quota: true }) => btrfs::subvolume_id(&data)
-                .ok()
-                .and_then(|sv| btrfs::usage(uuid, sv))
-                .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
-                .map(|(used, limit)| limit.saturating_sub(used))
-                .unwrap_or(0),
-            // statfs of a directory in a project reports the project's limit.
-            (VolumeType::Dir, DirLimits::ProjectQuota) => mount::usage(&data)
-                .map(|u| u.total_bytes.saturating_sub(u.used_bytes))
-                .unwrap_or(0),
+            // What it shares with snapshots counts as room it may take: writing
+            // over shared blocks takes new ones.
+            (VolumeType::Dir, DirLimits::Btrfs { uuid, quota: true }) => {
+                let Some(sv) = btrfs::subvolume_id(&data).ok() else {
+                    return 0;
+                };
+                btrfs::usage(uuid, sv)
+                    .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
+                    .zip(btrfs::exclusive(uuid, sv))
+                    .map(|((_, limit), own)| limit.saturating_sub(own))
+                    .unwrap_or(0)
+            }
+            // statfs of a directory in a project reports the project's limit; one
+            // never given a project (made before project quotas) has none.
+            (VolumeType::Dir, DirLimits::ProjectQuota) => {
+                if !crate::backend::projquota::project_of(&data).is_ok_and(|p| p != 0) {
+                    return 0;
+                }
+                mount::usage(&data)
+                    .map(|u| u.total_bytes.saturating_sub(u.used_bytes))
+                    .unwrap_or(0)
+            }
             (VolumeType::Dir, _) => 0,
         }
+        .min(rec.capacity_bytes)
     }
 
     /// Promises a volume `bytes` (a new one its whole size, a grown one what it
@@ -1197,16 +1210,41 @@ impl Driver {
         )))
     }
 
-    /// Measures every volume's promise again (start-up, then every minute).
+    /// RESOURCE_EXHAUSTED when the root's free space no longer holds what is
+    /// promised to its volumes: `what`, just made, took room one of them may need.
+    pub(crate) fn check_promised_room(&self, what: &str) -> Result<()> {
+        let free = mount::usage(&self.layout.volumes_dir(false))?.available_bytes;
+        let promised = self.promises.total();
+        if free >= promised {
+            return Ok(());
+        }
+        Err(Error::NoSpace(format!(
+            "no room for {what}: the root has {free} bytes free, less than the {promised} \
+             promised to its volumes (what their sparse files and limits may still take)"
+        )))
+    }
+
+    /// Measures every volume's promise again (start-up, then every minute), and
+    /// drops what no record holds (a create that panicked). A volume being
+    /// changed is skipped: its call holds its lock, and sets its promise when done.
     pub fn measure_promises(&self) {
+        let now = std::time::Duration::ZERO;
         for rec in self.store.volumes.all() {
-            let part = self.promise_of(&rec);
-            self.promises.set_if(&rec.id, part, || {
-                self.store
-                    .volumes
-                    .get(&rec.id)
-                    .is_some_and(|now| now.capacity_bytes == rec.capacity_bytes)
-            });
+            let Ok(_guard) = self.locks.lock_within(&rec.id, now) else {
+                continue;
+            };
+            match self.store.volumes.get(&rec.id) {
+                Some(rec) => self.promises.set(&rec.id, self.promise_of(&rec)),
+                None => self.promises.forget(&rec.id),
+            }
+        }
+        for id in self.promises.ids() {
+            let Ok(_guard) = self.locks.lock_within(&id, now) else {
+                continue;
+            };
+            if self.store.volumes.get(&id).is_none() {
+                self.promises.forget(&id);
+            }
         }
     }
 

@@ -351,6 +351,11 @@ async fn storage_class_parameters_are_handled_as_the_provisioner_does() {
     ] {
         assert!(stderr.contains(key), "no note of {key}: {stderr}");
     }
+    // The PVC's and PV's names, which the provisioner adds with
+    // --extra-create-metadata (as deploy/ runs it): localvol keeps them.
+    let r = bench(&d, &["--extra-create-metadata", "cycle", "-n", "1"]);
+    assert_eq!(r["extra_create_metadata"], true);
+    assert_eq!(r["cycles"], 1);
     // Passed on as a parameter, it would be one localvol keeps and never reads, and
     // the volume would be ext4; in the capability, localvol refuses it.
     let stderr = bench_fails(

@@ -166,7 +166,8 @@ async fn ext4_project_quota_limits_directory_volumes() {
 /// sparse loop volume takes its whole size from it at once, not as its pod fills
 /// it, and gives it back when deleted; what the pod has written is not counted
 /// twice (free space already lacks it); a directory without a limit promises
-/// nothing. CreateVolume refuses what that room cannot hold.
+/// nothing. CreateVolume, expansion and a snapshot's full copy are refused where
+/// that room cannot hold them.
 #[tokio::test]
 async fn capacity_counts_room_promised_to_sparse_volumes() {
     if !need_root() {
@@ -254,6 +255,29 @@ async fn capacity_counts_room_promised_to_sparse_volumes() {
         empty - 64 * MIB,
         "after writes",
     );
+
+    // A full copy (a snapshot on a root without block sharing) may not take room
+    // promised to volumes: with 8 MiB left unpromised, a copy of 16 MiB is refused
+    // and removed.
+    let hog_size = capacity(&mut c, &loop_class).await - 8 * MIB;
+    let hog = c.create("hog", hog_size, &loop_class, rwo()).await;
+    let e = c
+        .snapshot("snap", &v.volume_id)
+        .await
+        .expect_err("a copy into promised room");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("promised"), "{}", e.message());
+    assert_eq!(
+        std::fs::read_dir(root.join("snapshots")).unwrap().count(),
+        0
+    );
+    near(
+        capacity(&mut c, &loop_class).await,
+        8 * MIB,
+        "after the refused copy",
+    );
+    c.delete(&hog.volume_id).await.unwrap();
+    trash_emptied(&root).await;
 
     c.expand(&v.volume_id, 96 * MIB, Some(rwo())).await.unwrap();
     near(

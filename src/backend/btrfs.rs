@@ -251,6 +251,16 @@ pub fn usage(uuid: &str, subvol: u64) -> Option<(u64, u64)> {
     Some((read("referenced")?, read("max_referenced")?))
 }
 
+/// Bytes only this subvolume holds (not shared with a snapshot or a clone), as
+/// the kernel last counted: writing over the shared rest takes new room.
+pub fn exclusive(uuid: &str, subvol: u64) -> Option<u64> {
+    let f = sysfs(uuid)
+        .join("qgroups")
+        .join(format!("0_{subvol}"))
+        .join("exclusive");
+    fs::read_to_string(f).ok()?.trim().parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -170,6 +170,15 @@ fn copy_error(e: io::Error, src: &Path, dst: &Path) -> Error {
     Error::io(format!("copy {} to {}", src.display(), dst.display()), e)
 }
 
+/// The error of making `dst` (a directory, a link, a node) in a copy: no room and
+/// no quota left are told as for file contents.
+fn make_error(e: io::Error, src: &Path, dst: &Path) -> Error {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => copy_error(e, src, dst),
+        _ => Error::io(format!("create {}", dst.display()), e),
+    }
+}
+
 #[repr(C)]
 struct OpenHow {
     flags: u64,
@@ -224,6 +233,9 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
         r => r.ctx(|| format!("create {}", dst.display()))?,
     }
     let (mut files, mut all_reflink) = (0u64, true);
+    // Files with more than one name: linked again, not copied twice (twice the
+    // room, and no longer one file).
+    let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
     let mut queue: Vec<PathBuf> = vec![PathBuf::new()];
     while let Some(rel) = queue.pop() {
         let dir = open_beneath(&base, &rel, libc::O_RDONLY | libc::O_DIRECTORY)
@@ -245,7 +257,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
                 fs::DirBuilder::new()
                     .mode(0o700)
                     .create(&out)
-                    .ctx(|| format!("create {}", out.display()))?;
+                    .map_err(|e| make_error(e, &src.join(&child), &out))?;
                 queue.push(child);
             } else if ft.is_file() {
                 let (s, meta) = open_regular(&base, &child).map_err(|e| {
@@ -256,13 +268,22 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
                         Error::io(format!("open {}", path.display()), e)
                     }
                 })?;
+                if meta.nlink() > 1 {
+                    let inode = (meta.dev(), meta.ino());
+                    if let Some(first) = linked.get(&inode) {
+                        fs::hard_link(first, &out)
+                            .map_err(|e| make_error(e, &src.join(&child), &out))?;
+                        continue;
+                    }
+                    linked.insert(inode, out.clone());
+                }
                 let d = fs::OpenOptions::new()
                     .write(true)
                     .create_new(true)
                     .mode(0o600)
                     .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
                     .open(&out)
-                    .ctx(|| format!("create {}", out.display()))?;
+                    .map_err(|e| make_error(e, &src.join(&child), &out))?;
                 let m = copy_fd(&s, &d).map_err(|e| copy_error(e, &src.join(&child), &out))?;
                 all_reflink &= m == Method::Reflink;
                 files += 1;
@@ -271,7 +292,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
                 let target = fs::read_link(entry.path())
                     .ctx(|| format!("read link {}", src.join(&child).display()))?;
                 std::os::unix::fs::symlink(&target, &out)
-                    .ctx(|| format!("create link {}", out.display()))?;
+                    .map_err(|e| make_error(e, &src.join(&child), &out))?;
                 let _ = std::os::unix::fs::lchown(&out, Some(meta.uid()), Some(meta.gid()));
             } else {
                 use std::os::unix::fs::FileTypeExt;
@@ -285,7 +306,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
                     nix::sys::stat::Mode::from_bits_truncate(0o600),
                     meta.rdev(),
                 )
-                .ctx(|| format!("create {}", out.display()))?;
+                .map_err(|e| make_error(e.into(), &src.join(&child), &out))?;
                 copy_owner_mode(&meta, &out)?;
             }
         }
@@ -405,6 +426,24 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("the open blocked on the FIFO");
         assert_eq!(r, Err(io::ErrorKind::Interrupted));
+    }
+
+    #[test]
+    fn tree_copy_keeps_hard_links_as_one_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        fs::create_dir_all(src.join("d")).unwrap();
+        fs::write(src.join("f"), b"data").unwrap();
+        fs::hard_link(src.join("f"), src.join("d/g")).unwrap();
+        let dst = dir.path().join("dst");
+        let (files, _) = copy_tree(&src, &dst).unwrap();
+        assert_eq!(files, 1, "one file, two names");
+        let (f, g) = (
+            fs::metadata(dst.join("f")).unwrap(),
+            fs::metadata(dst.join("d/g")).unwrap(),
+        );
+        assert_eq!((f.ino(), f.nlink()), (g.ino(), 2));
+        assert_eq!(fs::read(dst.join("d/g")).unwrap(), b"data");
     }
 
     #[test]

@@ -103,7 +103,9 @@ fn quotactl(fs: &File, cmd: u32, id: u32, q: &mut DqBlk) -> io::Result<()> {
 }
 
 /// A project id for the volume: from its id's hash, moved on past ids that some
-/// other tree already uses or limits.
+/// other tree already uses. A limit alone does not make an id used: one is left
+/// by every deleted volume and every failed restore (the limit is set before the
+/// directory joins), and a project that holds no inode holds no directory.
 fn free_project(fs: &File, volume_id: &str) -> Result<u32> {
     let hex = volume_id.rsplit('-').next().unwrap_or("");
     let base = u32::from_str_radix(hex.get(..8).unwrap_or("1"), 16).unwrap_or(1) | 0x1000_0000;
@@ -111,7 +113,7 @@ fn free_project(fs: &File, volume_id: &str) -> Result<u32> {
         let id = base.wrapping_add(k).max(1);
         let mut q = DqBlk::default();
         match quotactl(fs, Q_GETQUOTA, id, &mut q) {
-            Ok(()) if q.curspace == 0 && q.curinodes == 0 && q.bhardlimit == 0 => return Ok(id),
+            Ok(()) if q.curspace == 0 && q.curinodes == 0 => return Ok(id),
             Ok(()) => continue,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(id),
             Err(e) => return Err(Error::io("read project quota", e)),
@@ -135,7 +137,7 @@ pub fn assign(dir: &Path, volume_id: &str, bytes: u64) -> Result<()> {
         ioctl(&d, FS_IOC_FSSETXATTR, &mut x)
     });
     if let Err(e) = joined {
-        // A limit on a project nobody joined would keep its id from being free.
+        // Tidy: a limit on a project nobody joined means nothing.
         let _ = limit_project(&d, dir, id, 0);
         return Err(Error::io(format!("set project of {}", dir.display()), e));
     }

@@ -32,6 +32,10 @@ struct Cli {
     /// `floor --loop`, the filesystem made (default ext4).
     #[arg(long, global = true)]
     fs_type: Option<String>,
+    /// Add to each CreateVolume the PVC and PV names, as external-provisioner
+    /// does with --extra-create-metadata (deploy/ runs it so).
+    #[arg(long, global = true)]
+    extra_create_metadata: bool,
     /// Cycles run before measuring, in no figure: a first cycle's costs
     /// (connections, caches, the driver's threads) are not its pace.
     #[arg(long, global = true, default_value_t = 0)]
@@ -211,8 +215,9 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         };
         return floor(&work.path, cli.warmup, n, kind, cli.json).await;
     }
-    let sc = bench::csi::storage_class(&cli.params, cli.fs_type.as_deref())
+    let mut sc = bench::csi::storage_class(&cli.params, cli.fs_type.as_deref())
         .map_err(BenchError::Usage)?;
+    sc.extra_create_metadata = cli.extra_create_metadata;
     if !sc.dropped.is_empty() {
         eprintln!(
             "localvol-bench: not passed on: {} (secret references, which the provisioner \
@@ -244,6 +249,7 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         "access": if cli.block { "block" } else { "mount" },
         "parameters": params,
         "fs_type": session.fs_type,
+        "extra_create_metadata": session.extra_create_metadata,
         "warmup_cycles": cli.warmup,
         "size_bytes": cli.size,
         "controller_publish": session.controller_publish,

@@ -53,6 +53,8 @@ pub struct Session {
     pub node: NodeClient<Direct>,
     pub info: DriverInfo,
     pub params: HashMap<String, String>,
+    /// Whether CreateVolume also gets the PVC's and PV's names.
+    pub extra_create_metadata: bool,
     /// The mount capability's fs_type ("" = the driver's default).
     pub fs_type: String,
     pub size: i64,
@@ -75,6 +77,8 @@ pub struct StorageClass {
     /// Secret references: the provisioner resolves them to the `secrets` fields of
     /// later calls; the bench has no Secrets to read, so they are left out.
     pub dropped: Vec<String>,
+    /// Whether CreateVolume also gets the PVC's and PV's names.
+    pub extra_create_metadata: bool,
 }
 
 /// Keys the provisioner keeps for itself.
@@ -105,6 +109,7 @@ pub fn storage_class(
         parameters: HashMap::new(),
         fs_type: String::new(),
         dropped: Vec::new(),
+        extra_create_metadata: false,
     };
     let mut fs_keys = 0;
     for (k, v) in params {
@@ -240,12 +245,29 @@ impl Session {
             controller_publish: info.controller_publish,
             info,
             params: sc.parameters,
+            extra_create_metadata: sc.extra_create_metadata,
             fs_type: sc.fs_type,
             size,
             block,
             work_dir,
             stop: Stop::default(),
         })
+    }
+
+    /// CreateVolume's parameters; with the PVC's and PV's names where the
+    /// provisioner would add them (the bench's volume name stands for both).
+    fn create_parameters(&self, name: &str) -> HashMap<String, String> {
+        let mut p = self.params.clone();
+        if self.extra_create_metadata {
+            for (k, v) in [
+                ("pvc/name", name),
+                ("pvc/namespace", "localvol-bench"),
+                ("pv/name", name),
+            ] {
+                p.insert(format!("{K8S_PREFIX}{k}"), v.to_string());
+            }
+        }
+        p
     }
 
     pub fn capability(&self) -> VolumeCapability {
@@ -277,7 +299,7 @@ impl Session {
                 limit_bytes: 0,
             }),
             volume_capabilities: vec![self.capability()],
-            parameters: self.params.clone(),
+            parameters: self.create_parameters(name),
             volume_content_source: source,
             accessibility_requirements: self.info.topology.clone().map(|t| TopologyRequirement {
                 requisite: vec![t.clone()],
