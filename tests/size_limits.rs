@@ -178,18 +178,6 @@ async fn capacity_counts_room_promised_to_sparse_volumes() {
     let mut d = Driver::start_with(vec![], Some(root.clone())).await;
     let mut c = d.clients().await;
     let loop_class = [("type", "loop")];
-    async fn capacity(c: &mut Clients, class: &[(&str, &str)]) -> i64 {
-        c.controller
-            .get_capacity(localvol::proto::GetCapacityRequest {
-                volume_capabilities: vec![rwo()],
-                parameters: params(class),
-                accessible_topology: None,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .available_capacity
-    }
     let near = |got: i64, want: i64, what: &str| {
         assert!(
             (got - want).abs() <= 2 * MIB,
@@ -302,4 +290,41 @@ async fn capacity_counts_room_promised_to_sparse_volumes() {
     c.delete(&dir.volume_id).await.unwrap();
     trash_emptied(&root).await;
     near(capacity(&mut c, &loop_class).await, empty, "deleted");
+}
+
+/// On btrfs with qgroups, a limited directory volume promises its limit less what
+/// it holds alone: GetCapacity drops by its size when it is made.
+#[tokio::test]
+async fn btrfs_capacity_counts_room_promised_to_limited_directories() {
+    if !need_root() {
+        return;
+    }
+    let img = ImageFs::new("btrfs", 512 << 20, &["-q"], "").expect("mount btrfs image");
+    let root = img.mnt.join("root");
+    let d = Driver::start_with(vec!["--enable-btrfs-quota".into()], Some(root.clone())).await;
+    let mut c = d.clients().await;
+    let before = capacity(&mut c, &[]).await;
+    let v = c.create("limited", 64 * MIB, &[], rwo()).await;
+    let after = capacity(&mut c, &[]).await;
+    assert!(
+        (before - after - 64 * MIB).abs() <= 8 * MIB,
+        "{} MiB before, {} MiB after a 64 MiB volume",
+        before >> 20,
+        after >> 20
+    );
+    c.delete(&v.volume_id).await.unwrap();
+}
+
+/// What GetCapacity answers for a class with these parameters, anywhere.
+async fn capacity(c: &mut Clients, class: &[(&str, &str)]) -> i64 {
+    c.controller
+        .get_capacity(localvol::proto::GetCapacityRequest {
+            volume_capabilities: vec![rwo()],
+            parameters: params(class),
+            accessible_topology: None,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .available_capacity
 }
