@@ -553,39 +553,38 @@ fn interrupt(
 /// and the run says it was interrupted.
 #[tokio::test]
 async fn sigint_stops_cycles_and_leaves_nothing() {
-    if !common::need_root() {
-        eprintln!("skipped: needs root");
-        return;
-    }
-    let d = common::Driver::start().await;
-    let (status, stderr) = interrupt(
-        &d,
+    interrupted_run_leaves_nothing(
         &["cycle", "-n", "1000000", "-c", "2"],
         "cycles:",
         nix::sys::signal::Signal::SIGINT,
-    );
-    assert!(!status.success(), "{stderr}");
-    assert!(
-        stderr.contains("interrupted by SIGINT or SIGTERM"),
-        "{stderr}"
-    );
-    assert_clean(&d).await;
+    )
+    .await;
 }
 
 /// SIGTERM while `scale` fills the driver: the volumes made so far are deleted.
 #[tokio::test]
 async fn sigterm_during_a_fill_deletes_the_idle_volumes() {
+    interrupted_run_leaves_nothing(
+        &["scale", "--existing", "1000000", "-n", "2"],
+        "creating idle volumes:",
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .await;
+}
+
+/// Sends `signal` once `args`' run has printed `started`: the run must fail,
+/// say it was interrupted, and leave the driver as it found it.
+async fn interrupted_run_leaves_nothing(
+    args: &[&str],
+    started: &str,
+    signal: nix::sys::signal::Signal,
+) {
     if !common::need_root() {
         eprintln!("skipped: needs root");
         return;
     }
     let d = common::Driver::start().await;
-    let (status, stderr) = interrupt(
-        &d,
-        &["scale", "--existing", "1000000", "-n", "2"],
-        "creating idle volumes:",
-        nix::sys::signal::Signal::SIGTERM,
-    );
+    let (status, stderr) = interrupt(&d, args, started, signal);
     assert!(!status.success(), "{stderr}");
     assert!(
         stderr.contains("interrupted by SIGINT or SIGTERM"),

@@ -87,22 +87,8 @@ fn key<T: Record>(rec: &T) -> Option<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::tests::snapshot_of as snap;
     use crate::store::SnapshotRecord;
-
-    fn snap(id: &str, source: &str) -> SnapshotRecord {
-        SnapshotRecord {
-            id: id.into(),
-            name: id.into(),
-            source_volume_id: source.into(),
-            volume_type: crate::params::VolumeType::Dir,
-            fs_type: None,
-            size_bytes: 1,
-            parameters: BTreeMap::new(),
-            created_unix: 0,
-            created_nanos: 0,
-            syncing_boot: None,
-        }
-    }
 
     fn ids<'a>(it: impl Iterator<Item = &'a SnapshotRecord>) -> Vec<&'a str> {
         it.map(|s| s.id.as_str()).collect()

@@ -625,14 +625,19 @@ impl Store {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn snap(id: &str) -> SnapshotRecord {
+        snapshot_of(id, "v")
+    }
+
+    /// A ready snapshot record `id` of volume `source`, for tests.
+    pub(crate) fn snapshot_of(id: &str, source: &str) -> SnapshotRecord {
         SnapshotRecord {
             id: id.into(),
             name: format!("n-{id}"),
-            source_volume_id: "v".into(),
+            source_volume_id: source.into(),
             volume_type: VolumeType::Dir,
             fs_type: None,
             size_bytes: 1,
