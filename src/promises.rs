@@ -10,8 +10,17 @@
 //! of its own, since pods write in between: a GetCapacity reads one sum.
 
 use std::collections::HashMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
 use std::sync::{Mutex, Weak};
 use std::time::Duration;
+
+use crate::backend::{btrfs, projquota, DirLimits};
+use crate::error::{Error, Result};
+use crate::mount;
+use crate::params::VolumeType;
+use crate::store::VolumeRecord;
+use crate::volumes::Driver;
 
 /// How often every volume's part is measured again; external-provisioner asks
 /// for capacity once a minute by default.
@@ -69,6 +78,148 @@ impl Promises {
     pub fn total(&self) -> u64 {
         self.inner.lock().unwrap_or_else(|e| e.into_inner()).total
     }
+}
+
+impl Driver {
+    /// What a volume of this root may still write beyond what it holds now: the
+    /// unallocated part of a loop volume's backing file, the unused part of a
+    /// limited directory's limit. Nothing for a directory without a limit (its
+    /// size is no promise) or a shared volume (another root).
+    pub fn promise_of(&self, rec: &VolumeRecord) -> u64 {
+        if rec.shared {
+            return 0;
+        }
+        let data = self.data_path(rec);
+        match (rec.volume_type, &self.dir_limits) {
+            // A file grown whose record was not (a failed expansion) holds its
+            // new size all the same.
+            (VolumeType::Loop, _) => std::fs::metadata(&data)
+                .map(|m| {
+                    rec.capacity_bytes
+                        .max(m.len())
+                        .saturating_sub(m.blocks() * 512)
+                })
+                .unwrap_or(0),
+            // What it shares with snapshots counts as room it may take: writing
+            // over shared blocks takes new ones.
+            (VolumeType::Dir, DirLimits::Btrfs { uuid, quota: true }) => {
+                let Ok(sv) = btrfs::subvolume_id(&data) else {
+                    return 0;
+                };
+                btrfs::usage(uuid, sv)
+                    .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
+                    .zip(btrfs::exclusive(uuid, sv))
+                    .map(|((_, limit), own)| limit.saturating_sub(own))
+                    .unwrap_or(0)
+                    .min(rec.capacity_bytes)
+            }
+            // statfs of a directory in a project reports the project's limit; one
+            // never given a project (made before project quotas) has none.
+            (VolumeType::Dir, DirLimits::ProjectQuota) => {
+                if !projquota::project_of(&data).is_ok_and(|p| p != 0) {
+                    return 0;
+                }
+                mount::usage(&data)
+                    .map(|u| u.total_bytes.saturating_sub(u.used_bytes))
+                    .unwrap_or(0)
+                    .min(rec.capacity_bytes)
+            }
+            (VolumeType::Dir, _) => 0,
+        }
+    }
+
+    /// Sets what volume `id` is promised from what it holds now, after a call
+    /// changed it (or failed to): nothing if it has no record.
+    pub fn settle_promise(&self, id: &str) {
+        match self.store.volume(id) {
+            Some(rec) => self.promises.set(id, self.promise_of(&rec)),
+            None => self.promises.forget(id),
+        }
+    }
+
+    /// Promises a volume `bytes` (a new one its whole size, a grown one what it
+    /// had and the growth) where its size is a promise (a loop volume, a limited
+    /// directory), if the root's free space less what is promised to others holds
+    /// it: RESOURCE_EXHAUSTED otherwise (after the trash gave back what it holds:
+    /// `with_room`).
+    pub(crate) fn reserve_room(&self, rec: &VolumeRecord, bytes: u64) -> Result<()> {
+        let promised = !rec.shared
+            && match rec.volume_type {
+                VolumeType::Loop => true,
+                VolumeType::Dir => self.dir_limits.enforced(),
+            };
+        if !promised {
+            return Ok(());
+        }
+        self.reserve(
+            &rec.id,
+            bytes,
+            &format!("{bytes} more bytes for volume {}", rec.id),
+        )
+    }
+
+    /// Reserves the room a full copy of `source` into snapshot `id` will take
+    /// (what its data holds), where the copy will be full: not on btrfs or xfs,
+    /// whose copies share blocks. The caller forgets it once the copy is done.
+    pub(crate) fn reserve_copy(&self, id: &str, source: &VolumeRecord) -> Result<()> {
+        let volumes = self.layout.volumes_dir(false);
+        if shares_blocks(&volumes) {
+            return Ok(());
+        }
+        // The copy walks the whole tree anyway; this walk is its metadata only.
+        let mut no_bound = crate::inspect::Budget(u64::MAX);
+        let bytes =
+            crate::inspect::used_bytes(&self.data_path(source), source.volume_type, &mut no_bound)
+                .map_or(0, |u| u.bytes);
+        self.reserve(
+            id,
+            bytes,
+            &format!("a copy of volume {} ({bytes} bytes)", source.id),
+        )
+    }
+
+    /// Takes `bytes` of unpromised room for `id`. A refusal measures every volume
+    /// again first (pods have written since the last measurement, which makes what
+    /// is promised look larger than it is) and asks once more.
+    fn reserve(&self, id: &str, bytes: u64, what: &str) -> Result<()> {
+        let volumes = self.layout.volumes_dir(false);
+        for attempt in 0..2 {
+            let free = mount::usage(&volumes)?.available_bytes;
+            if self.promises.reserve(id, bytes, free) {
+                return Ok(());
+            }
+            if attempt == 0 {
+                self.measure_promises();
+            }
+        }
+        let free = mount::usage(&volumes)?.available_bytes;
+        Err(Error::NoSpace(format!(
+            "no room for {what}: the root has {free} bytes free, of which {} are promised to \
+             its volumes (what their sparse files and limits may still take)",
+            self.promises.total()
+        )))
+    }
+
+    /// Measures every volume's promise again (start-up, then every minute), and
+    /// drops what no record holds (a create that panicked). A volume being changed
+    /// is skipped: its call holds its lock, and settles its promise when done.
+    pub fn measure_promises(&self) {
+        let ids = self.store.volumes.all().into_iter().map(|r| r.id);
+        let known: Vec<String> = ids.chain(self.promises.ids()).collect();
+        for id in known {
+            if let Ok(_guard) = self.locks.lock_within(&id, Duration::ZERO) {
+                self.settle_promise(&id);
+            }
+        }
+    }
+}
+
+/// Whether copies on this filesystem share blocks (btrfs, xfs with reflink):
+/// they take no room when made.
+fn shares_blocks(path: &Path) -> bool {
+    use nix::sys::statfs::{BTRFS_SUPER_MAGIC, XFS_SUPER_MAGIC};
+    nix::sys::statfs::statfs(path)
+        .is_ok_and(|s| [BTRFS_SUPER_MAGIC, XFS_SUPER_MAGIC].contains(&s.filesystem_type()))
 }
 
 /// Measures every volume's part again every `REMEASURE_EVERY`, for as long as

@@ -83,20 +83,17 @@ impl Driver {
         let started = std::time::Instant::now();
         let shared = self.with_room(&id, || {
             dir::remove(&dest)?;
-            self.copy_volume(&source, &dest, true)
-                .and_then(|shared| {
-                    // A full copy may not take room promised to volumes.
-                    if !shared {
-                        self.check_promised_room(&format!("a copy of volume {}", source.id))?;
-                    }
-                    Ok(shared)
-                })
-                .inspect_err(|_| {
-                    // A partial copy (a full root) is no snapshot: give its space back now.
-                    if let Err(re) = dir::remove(&dest) {
-                        tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
-                    }
-                })
+            // A full copy may not take room promised to volumes; once made, its
+            // room is taken for real (no longer free).
+            self.reserve_copy(&id, &source)?;
+            let copied = self.copy_volume(&source, &dest, true);
+            self.promises.forget(&id);
+            copied.inspect_err(|_| {
+                // A partial copy (a full root) is no snapshot: give its space back now.
+                if let Err(re) = dir::remove(&dest) {
+                    tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
+                }
+            })
         })?;
         faults::point("snapshot.after_copy");
         // Shared blocks cost nothing to make durable: ready at once. A full copy

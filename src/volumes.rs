@@ -15,7 +15,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use crate::access::{self, Capability, Offer};
 use crate::backend::trash::Trash;
-use crate::backend::{btrfs, dir, loopfile, DirLimits, Layout};
+use crate::backend::{dir, loopfile, DirLimits, Layout};
 use crate::error::{Error, Result};
 use crate::faults;
 use crate::ids::{self, Kind};
@@ -490,7 +490,9 @@ impl Driver {
         let id = ids::id_for_name(Kind::Volume, &req.name);
         let _guard = self.lock(&id)?;
         if let Some(existing) = self.store.volume(&id) {
-            return self.check_same_volume(existing, &req, &p, fs_type.as_deref());
+            let same = self.check_same_volume(existing, &req, &p, fs_type.as_deref());
+            self.settle_promise(&id);
+            return same;
         }
         let (_source_guard, source) = self.locked_source(&id, &req, &p, fs_type.as_deref())?;
         let capacity = match &source {
@@ -525,11 +527,8 @@ impl Driver {
             formatting: false,
         };
         let made = self.make_recorded(&rec, source.as_ref());
-        if made.is_err() {
-            self.promises.forget(&rec.id);
-        }
+        self.settle_promise(&rec.id);
         made?;
-        self.promises.set(&rec.id, self.promise_of(&rec));
         tracing::info!(volume = %rec.id, name = %rec.name, bytes = rec.capacity_bytes, "volume created");
         Ok(rec)
     }
@@ -962,7 +961,7 @@ impl Driver {
         self.with_room(id, || self.reserve_room(&rec, self.promise_of(&rec) + more))?;
         let grown = self.grow_data(&mut rec, wanted);
         // The promise as it is now: grown, or as before.
-        self.promises.set(&rec.id, self.promise_of(&rec));
+        self.settle_promise(id);
         grown?;
         tracing::info!(volume = %id, bytes = wanted, "volume expanded");
         Ok(rec)
@@ -1140,115 +1139,6 @@ impl Driver {
         Ok(free.saturating_sub(self.promises.total()))
     }
 
-    /// What a volume of this root may still write beyond what it holds now: the
-    /// unallocated part of a loop volume's backing file, the unused part of a
-    /// limited directory's limit. Nothing for a directory without a limit (its
-    /// size is no promise) or a shared volume (another root).
-    pub fn promise_of(&self, rec: &VolumeRecord) -> u64 {
-        if rec.shared {
-            return 0;
-        }
-        let data = self.data_path(rec);
-        match (rec.volume_type, &self.dir_limits) {
-            (VolumeType::Loop, _) => fs::metadata(&data)
-                .map(|m| {
-                    use std::os::unix::fs::MetadataExt;
-                    rec.capacity_bytes.saturating_sub(m.blocks() * 512)
-                })
-                .unwrap_or(0),
-            // What it shares with snapshots counts as room it may take: writing
-            // over shared blocks takes new ones.
-            (VolumeType::Dir, DirLimits::Btrfs { uuid, quota: true }) => {
-                let Some(sv) = btrfs::subvolume_id(&data).ok() else {
-                    return 0;
-                };
-                btrfs::usage(uuid, sv)
-                    .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
-                    .zip(btrfs::exclusive(uuid, sv))
-                    .map(|((_, limit), own)| limit.saturating_sub(own))
-                    .unwrap_or(0)
-            }
-            // statfs of a directory in a project reports the project's limit; one
-            // never given a project (made before project quotas) has none.
-            (VolumeType::Dir, DirLimits::ProjectQuota) => {
-                if !crate::backend::projquota::project_of(&data).is_ok_and(|p| p != 0) {
-                    return 0;
-                }
-                mount::usage(&data)
-                    .map(|u| u.total_bytes.saturating_sub(u.used_bytes))
-                    .unwrap_or(0)
-            }
-            (VolumeType::Dir, _) => 0,
-        }
-        .min(rec.capacity_bytes)
-    }
-
-    /// Promises a volume `bytes` (a new one its whole size, a grown one what it
-    /// had and the growth) where its size is a promise (a loop volume, a limited
-    /// directory), if the root's free space less what is promised to others holds
-    /// it: RESOURCE_EXHAUSTED otherwise, after the trash gave back what it holds
-    /// (`with_room`).
-    fn reserve_room(&self, rec: &VolumeRecord, bytes: u64) -> Result<()> {
-        let promised = !rec.shared
-            && match rec.volume_type {
-                VolumeType::Loop => true,
-                VolumeType::Dir => self.dir_limits.enforced(),
-            };
-        if !promised {
-            return Ok(());
-        }
-        let free = mount::usage(&self.layout.volumes_dir(false))?.available_bytes;
-        if self.promises.reserve(&rec.id, bytes, free) {
-            return Ok(());
-        }
-        Err(Error::NoSpace(format!(
-            "no room for {bytes} more bytes for volume {}: the root has {free} bytes free, of \
-             which {} are promised to its volumes (what their sparse files and limits may \
-             still take)",
-            rec.id,
-            self.promises.total()
-        )))
-    }
-
-    /// RESOURCE_EXHAUSTED when the root's free space no longer holds what is
-    /// promised to its volumes: `what`, just made, took room one of them may need.
-    pub(crate) fn check_promised_room(&self, what: &str) -> Result<()> {
-        let free = mount::usage(&self.layout.volumes_dir(false))?.available_bytes;
-        let promised = self.promises.total();
-        if free >= promised {
-            return Ok(());
-        }
-        Err(Error::NoSpace(format!(
-            "no room for {what}: the root has {free} bytes free, less than the {promised} \
-             promised to its volumes (what their sparse files and limits may still take)"
-        )))
-    }
-
-    /// Measures every volume's promise again (start-up, then every minute), and
-    /// drops what no record holds (a create that panicked). A volume being
-    /// changed is skipped: its call holds its lock, and sets its promise when done.
-    pub fn measure_promises(&self) {
-        let now = std::time::Duration::ZERO;
-        for rec in self.store.volumes.all() {
-            let Ok(_guard) = self.locks.lock_within(&rec.id, now) else {
-                continue;
-            };
-            match self.store.volumes.get(&rec.id) {
-                Some(rec) => self.promises.set(&rec.id, self.promise_of(&rec)),
-                None => self.promises.forget(&rec.id),
-            }
-        }
-        for id in self.promises.ids() {
-            let Ok(_guard) = self.locks.lock_within(&id, now) else {
-                continue;
-            };
-            if self.store.volumes.get(&id).is_none() {
-                self.promises.forget(&id);
-            }
-        }
-    }
-
-    /// The condition of a volume's data as the system shows it.
     /// The condition of a volume as the system shows it now: its data present and
     /// of the right kind, readable, and, for a loop filesystem in use, free of
     /// errors the kernel has counted.

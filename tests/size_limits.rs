@@ -222,8 +222,8 @@ async fn capacity_counts_room_promised_to_sparse_volumes() {
         "the refused volume left data"
     );
 
-    // The pod writes 16 MiB (here: straight into the backing file); measured again
-    // at start-up, the promise shrinks as the free space does.
+    // The pod writes 16 MiB (here: straight into the backing file); measured
+    // again, the promise shrinks as the free space does.
     let image = root.join("volumes").join(format!("{}.img", v.volume_id));
     {
         use std::os::unix::fs::FileExt;
@@ -235,13 +235,25 @@ async fn capacity_counts_room_promised_to_sparse_volumes() {
             .unwrap();
         f.sync_all().unwrap();
     }
+    // Until measured again, the 16 MiB count twice: as used and as promised.
+    let stale = capacity(&mut c, &loop_class).await;
+    near(stale, empty - 80 * MIB, "before a measurement");
+    // A create that only the stale figure refuses measures again and fits.
+    let fits = c.create("fits", stale + 8 * MIB, &loop_class, rwo()).await;
+    c.delete(&fits.volume_id).await.unwrap();
+    trash_emptied(&root).await;
+    near(
+        capacity(&mut c, &loop_class).await,
+        empty - 64 * MIB,
+        "measured after writes",
+    );
     d.terminate();
     d.spawn().await;
     let mut c = d.clients().await;
     near(
         capacity(&mut c, &loop_class).await,
         empty - 64 * MIB,
-        "after writes",
+        "measured at start-up",
     );
 
     // A full copy (a snapshot on a root without block sharing) may not take room

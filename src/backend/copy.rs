@@ -234,8 +234,10 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
     }
     let (mut files, mut all_reflink) = (0u64, true);
     // Files with more than one name: linked again, not copied twice (twice the
-    // room, and no longer one file).
-    let mut linked: std::collections::HashMap<(u64, u64), PathBuf> = Default::default();
+    // room, and no longer one file). Known by inode and birth time: a pod may
+    // free an inode during the copy and make another file that reuses it.
+    type Inode = (u64, u64, Option<std::time::SystemTime>);
+    let mut linked: std::collections::HashMap<Inode, PathBuf> = Default::default();
     let mut queue: Vec<PathBuf> = vec![PathBuf::new()];
     while let Some(rel) = queue.pop() {
         let dir = open_beneath(&base, &rel, libc::O_RDONLY | libc::O_DIRECTORY)
@@ -269,7 +271,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
                     }
                 })?;
                 if meta.nlink() > 1 {
-                    let inode = (meta.dev(), meta.ino());
+                    let inode = (meta.dev(), meta.ino(), meta.created().ok());
                     if let Some(first) = linked.get(&inode) {
                         fs::hard_link(first, &out)
                             .map_err(|e| make_error(e, &src.join(&child), &out))?;

@@ -127,6 +127,10 @@ fn free_project(fs: &File, volume_id: &str) -> Result<u32> {
 /// commit that makes the directory's change durable (its fsync) makes the limit,
 /// an earlier change, durable too.
 pub fn assign(dir: &Path, volume_id: &str, bytes: u64) -> Result<()> {
+    // Two volumes whose ids hash near each other could both find one id free
+    // before either joined it.
+    static CHOOSING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _choosing = CHOOSING.lock().unwrap_or_else(|e| e.into_inner());
     let d = open(dir)?;
     let id = free_project(&d, volume_id)?;
     limit_project(&d, dir, id, bytes)?;
