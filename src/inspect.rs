@@ -4,6 +4,7 @@
 
 use std::collections::HashSet;
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -34,42 +35,62 @@ pub struct Used {
 /// backing file, i.e. what it costs the root, not what its filesystem reports used;
 /// for a directory volume the tree below it, on the same filesystem only, hard
 /// links counted once. None when the data is missing.
+///
+/// The tree is a pod's: each directory is opened relative to its parent, never
+/// through a symlink, so one swapped in during the walk cannot lead it out.
 pub fn used_bytes(data: &Path, t: VolumeType, budget: &mut Budget) -> Option<Used> {
+    use nix::dir::{Dir, Type};
+    use nix::fcntl::{AtFlags, OFlag};
+    use nix::sys::stat::{fstatat, Mode};
+
     let meta = fs::symlink_metadata(data).ok()?;
-    if t != VolumeType::Dir || !meta.is_dir() {
-        budget.0 = budget.0.saturating_sub(1);
-        return Some(Used {
-            bytes: meta.blocks() * 512,
-            complete: true,
-        });
-    }
-    let dev = meta.dev();
-    let mut seen = HashSet::new();
     let mut used = Used {
         bytes: meta.blocks() * 512,
         complete: true,
     };
-    let mut stack: Vec<PathBuf> = vec![data.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let Ok(entries) = fs::read_dir(&dir) else {
+    if t != VolumeType::Dir || !meta.is_dir() {
+        budget.0 = budget.0.saturating_sub(1);
+        return Some(used);
+    }
+    let dev = meta.dev();
+    let mut seen = HashSet::new();
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let Ok(top) = Dir::open(data, flags, Mode::empty()) else {
+        return Some(used);
+    };
+    // One open directory per level of depth, not per directory waiting.
+    let mut stack = vec![top.into_iter()];
+    while let Some(dir) = stack.last_mut() {
+        let Some(entry) = dir.next() else {
+            stack.pop();
             continue;
         };
-        for entry in entries.flatten() {
-            if budget.0 == 0 {
-                used.complete = false;
-                return Some(used);
-            }
-            budget.0 -= 1;
-            let Ok(m) = entry.metadata() else { continue };
-            if m.dev() != dev {
-                continue;
-            }
-            if m.nlink() > 1 && !m.is_dir() && !seen.insert(m.ino()) {
-                continue;
-            }
-            used.bytes += m.blocks() * 512;
-            if m.is_dir() {
-                stack.push(entry.path());
+        let Ok(entry) = entry else { continue };
+        let name = entry.file_name();
+        if matches!(name.to_bytes(), b"." | b"..") {
+            continue;
+        }
+        if budget.0 == 0 {
+            used.complete = false;
+            return Some(used);
+        }
+        budget.0 -= 1;
+        // SAFETY: the directory stays open (in `stack`) while the fd is used.
+        let dir_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(dir.as_raw_fd()) };
+        let Ok(st) = fstatat(dir_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
+            continue;
+        };
+        if st.st_dev != dev {
+            continue;
+        }
+        let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;
+        if st.st_nlink > 1 && !is_dir && !seen.insert(st.st_ino) {
+            continue;
+        }
+        used.bytes += st.st_blocks as u64 * 512;
+        if is_dir || entry.file_type() == Some(Type::Directory) {
+            if let Ok(child) = Dir::openat(dir_fd, name, flags, Mode::empty()) {
+                stack.push(child.into_iter());
             }
         }
     }
@@ -146,5 +167,20 @@ mod tests {
         assert!(!partial.complete);
         assert!(used_bytes(&dir.path().join("none"), VolumeType::Dir, &mut Budget(9)).is_none());
         assert_eq!(type_name(VolumeType::Loop), "loop");
+    }
+
+    /// A symlink to a directory outside (a pod's, or one swapped in) is counted
+    /// as a link, never walked.
+    #[test]
+    fn du_never_follows_a_symlink_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let (data, outside) = (dir.path().join("v"), dir.path().join("host"));
+        fs::create_dir_all(data.join("a")).unwrap();
+        fs::create_dir_all(&outside).unwrap();
+        fs::write(outside.join("big"), vec![1u8; 1 << 20]).unwrap();
+        std::os::unix::fs::symlink(&outside, data.join("a/link")).unwrap();
+        let used = used_bytes(&data, VolumeType::Dir, &mut Budget(1000)).unwrap();
+        assert!(used.complete);
+        assert!(used.bytes < 1 << 20, "{used:?}");
     }
 }

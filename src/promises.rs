@@ -111,7 +111,6 @@ impl Driver {
                     .zip(btrfs::exclusive(uuid, sv))
                     .map(|((_, limit), own)| limit.saturating_sub(own))
                     .unwrap_or(0)
-                    .min(rec.capacity_bytes)
             }
             // statfs of a directory in a project reports the project's limit; one
             // never given a project (made before project quotas) has none.
@@ -122,7 +121,6 @@ impl Driver {
                 mount::usage(&data)
                     .map(|u| u.total_bytes.saturating_sub(u.used_bytes))
                     .unwrap_or(0)
-                    .min(rec.capacity_bytes)
             }
             (VolumeType::Dir, _) => 0,
         }
@@ -159,12 +157,13 @@ impl Driver {
     }
 
     /// Reserves the room a full copy of `source` into snapshot `id` will take
-    /// (what its data holds), where the copy will be full: not on btrfs or xfs,
-    /// whose copies share blocks. The caller forgets it once the copy is done.
-    pub(crate) fn reserve_copy(&self, id: &str, source: &VolumeRecord) -> Result<()> {
+    /// (what its data holds), where the copy will be full: not from this root's
+    /// volumes on btrfs or xfs, whose copies share blocks (true when reserved).
+    /// The caller forgets it once the copy is done.
+    pub(crate) fn reserve_copy(&self, id: &str, source: &VolumeRecord) -> Result<bool> {
         let volumes = self.layout.volumes_dir(false);
-        if shares_blocks(&volumes) {
-            return Ok(());
+        if !source.shared && shares_blocks(&volumes) {
+            return Ok(false);
         }
         // The copy walks the whole tree anyway; this walk is its metadata only.
         let mut no_bound = crate::inspect::Budget(u64::MAX);
@@ -175,7 +174,28 @@ impl Driver {
             id,
             bytes,
             &format!("a copy of volume {} ({bytes} bytes)", source.id),
-        )
+        )?;
+        Ok(true)
+    }
+
+    /// After a copy that was expected to share blocks and did not (an xfs made
+    /// without reflink, a btrfs file that is NOCOW): RESOURCE_EXHAUSTED if it took
+    /// room promised to volumes, measured again before it says so.
+    pub(crate) fn check_room_kept(&self, what: &str) -> Result<()> {
+        let volumes = self.layout.volumes_dir(false);
+        for attempt in 0..2 {
+            let free = mount::usage(&volumes)?.available_bytes;
+            if free >= self.promises.total() {
+                return Ok(());
+            }
+            if attempt == 0 {
+                self.measure_promises();
+            }
+        }
+        Err(Error::NoSpace(format!(
+            "no room for {what}: it took room promised to the root's volumes (what their \
+             sparse files and limits may still take)"
+        )))
     }
 
     /// Takes `bytes` of unpromised room for `id`. A refusal measures every volume

@@ -85,15 +85,22 @@ impl Driver {
             dir::remove(&dest)?;
             // A full copy may not take room promised to volumes; once made, its
             // room is taken for real (no longer free).
-            self.reserve_copy(&id, &source)?;
+            let reserved = self.reserve_copy(&id, &source)?;
             let copied = self.copy_volume(&source, &dest, true);
             self.promises.forget(&id);
-            copied.inspect_err(|_| {
-                // A partial copy (a full root) is no snapshot: give its space back now.
-                if let Err(re) = dir::remove(&dest) {
-                    tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
-                }
-            })
+            copied
+                .and_then(|shared| {
+                    if !shared && !reserved {
+                        self.check_room_kept(&format!("a copy of volume {}", source.id))?;
+                    }
+                    Ok(shared)
+                })
+                .inspect_err(|_| {
+                    // A partial copy (a full root) is no snapshot: give its space back now.
+                    if let Err(re) = dir::remove(&dest) {
+                        tracing::warn!(path = %dest.display(), error = %re, "cannot remove partial snapshot data");
+                    }
+                })
         })?;
         faults::point("snapshot.after_copy");
         // Shared blocks cost nothing to make durable: ready at once. A full copy
