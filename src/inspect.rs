@@ -31,17 +31,22 @@ pub struct Used {
     pub complete: bool,
 }
 
+/// How deep a usage walk goes: one open directory per level, so a pod's tree a
+/// million levels deep cannot take the driver's every file descriptor.
+const MAX_DEPTH: usize = 256;
+
 /// Allocated bytes (st_blocks, like `du`) of a volume's data: for a loop volume the
 /// backing file, i.e. what it costs the root, not what its filesystem reports used;
 /// for a directory volume the tree below it, on the same filesystem only, hard
 /// links counted once. None when the data is missing.
 ///
-/// The tree is a pod's: each directory is opened relative to its parent, never
-/// through a symlink, so one swapped in during the walk cannot lead it out.
+/// The tree is a pod's: each directory is opened beneath its parent, never
+/// through a symlink or into a mount, so none swapped in during the walk can lead
+/// it out. What it could not enter makes the count incomplete.
 pub fn used_bytes(data: &Path, t: VolumeType, budget: &mut Budget) -> Option<Used> {
-    use nix::dir::{Dir, Type};
+    use nix::dir::Dir;
     use nix::fcntl::{AtFlags, OFlag};
-    use nix::sys::stat::{fstatat, Mode};
+    use nix::sys::stat::{fstat, fstatat, Mode};
 
     let meta = fs::symlink_metadata(data).ok()?;
     let mut used = Used {
@@ -56,16 +61,19 @@ pub fn used_bytes(data: &Path, t: VolumeType, budget: &mut Budget) -> Option<Use
     let mut seen = HashSet::new();
     let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
     let Ok(top) = Dir::open(data, flags, Mode::empty()) else {
+        used.complete = false;
         return Some(used);
     };
-    // One open directory per level of depth, not per directory waiting.
     let mut stack = vec![top.into_iter()];
     while let Some(dir) = stack.last_mut() {
-        let Some(entry) = dir.next() else {
-            stack.pop();
-            continue;
+        let entry = match dir.next() {
+            Some(Ok(entry)) => entry,
+            end => {
+                used.complete &= end.is_none();
+                stack.pop();
+                continue;
+            }
         };
-        let Ok(entry) = entry else { continue };
         let name = entry.file_name();
         if matches!(name.to_bytes(), b"." | b"..") {
             continue;
@@ -75,10 +83,11 @@ pub fn used_bytes(data: &Path, t: VolumeType, budget: &mut Budget) -> Option<Use
             return Some(used);
         }
         budget.0 -= 1;
-        // SAFETY: the directory stays open (in `stack`) while the fd is used.
+        // SAFETY: the directory stays open (in `stack`) while the fd is used,
+        // which ends before anything is pushed or popped.
         let dir_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(dir.as_raw_fd()) };
         let Ok(st) = fstatat(dir_fd, name, AtFlags::AT_SYMLINK_NOFOLLOW) else {
-            continue;
+            continue; // removed since it was listed
         };
         if st.st_dev != dev {
             continue;
@@ -88,10 +97,22 @@ pub fn used_bytes(data: &Path, t: VolumeType, budget: &mut Budget) -> Option<Use
             continue;
         }
         used.bytes += st.st_blocks as u64 * 512;
-        if is_dir || entry.file_type() == Some(Type::Directory) {
-            if let Ok(child) = Dir::openat(dir_fd, name, flags, Mode::empty()) {
-                stack.push(child.into_iter());
-            }
+        if !is_dir {
+            continue;
+        }
+        if stack.len() >= MAX_DEPTH {
+            used.complete = false;
+            continue;
+        }
+        // The directory opened must be the one just counted (not one renamed
+        // over it meanwhile).
+        let child = crate::backend::copy::open_subdir(dir_fd, name)
+            .ok()
+            .filter(|fd| fstat(fd).is_ok_and(|c| (c.st_dev, c.st_ino) == (st.st_dev, st.st_ino)))
+            .and_then(|fd| Dir::from_fd(fd).ok());
+        match child {
+            Some(child) => stack.push(child.into_iter()),
+            None => used.complete = false,
         }
     }
     Some(used)
@@ -182,5 +203,58 @@ mod tests {
         let used = used_bytes(&data, VolumeType::Dir, &mut Budget(1000)).unwrap();
         assert!(used.complete);
         assert!(used.bytes < 1 << 20, "{used:?}");
+    }
+
+    /// A bind mount of the same filesystem inside the volume (a privileged pod's)
+    /// is not entered: its device tells nothing, the mount does.
+    #[test]
+    fn du_does_not_enter_a_bind_mount_of_the_same_filesystem() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        struct Unmount(PathBuf);
+        impl Drop for Unmount {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let (data, host) = (dir.path().join("v"), dir.path().join("host"));
+        fs::create_dir_all(data.join("m")).unwrap();
+        fs::create_dir_all(&host).unwrap();
+        fs::write(host.join("big"), vec![1u8; 1 << 20]).unwrap();
+        nix::mount::mount(
+            Some(&host),
+            &data.join("m"),
+            None::<&str>,
+            nix::mount::MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .unwrap();
+        let _mounted = Unmount(data.join("m"));
+        let used = used_bytes(&data, VolumeType::Dir, &mut Budget(1000)).unwrap();
+        assert!(used.bytes < 1 << 20, "{used:?}");
+    }
+
+    /// A tree deeper than the walk goes is counted as far as it goes, and said
+    /// to be incomplete.
+    #[test]
+    fn du_stops_at_its_depth_and_says_so() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("v");
+        let deep: PathBuf = std::iter::once(data.clone())
+            .chain((0..MAX_DEPTH + 10).map(|_| PathBuf::from("d")))
+            .collect();
+        fs::create_dir_all(&deep).unwrap();
+        let used = used_bytes(&data, VolumeType::Dir, &mut Budget(u64::MAX)).unwrap();
+        assert!(!used.complete);
+        let shallow = used_bytes(&data.join("d"), VolumeType::Dir, &mut Budget(u64::MAX));
+        assert!(!shallow.unwrap().complete);
+        let inner: PathBuf = deep.ancestors().nth(20).unwrap().to_path_buf();
+        assert!(
+            used_bytes(&inner, VolumeType::Dir, &mut Budget(u64::MAX))
+                .unwrap()
+                .complete
+        );
     }
 }

@@ -112,16 +112,10 @@ impl Driver {
                     .map(|((_, limit), own)| limit.saturating_sub(own))
                     .unwrap_or(0)
             }
-            // statfs of a directory in a project reports the project's limit; one
-            // never given a project (made before project quotas) has none.
-            (VolumeType::Dir, DirLimits::ProjectQuota) => {
-                if !projquota::project_of(&data).is_ok_and(|p| p != 0) {
-                    return 0;
-                }
-                mount::usage(&data)
-                    .map(|u| u.total_bytes.saturating_sub(u.used_bytes))
-                    .unwrap_or(0)
-            }
+            // One never given a project (made before project quotas) has none.
+            (VolumeType::Dir, DirLimits::ProjectQuota) => projquota::usage(&data)
+                .map(|(used, limit)| limit.saturating_sub(used))
+                .unwrap_or(0),
             (VolumeType::Dir, _) => 0,
         }
     }
@@ -158,8 +152,9 @@ impl Driver {
 
     /// Reserves the room a full copy of `source` into snapshot `id` will take
     /// (what its data holds), where the copy will be full: not from this root's
-    /// volumes on btrfs or xfs, whose copies share blocks (true when reserved).
-    /// The caller forgets it once the copy is done.
+    /// volumes on btrfs or xfs, whose copies share blocks. True when all of it is
+    /// reserved; otherwise the copy is checked after it is made
+    /// (`check_room_kept`). The caller forgets it once the copy is done.
     pub(crate) fn reserve_copy(&self, id: &str, source: &VolumeRecord) -> Result<bool> {
         let volumes = self.layout.volumes_dir(false);
         if !source.shared && shares_blocks(&volumes) {
@@ -167,15 +162,17 @@ impl Driver {
         }
         // The copy walks the whole tree anyway; this walk is its metadata only.
         let mut no_bound = crate::inspect::Budget(u64::MAX);
-        let bytes =
+        let Some(used) =
             crate::inspect::used_bytes(&self.data_path(source), source.volume_type, &mut no_bound)
-                .map_or(0, |u| u.bytes);
+        else {
+            return Ok(false);
+        };
         self.reserve(
             id,
-            bytes,
-            &format!("a copy of volume {} ({bytes} bytes)", source.id),
+            used.bytes,
+            &format!("a copy of volume {} ({} bytes)", source.id, used.bytes),
         )?;
-        Ok(true)
+        Ok(used.complete)
     }
 
     /// After a copy that was expected to share blocks and did not (an xfs made

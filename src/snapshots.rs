@@ -85,12 +85,12 @@ impl Driver {
             dir::remove(&dest)?;
             // A full copy may not take room promised to volumes; once made, its
             // room is taken for real (no longer free).
-            let reserved = self.reserve_copy(&id, &source)?;
+            let all_reserved = self.reserve_copy(&id, &source)?;
             let copied = self.copy_volume(&source, &dest, true);
             self.promises.forget(&id);
             copied
                 .and_then(|shared| {
-                    if !shared && !reserved {
+                    if !shared && !all_reserved {
                         self.check_room_kept(&format!("a copy of volume {}", source.id))?;
                     }
                     Ok(shared)

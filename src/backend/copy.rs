@@ -12,7 +12,7 @@
 use std::ffi::CString;
 use std::fs::{self, File};
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -22,6 +22,7 @@ use crate::error::{Context, Error, Result};
 const FICLONE: libc::c_ulong = 0x4004_9409;
 const RESOLVE_NO_SYMLINKS: u64 = 0x04;
 const RESOLVE_BENEATH: u64 = 0x08;
+const RESOLVE_NO_XDEV: u64 = 0x01;
 
 /// How a file was copied (reported in logs and by the benchmark).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -194,10 +195,27 @@ fn open_beneath(base: &File, rel: &Path, flags: i32) -> io::Result<File> {
     } else {
         CString::new(rel.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?
     };
+    let resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS;
+    openat2(base.as_fd(), &path, flags, resolve).map(File::from)
+}
+
+/// Opens the directory `name` in `base` for listing, neither through a symlink
+/// nor into another mount (a pod's bind mount inside its own volume).
+pub(crate) fn open_subdir(base: BorrowedFd, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
+    let resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV;
+    openat2(base, name, libc::O_RDONLY | libc::O_DIRECTORY, resolve)
+}
+
+fn openat2(
+    base: BorrowedFd,
+    path: &std::ffi::CStr,
+    flags: i32,
+    resolve: u64,
+) -> io::Result<OwnedFd> {
     let how = OpenHow {
         flags: (flags | libc::O_CLOEXEC | libc::O_NOFOLLOW) as u64,
         mode: 0,
-        resolve: RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS,
+        resolve,
     };
     let fd = unsafe {
         libc::syscall(
@@ -211,7 +229,7 @@ fn open_beneath(base: &File, rel: &Path, flags: i32) -> io::Result<File> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd as i32) }))
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
 /// Copies the directory tree `src` into the new directory `dst`: regular files

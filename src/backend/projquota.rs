@@ -156,6 +156,16 @@ pub fn project_of(dir: &Path) -> Result<u32> {
     Ok(x.projid)
 }
 
+/// (bytes used, hard limit in bytes) of the project `dir` belongs to, from the
+/// quota itself: statfs of the directory would report the whole filesystem for
+/// one a pod took out of inheritance. None without a project or a limit.
+pub fn usage(dir: &Path) -> Option<(u64, u64)> {
+    let projid = project_of(dir).ok().filter(|p| *p != 0)?;
+    let mut q = DqBlk::default();
+    quotactl(&open(dir).ok()?, Q_GETQUOTA, projid, &mut q).ok()?;
+    (q.bhardlimit > 0).then_some((q.curspace, q.bhardlimit * 1024))
+}
+
 /// Sets the hard limit of the project `dir` belongs to.
 pub fn set_limit(dir: &Path, bytes: u64) -> Result<()> {
     let projid = project_of(dir)?;
