@@ -24,7 +24,9 @@ pub fn type_name(t: VolumeType) -> String {
 pub struct Budget(pub u64);
 
 /// Bytes allocated on the root for one volume's data, and whether the count is
-/// complete (false: the budget ran out, the figure is a lower bound).
+/// complete (false: the budget ran out, or a part of the tree could not be
+/// entered: deeper than `MAX_DEPTH`, a mount inside, an error; the figure is a
+/// lower bound).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Used {
     pub bytes: u64,
@@ -90,6 +92,7 @@ pub fn used_bytes(data: &Path, t: VolumeType, budget: &mut Budget) -> Option<Use
             continue; // removed since it was listed
         };
         if st.st_dev != dev {
+            used.complete = false; // a mount inside: not the root's room
             continue;
         }
         let is_dir = st.st_mode & libc::S_IFMT == libc::S_IFDIR;

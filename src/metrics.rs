@@ -165,7 +165,7 @@ impl Metrics {
         );
         registry.register(
             "volume_used_bytes_complete",
-            "1 when localvol_volume_used_bytes counted every file; 0 when the walk budget ran out",
+            "1 when localvol_volume_used_bytes counted every file; 0 when the walk budget ran out or part of a tree could not be entered (deeper than 256 levels, a mount inside)",
             root.used_complete.clone(),
         );
         registry.register_with_unit(

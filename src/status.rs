@@ -62,7 +62,8 @@ pub struct VolumeRow {
     /// Bytes the data occupies on the root (du of a directory, allocated blocks of a
     /// loop backing file); None when the data is missing.
     pub used_bytes: Option<u64>,
-    /// False when the walk stopped at its budget: `used_bytes` is a lower bound.
+    /// False when the walk stopped at its budget or could not enter part of the
+    /// tree: `used_bytes` is a lower bound.
     pub used_complete: bool,
     pub staged_at: Vec<PathBuf>,
     pub published_at: Vec<PathBuf>,

@@ -201,9 +201,27 @@ fn open_beneath(base: &File, rel: &Path, flags: i32) -> io::Result<File> {
 
 /// Opens the directory `name` in `base` for listing, neither through a symlink
 /// nor into another mount (a pod's bind mount inside its own volume).
+/// Without openat2 (before Linux 5.6, or refused by a seccomp profile) a plain
+/// openat with O_NOFOLLOW still refuses a symlink; a mount is then entered.
 pub(crate) fn open_subdir(base: BorrowedFd, name: &std::ffi::CStr) -> io::Result<OwnedFd> {
     let resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV;
-    openat2(base, name, libc::O_RDONLY | libc::O_DIRECTORY, resolve)
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY;
+    match openat2(base, name, flags, resolve) {
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) => {
+            let fd = unsafe {
+                libc::openat(
+                    base.as_raw_fd(),
+                    name.as_ptr(),
+                    flags | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                )
+            };
+            if fd < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+        }
+        r => r,
+    }
 }
 
 fn openat2(
