@@ -760,3 +760,50 @@ async fn a_cut_snapshot_whose_copy_vanished_is_taken_again() {
     assert!(d.root.join("snapshots").join(&id).join("f").exists());
     assert!(d.log().contains("vanished"), "{}", d.log());
 }
+
+/// A mount a privileged pod made inside its volume is not the volume's data: a
+/// copy does not cross into it (FAILED_PRECONDITION, saying where), and copies
+/// once it is gone.
+#[tokio::test]
+async fn a_copy_does_not_cross_into_a_mount_inside_the_volume() {
+    if !need_root() {
+        return;
+    }
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = nix::mount::umount2(&self.0, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let v = c.create("with-mount", MIB, &[], rwo()).await;
+    let data = d.root.join("volumes").join(&v.volume_id);
+    let host = d.path("host");
+    std::fs::create_dir_all(&host).unwrap();
+    std::fs::write(host.join("secret"), b"not the volume's").unwrap();
+    std::fs::create_dir(data.join("m")).unwrap();
+    nix::mount::mount(
+        Some(&host),
+        &data.join("m"),
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    let mounted = Unmount(data.join("m"));
+    let e = c
+        .snapshot("s", &v.volume_id)
+        .await
+        .expect_err("a copy across a mount");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("mount inside"), "{}", e.message());
+    assert_eq!(
+        std::fs::read_dir(d.root.join("snapshots")).unwrap().count(),
+        0
+    );
+    drop(mounted);
+    let s = c.snapshot("s", &v.volume_id).await.unwrap();
+    c.delete_snapshot(&s.snapshot_id).await.unwrap();
+    c.delete(&v.volume_id).await.unwrap();
+}

@@ -187,16 +187,32 @@ struct OpenHow {
     resolve: u64,
 }
 
-/// Opens `rel` below the directory `base` without following any symlink and
-/// without leaving `base`.
+/// Opens `rel` below the directory `base` without following any symlink,
+/// without leaving `base`, and without entering a mount (a privileged pod's
+/// inside its volume: what it shows is not the volume's data).
 fn open_beneath(base: &File, rel: &Path, flags: i32) -> io::Result<File> {
     let path = if rel.as_os_str().is_empty() {
         CString::new(".").unwrap()
     } else {
         CString::new(rel.as_os_str().as_bytes()).map_err(|_| io::ErrorKind::InvalidInput)?
     };
-    let resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS;
+    let resolve = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_XDEV;
     openat2(base.as_fd(), &path, flags, resolve).map(File::from)
+}
+
+/// The error of opening `path` in a tree being copied.
+fn open_error(e: io::Error, path: &Path) -> Error {
+    if e.kind() == io::ErrorKind::Interrupted {
+        return Error::Aborted(format!("{} {e}; retry", path.display()));
+    }
+    if e.raw_os_error() == Some(libc::EXDEV) {
+        return Error::FailedPrecondition(format!(
+            "{} is a mount inside the volume; a copy does not cross into it (it is not the \
+             volume's data): unmount it and retry",
+            path.display()
+        ));
+    }
+    Error::io(format!("open {}", path.display()), e)
 }
 
 /// Opens the directory `name` in `base` for listing, neither through a symlink
@@ -277,7 +293,7 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
     let mut queue: Vec<PathBuf> = vec![PathBuf::new()];
     while let Some(rel) = queue.pop() {
         let dir = open_beneath(&base, &rel, libc::O_RDONLY | libc::O_DIRECTORY)
-            .map_err(|e| Error::io(format!("open {}", src.join(&rel).display()), e))?;
+            .map_err(|e| open_error(e, &src.join(&rel)))?;
         let out_dir = dst.join(&rel);
         copy_owner_mode(&dir.metadata().ctx(|| "stat")?, &out_dir)?;
         for entry in fs::read_dir(format!("/proc/self/fd/{}", dir.as_raw_fd()))
@@ -298,14 +314,8 @@ pub fn copy_tree(src: &Path, dst: &Path) -> Result<(u64, bool)> {
                     .map_err(|e| make_error(e, &src.join(&child), &out))?;
                 queue.push(child);
             } else if ft.is_file() {
-                let (s, meta) = open_regular(&base, &child).map_err(|e| {
-                    let path = src.join(&child);
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        Error::Aborted(format!("{} {e}; retry", path.display()))
-                    } else {
-                        Error::io(format!("open {}", path.display()), e)
-                    }
-                })?;
+                let (s, meta) =
+                    open_regular(&base, &child).map_err(|e| open_error(e, &src.join(&child)))?;
                 if meta.nlink() > 1 {
                     let inode = (meta.dev(), meta.ino(), meta.created().ok());
                     if let Some(first) = linked.get(&inode) {
