@@ -80,44 +80,50 @@ impl Promises {
     }
 }
 
+/// What a volume whose data is at `data` may still write beyond what it holds
+/// now: the unallocated part of a loop volume's backing file, the unused part of
+/// a limited directory's limit. Nothing for a directory without a limit (its size
+/// is no promise) or a shared volume (another root). `localvol status` reads it
+/// too, with the driver stopped.
+pub fn promise(rec: &VolumeRecord, data: &Path, limits: &DirLimits) -> u64 {
+    if rec.shared {
+        return 0;
+    }
+    match (rec.volume_type, limits) {
+        // A file grown whose record was not (a failed expansion) holds its
+        // new size all the same.
+        (VolumeType::Loop, _) => std::fs::metadata(data)
+            .map(|m| {
+                rec.capacity_bytes
+                    .max(m.len())
+                    .saturating_sub(m.blocks() * 512)
+            })
+            .unwrap_or(0),
+        // What it shares with snapshots counts as room it may take: writing
+        // over shared blocks takes new ones.
+        (VolumeType::Dir, DirLimits::Btrfs { uuid, quota: true }) => {
+            let Ok(sv) = btrfs::subvolume_id(data) else {
+                return 0;
+            };
+            btrfs::usage(uuid, sv)
+                .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
+                .zip(btrfs::exclusive(uuid, sv))
+                .map(|((_, limit), own)| limit.saturating_sub(own))
+                .unwrap_or(0)
+        }
+        // One never given a project (made before project quotas) has none.
+        (VolumeType::Dir, DirLimits::ProjectQuota) => projquota::usage(data)
+            .map(|(used, limit)| limit.saturating_sub(used))
+            .unwrap_or(0),
+        (VolumeType::Dir, _) => 0,
+    }
+}
+
 impl Driver {
-    /// What a volume of this root may still write beyond what it holds now: the
-    /// unallocated part of a loop volume's backing file, the unused part of a
-    /// limited directory's limit. Nothing for a directory without a limit (its
-    /// size is no promise) or a shared volume (another root).
+    /// What a volume of this root may still write beyond what it holds now
+    /// (`promise`).
     pub fn promise_of(&self, rec: &VolumeRecord) -> u64 {
-        if rec.shared {
-            return 0;
-        }
-        let data = self.data_path(rec);
-        match (rec.volume_type, &self.dir_limits) {
-            // A file grown whose record was not (a failed expansion) holds its
-            // new size all the same.
-            (VolumeType::Loop, _) => std::fs::metadata(&data)
-                .map(|m| {
-                    rec.capacity_bytes
-                        .max(m.len())
-                        .saturating_sub(m.blocks() * 512)
-                })
-                .unwrap_or(0),
-            // What it shares with snapshots counts as room it may take: writing
-            // over shared blocks takes new ones.
-            (VolumeType::Dir, DirLimits::Btrfs { uuid, quota: true }) => {
-                let Ok(sv) = btrfs::subvolume_id(&data) else {
-                    return 0;
-                };
-                btrfs::usage(uuid, sv)
-                    .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
-                    .zip(btrfs::exclusive(uuid, sv))
-                    .map(|((_, limit), own)| limit.saturating_sub(own))
-                    .unwrap_or(0)
-            }
-            // One never given a project (made before project quotas) has none.
-            (VolumeType::Dir, DirLimits::ProjectQuota) => projquota::usage(&data)
-                .map(|(used, limit)| limit.saturating_sub(used))
-                .unwrap_or(0),
-            (VolumeType::Dir, _) => 0,
-        }
+        promise(rec, &self.data_path(rec), &self.dir_limits)
     }
 
     /// Sets what volume `id` is promised from what it holds now, after a call

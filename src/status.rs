@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::backend::Layout;
+use crate::backend::{DirLimits, Layout};
 use crate::inspect::{self, Budget, LoopDevice};
 use crate::mount::{self, MountEntry};
 use crate::params::VolumeType;
@@ -65,6 +65,9 @@ pub struct VolumeRow {
     /// False when the walk stopped at its budget or could not enter part of the
     /// tree: `used_bytes` is a lower bound.
     pub used_complete: bool,
+    /// What it may still write beyond `used_bytes` where its size is a promise
+    /// (a loop volume, a limited directory): GetCapacity keeps it back.
+    pub promised_bytes: u64,
     pub staged_at: Vec<PathBuf>,
     pub published_at: Vec<PathBuf>,
     /// Loop devices attached to the backing file.
@@ -97,6 +100,10 @@ pub struct Summary {
     pub root: PathBuf,
     pub capacity_bytes: Option<u64>,
     pub free_bytes: Option<u64>,
+    /// Room the volumes may still write (the sum of their `promised_bytes`).
+    pub promised_bytes: u64,
+    /// Free less promised: what GetCapacity answers for this root's classes.
+    pub available_bytes: Option<u64>,
     pub volumes: usize,
     pub snapshots: usize,
     pub staged: usize,
@@ -220,6 +227,7 @@ fn volume_row(
     layout: &Layout,
     table: &[MountEntry],
     loops: &[LoopDevice],
+    limits: &DirLimits,
     snapshots: usize,
 ) -> VolumeRow {
     let data = layout.volume_data(&rec.id, rec.volume_type, rec.shared);
@@ -272,6 +280,7 @@ fn volume_row(
         size_bytes: rec.capacity_bytes,
         used_bytes: used.map(|u| u.bytes),
         used_complete: used.is_none_or(|u| u.complete),
+        promised_bytes: crate::promises::promise(rec, &data, limits),
         staged_at,
         published_at,
         loop_devices: my_loops
@@ -309,6 +318,8 @@ pub fn inspect(root: &Path) -> Result<Report, StatusError> {
     let snapshots: Vec<SnapshotRecord> = read_records(&state.join("snapshots"), &mut problems)?;
     let table = mount::mounts().unwrap_or_default();
     let loops = inspect::loop_devices_under(root);
+    // Read only: `false` never turns btrfs quotas on.
+    let limits = DirLimits::detect(root, false).unwrap_or(DirLimits::None { why: String::new() });
     let mut snaps_of: BTreeMap<&str, usize> = BTreeMap::new();
     for s in &snapshots {
         *snaps_of.entry(s.source_volume_id.as_str()).or_default() += 1;
@@ -317,7 +328,7 @@ pub fn inspect(root: &Path) -> Result<Report, StatusError> {
         .iter()
         .map(|v| {
             let n = snaps_of.get(v.id.as_str()).copied().unwrap_or(0);
-            volume_row(v, &layout, &table, &loops, n)
+            volume_row(v, &layout, &table, &loops, &limits, n)
         })
         .collect();
     let snap_rows: Vec<SnapshotRow> = snapshots
@@ -347,11 +358,14 @@ pub fn inspect(root: &Path) -> Result<Report, StatusError> {
         problems.extend(s.problems.iter().map(|p| format!("snapshot {}: {p}", s.id)));
     }
     let usage = mount::usage(root).ok();
+    let promised = rows.iter().map(|r| r.promised_bytes).sum::<u64>();
     Ok(Report {
         summary: Summary {
             root: root.to_path_buf(),
             capacity_bytes: usage.map(|u| u.total_bytes),
             free_bytes: usage.map(|u| u.available_bytes),
+            promised_bytes: promised,
+            available_bytes: usage.map(|u| u.available_bytes.saturating_sub(promised)),
             volumes: rows.len(),
             snapshots: snap_rows.len(),
             staged: rows.iter().filter(|r| !r.staged_at.is_empty()).count(),
@@ -498,11 +512,14 @@ pub fn snapshots_table(rows: &[SnapshotRow]) -> String {
 pub fn summary_text(s: &Summary) -> String {
     let opt = |v: Option<u64>| v.map(human_bytes).unwrap_or_else(|| "unknown".into());
     let mut out = format!(
-        "root:         {}\ncapacity:     {}\nfree:         {}\nvolumes:      {} ({} staged, {} published)\n\
+        "root:         {}\ncapacity:     {}\nfree:         {}\npromised:     {} (room volumes may still write)\n\
+         available:    {} (free less promised, as GetCapacity reports it)\nvolumes:      {} ({} staged, {} published)\n\
          snapshots:    {}\nloop devices: {}\ntrash:        {} deleted, being removed\n",
         s.root.display(),
         opt(s.capacity_bytes),
         opt(s.free_bytes),
+        human_bytes(s.promised_bytes),
+        opt(s.available_bytes),
         s.volumes,
         s.staged,
         s.published,

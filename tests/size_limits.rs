@@ -255,6 +255,18 @@ async fn capacity_counts_room_promised_to_sparse_volumes() {
         empty - 64 * MIB,
         "measured at start-up",
     );
+    // `localvol status` measures the same, and says what GetCapacity answers.
+    let summary = status_summary(&root);
+    near(
+        summary["promised_bytes"].as_i64().unwrap(),
+        48 * MIB,
+        "status: promised (64 MiB less the 16 written)",
+    );
+    near(
+        summary["available_bytes"].as_i64().unwrap(),
+        capacity(&mut c, &loop_class).await,
+        "status: available",
+    );
 
     // A full copy (a snapshot on a root without block sharing) may not take room
     // promised to volumes: with 8 MiB left unpromised, a copy of 16 MiB is refused
@@ -324,7 +336,30 @@ async fn btrfs_capacity_counts_room_promised_to_limited_directories() {
         before >> 20,
         after >> 20
     );
+    // `localvol status` reads the qgroup limit as the driver does.
+    let promised = status_summary(&root)["promised_bytes"].as_i64().unwrap();
+    assert!(
+        (promised - 64 * MIB).abs() <= 8 * MIB,
+        "status: {} MiB promised to a 64 MiB volume",
+        promised >> 20
+    );
     c.delete(&v.volume_id).await.unwrap();
+}
+
+/// The summary `localvol status --output json` prints for `root`.
+fn status_summary(root: &Path) -> serde_json::Value {
+    let out = std::process::Command::new(binary())
+        .args(["status", "--output", "json", "--root"])
+        .arg(root)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    report["summary"].clone()
 }
 
 /// What GetCapacity answers for a class with these parameters, anywhere.
