@@ -588,6 +588,33 @@ async fn node_rules() {
         c.node.node_get_volume_stats(stats(ghost, "/tmp")).await,
         Code::NotFound,
     );
+    // The volume is looked up before the path is judged (as csi-sanity checks):
+    // an unknown one is NOT_FOUND at any path, and no volume is "on" a relative
+    // path.
+    assert_code(
+        c.node
+            .node_get_volume_stats(stats(ghost, "some/path"))
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        c.node.node_get_volume_stats(stats(id, "some/path")).await,
+        Code::NotFound,
+    );
+    assert_code(
+        c.node_expand(ghost, std::path::Path::new("some/path"), MIB, None)
+            .await,
+        Code::NotFound,
+    );
+    assert_code(
+        c.node_expand(id, std::path::Path::new("some/path"), MIB, None)
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.node_expand(id, std::path::Path::new(""), MIB, None).await,
+        Code::InvalidArgument,
+    );
 }
 
 /// A volume larger than the whole root filesystem is refused, not promised.

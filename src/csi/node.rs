@@ -3,6 +3,7 @@
 use tonic::{Request, Response, Status};
 
 use super::{answer, capability, required, required_capability, run, topology, Shared};
+use crate::error::Error;
 use crate::ids::check_path;
 use crate::proto::node_server::Node;
 use crate::proto::node_service_capability::{self as nsc, rpc};
@@ -106,9 +107,17 @@ impl Node for NodeService {
     ) -> Result<Response<NodeGetVolumeStatsResponse>, Status> {
         let r = request.into_inner();
         let id = required("volume_id", &r.volume_id)?.to_string();
-        let path = check_path("volume_path", &r.volume_path)?;
+        required("volume_path", &r.volume_path)?;
+        let path = check_path("volume_path", &r.volume_path);
         let driver = self.driver.clone();
         run("NodeGetVolumeStats", &id.clone(), move || {
+            // An unknown volume is NOT_FOUND whatever the path; a known one is not
+            // found at a path that cannot be a mount point (the spec's row "volume
+            // does not exist on specified volume_path").
+            driver.volume(&id)?;
+            let path = path.map_err(|e| {
+                Error::NotFound(format!("{e}: volume {id} cannot be mounted there"))
+            })?;
             let (stats, c) = driver.stats(&id, &path)?;
             let usage =
                 |unit: volume_usage::Unit, total: u64, used: u64, available: u64| VolumeUsage {
@@ -153,7 +162,8 @@ impl Node for NodeService {
     ) -> Result<Response<NodeExpandVolumeResponse>, Status> {
         let r = request.into_inner();
         let id = required("volume_id", &r.volume_id)?.to_string();
-        let path = check_path("volume_path", &r.volume_path)?;
+        required("volume_path", &r.volume_path)?;
+        let path = check_path("volume_path", &r.volume_path);
         let required_bytes = r.capacity_range.map(|c| c.required_bytes).unwrap_or(0);
         let block = match &r.volume_capability {
             Some(c) => capability(c)?.is_block(),
@@ -161,6 +171,9 @@ impl Node for NodeService {
         };
         let driver = self.driver.clone();
         run("NodeExpandVolume", &id.clone(), move || {
+            // An unknown volume is NOT_FOUND whatever the path.
+            driver.volume(&id)?;
+            let path = path?;
             let bytes = driver.node_expand(&id, &path, required_bytes, block)?;
             Ok(Response::new(NodeExpandVolumeResponse {
                 capacity_bytes: bytes as i64,
