@@ -17,6 +17,7 @@
 
 pub mod access;
 pub mod attach;
+pub mod authority;
 pub mod backend;
 pub mod beside;
 pub mod client;

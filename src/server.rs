@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
+use tokio_stream::StreamExt;
 
 use crate::csi::{controller::ControllerService, identity::IdentityService, node::NodeService};
 use crate::proto::{
@@ -136,7 +137,10 @@ pub async fn serve(
             })
             .max_decoding_message_size(MAX_MESSAGE_BYTES),
         )
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), signal);
+        .serve_with_incoming_shutdown(
+            UnixListenerStream::new(listener).map(|c| c.map(crate::authority::Mended::new)),
+            signal,
+        );
     // Graceful shutdown in tonic also waits for idle client connections, which the
     // sidecars never close: stop once the calls in flight are done instead.
     let drained = async move {

@@ -738,3 +738,83 @@ async fn node_calls_touch_only_their_volume() {
         c.delete(id).await.unwrap();
     }
 }
+
+/// Kubelets before Kubernetes 1.26, `csc` and csi-sanity before v5 send the
+/// socket's path as the HTTP/2 `:authority`, which h2 refuses as malformed (every
+/// call reset with PROTOCOL_ERROR). Such a client, byte for byte as grpc-go writes
+/// it (the authority added to the HPACK table, then named by index), is served.
+#[tokio::test]
+async fn a_client_naming_the_socket_as_its_authority_is_served() {
+    use std::io::{Read, Write};
+    let d = Driver::start().await;
+    let socket = d.socket.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut conn = std::os::unix::net::UnixStream::connect(&socket).unwrap();
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let frame = |kind: u8, flags: u8, stream: u32, payload: &[u8]| {
+            let mut f = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+            f.extend([kind, flags]);
+            f.extend(stream.to_be_bytes());
+            f.extend(payload);
+            f
+        };
+        // HPACK: a literal (7-bit length prefix, no Huffman); the values here are short.
+        let lit = |s: &str| {
+            assert!(s.len() < 127);
+            let mut b = vec![s.len() as u8];
+            b.extend(s.as_bytes());
+            b
+        };
+        let request = |authority: &[u8]| {
+            // :method POST, :scheme http (static table), then the authority as given.
+            let mut block = vec![0x83, 0x86];
+            block.extend(authority);
+            for (name, value) in [
+                (":path", "/csi.v1.Identity/GetPluginInfo"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ] {
+                block.push(0); // literal without indexing, new name
+                block.extend(lit(name));
+                block.extend(lit(value));
+            }
+            block
+        };
+        // The path, added to the table (literal with incremental indexing, name
+        // :authority from the static table): the only entry, index 62.
+        let mut by_literal = vec![0x41];
+        by_literal.extend(lit(&socket.display().to_string()));
+        let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        out.extend(frame(0x4, 0, 0, &[]));
+        out.extend(frame(0x1, 0x4, 1, &request(&by_literal)));
+        out.extend(frame(0x0, 0x1, 1, &[0, 0, 0, 0, 0]));
+        out.extend(frame(0x1, 0x4, 3, &request(&[0x80 | 62])));
+        out.extend(frame(0x0, 0x1, 3, &[0, 0, 0, 0, 0]));
+        conn.write_all(&out).unwrap();
+
+        // Each stream must bring a DATA frame naming the driver, never a reset.
+        let mut answered = std::collections::BTreeSet::new();
+        while answered.len() < 2 {
+            let mut head = [0u8; 9];
+            conn.read_exact(&mut head).expect("the server's frames");
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let stream = u32::from_be_bytes(head[5..9].try_into().unwrap());
+            let mut payload = vec![0; len];
+            conn.read_exact(&mut payload).unwrap();
+            match head[3] {
+                0x3 => panic!("stream {stream} reset: error code {payload:?}"),
+                0x7 => panic!("connection closed (GOAWAY): {payload:?}"),
+                0x0 => {
+                    let name = DRIVER.as_bytes();
+                    assert!(payload.windows(name.len()).any(|w| w == name));
+                    answered.insert(stream);
+                }
+                _ => {}
+            }
+        }
+        assert_eq!(answered, [1, 3].into());
+    })
+    .await
+    .unwrap();
+}
