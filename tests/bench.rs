@@ -315,6 +315,49 @@ async fn no_controller_publish_skips_the_controller_publish_rpcs() {
     assert_clean(&d).await;
 }
 
+/// `--kubelet-dials`: node calls as the kubelet makes them, with its capability
+/// questions (two before staging, two before publishing, one before unstaging).
+#[tokio::test]
+async fn kubelet_dials_adds_the_kubelets_capability_calls() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(
+        &d,
+        &[
+            "--no-controller-publish",
+            "--kubelet-dials",
+            "cycle",
+            "-n",
+            "3",
+            "-c",
+            "2",
+        ],
+    );
+    assert_eq!(r["cycles"], 3);
+    assert_eq!(r["kubelet_dials"], true);
+    let count = |rpc: &str| {
+        r["rpcs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["rpc"] == rpc)
+            .map_or(0, |x| x["count"].as_u64().unwrap())
+    };
+    assert_eq!(count("NodeGetCapabilities"), 15, "{r}");
+    for rpc in [
+        "NodeStageVolume",
+        "NodePublishVolume",
+        "NodeUnpublishVolume",
+        "NodeUnstageVolume",
+    ] {
+        assert_eq!(count(rpc), 3, "{rpc}: {r}");
+    }
+    assert_clean(&d).await;
+}
+
 /// StorageClass parameters as external-provisioner passes them: no
 /// csi.storage.k8s.io/ key reaches CreateVolume, its fstype goes into the
 /// capability, secret references are left out with a note, and a class the

@@ -58,6 +58,13 @@ struct Cli {
     /// `attachRequired: false` (how deploy/ installs localvol).
     #[arg(long, global = true)]
     no_controller_publish: bool,
+    /// Make the node calls as the kubelet does: each on a connection of its own,
+    /// dialled for it and closed after, with the NodeGetCapabilities calls the
+    /// kubelet makes around them (two before staging, two before publishing, one
+    /// before unstaging). Without it, node calls share the sidecars' one
+    /// connection and no capabilities are asked during cycles.
+    #[arg(long, global = true)]
+    kubelet_dials: bool,
     /// One JSON object on stdout instead of a table.
     #[arg(long, global = true)]
     json: bool,
@@ -228,6 +235,9 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
     let mut session =
         Session::open(&cli.endpoint, sc, cli.size, cli.block, work.path.clone()).await?;
     session.controller_publish = session.info.controller_publish && !cli.no_controller_publish;
+    if cli.kubelet_dials {
+        session.kubelet_dials = Some(cli.endpoint.clone());
+    }
     // Installed once connected, so a driver that never answers can still be left
     // with Ctrl-C before anything was made.
     let (stop, _watch) = bench::Stop::on_signals(bench::UNDOING)?;
@@ -254,10 +264,11 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         "size_bytes": cli.size,
         "controller_publish": session.controller_publish,
         "controller_publish_advertised": info.controller_publish,
+        "kubelet_dials": cli.kubelet_dials,
         "node_stage": info.node_stage,
     });
     let header = format!(
-        "driver {} {} on node {}, {} volumes of {} bytes, parameters {:?}{}{}\nControllerPublish: {}",
+        "driver {} {} on node {}, {} volumes of {} bytes, parameters {:?}{}{}\nControllerPublish: {}{}",
         info.name,
         info.version,
         info.node_id,
@@ -276,6 +287,11 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
             (true, _) => "yes (advertised)",
             (false, true) => "no (advertised, skipped by --no-controller-publish)",
             (false, false) => "no (not advertised)",
+        },
+        if cli.kubelet_dials {
+            "\nnode calls: a connection each, with the kubelet's NodeGetCapabilities calls"
+        } else {
+            ""
         }
     );
     let in_flight = match cli.command {

@@ -65,6 +65,9 @@ pub struct Session {
     pub controller_publish: bool,
     /// Set by a signal: steps not yet begun are not begun.
     pub stop: Stop,
+    /// The endpoint, when node calls are made as the kubelet makes them
+    /// (`--kubelet-dials`): each on a connection dialled for it.
+    pub kubelet_dials: Option<String>,
 }
 
 /// What external-provisioner makes of a StorageClass's parameters.
@@ -251,7 +254,48 @@ impl Session {
             block,
             work_dir,
             stop: Stop::default(),
+            kubelet_dials: None,
         })
+    }
+
+    /// The client for one node call. The kubelet dials the socket for every node
+    /// call and closes it after (its csiDriverClient makes a gRPC connection per
+    /// method); the sidecars and, without `--kubelet-dials`, the bench keep one.
+    async fn node_for_call(&self) -> Result<NodeClient<Direct>, tonic::Status> {
+        match &self.kubelet_dials {
+            None => Ok(self.node.clone()),
+            Some(endpoint) => {
+                let conn = connect(endpoint)
+                    .await
+                    .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+                Ok(NodeClient::with_origin(
+                    conn,
+                    Uri::from_static(localvol::client::ORIGIN),
+                ))
+            }
+        }
+    }
+
+    /// The NodeGetCapabilities calls the kubelet makes before a node call, each
+    /// on its own connection (none without `--kubelet-dials`): whether the driver
+    /// stages, and which single-node access modes it knows.
+    async fn kubelet_asks_capabilities(
+        &self,
+        t: &mut Timings,
+        times: usize,
+    ) -> Result<(), BenchError> {
+        if self.kubelet_dials.is_none() {
+            return Ok(());
+        }
+        for _ in 0..times {
+            timed!(t, "NodeGetCapabilities", async {
+                self.node_for_call()
+                    .await?
+                    .node_get_capabilities(NodeGetCapabilitiesRequest {})
+                    .await
+            })?;
+        }
+        Ok(())
     }
 
     /// CreateVolume's parameters; with the PVC's and PV's names where the
@@ -386,8 +430,13 @@ impl Pod {
                 secrets: Default::default(),
                 volume_context: self.volume.volume_context.clone(),
             };
+            // Kubelet's MountDevice: does it stage? Then NodeStageVolume, which
+            // first asks again for the access modes.
+            s.kubelet_asks_capabilities(t, 2).await?;
             self.staged = true;
-            timed!(t, "NodeStageVolume", s.node.node_stage_volume(req))?;
+            timed!(t, "NodeStageVolume", async {
+                s.node_for_call().await?.node_stage_volume(req).await
+            })?;
         }
         s.stop.check()?;
         // Kubelet creates only the parent of the target; the driver makes the target.
@@ -407,8 +456,13 @@ impl Pod {
             secrets: Default::default(),
             volume_context: self.volume.volume_context.clone(),
         };
+        // Kubelet's SetUp: does it stage? Then NodePublishVolume, which first asks
+        // again for the access modes.
+        s.kubelet_asks_capabilities(t, 2).await?;
         self.published = true;
-        timed!(t, "NodePublishVolume", s.node.node_publish_volume(req))?;
+        timed!(t, "NodePublishVolume", async {
+            s.node_for_call().await?.node_publish_volume(req).await
+        })?;
         Ok(())
     }
 
@@ -426,7 +480,9 @@ impl Pod {
                 volume_id: id.clone(),
                 target_path: self.target.display().to_string(),
             };
-            let r = timed!(t, "NodeUnpublishVolume", s.node.node_unpublish_volume(req));
+            let r = timed!(t, "NodeUnpublishVolume", async {
+                s.node_for_call().await?.node_unpublish_volume(req).await
+            });
             self.published = r.is_err();
             keep(r.map(|_| ()));
         }
@@ -435,7 +491,13 @@ impl Pod {
                 volume_id: id.clone(),
                 staging_target_path: self.staging.display().to_string(),
             };
-            let r = timed!(t, "NodeUnstageVolume", s.node.node_unstage_volume(req));
+            // Kubelet's UnmountDevice asks whether the driver stages first.
+            let r = match s.kubelet_asks_capabilities(t, 1).await {
+                Ok(()) => timed!(t, "NodeUnstageVolume", async {
+                    s.node_for_call().await?.node_unstage_volume(req).await
+                }),
+                Err(e) => Err(e),
+            };
             self.staged = r.is_err();
             keep(r.map(|_| ()));
         }
