@@ -178,6 +178,12 @@ impl Repair {
             self.pending = Some(p);
             return;
         }
+        // The usual first block: its authority read without a whole decode.
+        if !mend && first_authority_valid(&p.block) == Some(true) {
+            out.extend_from_slice(&p.frames);
+            self.stage = Stage::Through;
+            return;
+        }
         let Ok(fields) = self.decoder.decode(&p.block) else {
             // Not HPACK this decoder can read: h2 will say what is wrong with it.
             out.extend_from_slice(&p.frames);
@@ -212,6 +218,96 @@ impl Repair {
         }
         frames(p.stream, p.end_stream, &block, out);
     }
+}
+
+/// Whether the `:authority` of a connection's first header block is one h2
+/// accepts (true also when there is none); None when this quick reading cannot
+/// tell (a field named by a table entry the block itself added, bad HPACK), for
+/// the whole decoder to judge. It decodes only the authority's value and literal
+/// names (fluke's full decoder builds a Huffman table for every string it
+/// decodes: 0.1 ms a block, paid by every connection).
+fn first_authority_valid(block: &[u8]) -> Option<bool> {
+    const STATIC_ENTRIES: usize = 61;
+    const AUTHORITY: usize = 1;
+    let mut at = 0;
+    let mut valid = true;
+    while at < block.len() {
+        let b = block[at];
+        let prefix = match b {
+            0x80.. => 7,      // indexed field
+            0x40..=0x7f => 6, // literal, added to the table
+            0x20..=0x3f => 5, // table size update
+            _ => 4,           // literal, not added (or never)
+        };
+        let (index, used) = integer(&block[at..], prefix)?;
+        at += used;
+        match prefix {
+            5 => continue,
+            7 if index == AUTHORITY => valid = false, // the static entry's value is empty
+            7 if index > STATIC_ENTRIES => return None,
+            7 => {}
+            _ => {
+                let name_is_authority = match index {
+                    0 => {
+                        let (name, used) = string(&block[at..])?;
+                        at += used;
+                        name == b":authority"
+                    }
+                    AUTHORITY => true,
+                    i if i > STATIC_ENTRIES => return None,
+                    _ => false,
+                };
+                if name_is_authority {
+                    let (value, used) = string(&block[at..])?;
+                    at += used;
+                    valid &= http::uri::Authority::try_from(&value[..]).is_ok();
+                } else {
+                    at += skip_string(&block[at..])?;
+                }
+            }
+        }
+    }
+    Some(valid)
+}
+
+/// An HPACK integer with an N-bit prefix (RFC 7541 5.1), and the bytes it took.
+fn integer(buf: &[u8], prefix: u8) -> Option<(usize, usize)> {
+    let max = (1usize << prefix) - 1;
+    let first = (*buf.first()? as usize) & max;
+    if first < max {
+        return Some((first, 1));
+    }
+    let mut value = max;
+    for (i, &b) in buf[1..].iter().enumerate().take(4) {
+        value += ((b & 0x7f) as usize) << (7 * i);
+        if b & 0x80 == 0 {
+            return Some((value, i + 2));
+        }
+    }
+    None
+}
+
+/// The bytes an HPACK string literal takes, without decoding it.
+fn skip_string(buf: &[u8]) -> Option<usize> {
+    let (len, used) = integer(buf, 7)?;
+    (used + len <= buf.len()).then_some(used + len)
+}
+
+/// An HPACK string literal, decoded, and the bytes it took.
+fn string(buf: &[u8]) -> Option<(Vec<u8>, usize)> {
+    let total = skip_string(buf)?;
+    let (_, used) = integer(buf, 7)?;
+    let raw = &buf[used..total];
+    if buf[0] & 0x80 == 0 {
+        return Some((raw.to_vec(), total));
+    }
+    thread_local! {
+        // Built once: building its table is most of a decode's cost.
+        static HUFFMAN: std::cell::RefCell<fluke_hpack::huffman::HuffmanDecoder> =
+            std::cell::RefCell::new(fluke_hpack::huffman::HuffmanDecoder::new());
+    }
+    let decoded = HUFFMAN.with(|h| h.borrow_mut().decode(raw)).ok()?;
+    Some((decoded, total))
 }
 
 /// The header block fragment of a HEADERS frame's payload, without its padding
@@ -542,6 +638,79 @@ mod tests {
         let mut lit = vec![];
         literal(&[b'x'; 300], &mut lit);
         assert_eq!(&lit[..3], &[127, 173, 1]); // 300 = 127 + 173
+    }
+
+    /// The first block of a real h2 client (hyper's, Huffman-coding what it
+    /// can): its authority is read on the quick path, and found valid.
+    #[tokio::test]
+    async fn a_real_clients_first_block_is_judged_without_a_full_decode() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("s");
+        let listener = tokio::net::UnixListener::bind(&sock).unwrap();
+        let client = tokio::spawn(async move {
+            let c = crate::client::connect_direct(&sock).await.unwrap();
+            let mut node = crate::proto::node_client::NodeClient::with_origin(
+                c,
+                tonic::codegen::http::Uri::from_static(crate::client::ORIGIN),
+            );
+            // No server answers; the request's bytes are all this needs.
+            let _ = node
+                .node_get_capabilities(crate::proto::NodeGetCapabilitiesRequest {})
+                .await;
+        });
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let (mut bytes, mut buf) = (Vec::new(), [0u8; 4096]);
+        let block = loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "the client closed before its request");
+            bytes.extend_from_slice(&buf[..n]);
+            let mut rest = &bytes[PREFACE.len().min(bytes.len())..];
+            let mut found = None;
+            while rest.len() >= 9 {
+                let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+                if rest.len() < 9 + len {
+                    break;
+                }
+                if rest[3] == HEADERS {
+                    found = Some(fragment(&rest[9..9 + len], rest[4]).unwrap().to_vec());
+                }
+                rest = &rest[9 + len..];
+            }
+            if let Some(b) = found {
+                break b;
+            }
+        };
+        client.abort();
+        assert_eq!(first_authority_valid(&block), Some(true));
+        let fields = fluke_hpack::Decoder::new().decode(&block).unwrap();
+        assert!(fields.iter().any(|(n, _)| n == b":authority"), "{fields:?}");
+        assert!(
+            block.iter().any(|&b| b & 0x80 != 0 && b != 0x80),
+            "expected Huffman-coded or indexed fields"
+        );
+        // Integers of every length read back.
+        for n in [0, 5, 126, 127, 128, 300, 70_000] {
+            let mut lit = vec![];
+            literal(&vec![b'a'; n], &mut lit);
+            assert_eq!(integer(&lit, 7), Some((n, lit.len() - n)));
+        }
+    }
+
+    #[test]
+    fn the_quick_reading_agrees_with_a_whole_decode() {
+        let path = "/run/csi/socket";
+        for (block, want) in [
+            (encoded("localhost", &["/a"]).remove(0), Some(true)),
+            (encoded(path, &["/a"]).remove(0), Some(false)),
+            (indexed_like_grpc_go(path).remove(0), Some(false)),
+            (indexed_like_grpc_go("localhost").remove(0), Some(true)),
+            // A later block names the authority by the table: left to the decoder.
+            (indexed_like_grpc_go("localhost").remove(1), None),
+            (vec![0x82, 0x86], Some(true)),
+        ] {
+            assert_eq!(first_authority_valid(&block), want, "{block:?}");
+        }
     }
 
     #[test]
