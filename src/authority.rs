@@ -42,7 +42,8 @@ pub struct Repair {
     stage: Stage,
     /// Bytes read and not yet passed on: less than a whole frame.
     input: Vec<u8>,
-    decoder: fluke_hpack::Decoder<'static>,
+    /// The client's HPACK table, once the connection is mended.
+    table: Table,
     /// A header block whose CONTINUATION frames are still to come.
     pending: Option<Pending>,
 }
@@ -71,7 +72,7 @@ impl Default for Repair {
         Repair {
             stage: Stage::Preface,
             input: Vec::new(),
-            decoder: fluke_hpack::Decoder::new(),
+            table: Table::default(),
             pending: None,
         }
     }
@@ -184,7 +185,7 @@ impl Repair {
             self.stage = Stage::Through;
             return;
         }
-        let Ok(fields) = self.decoder.decode(&p.block) else {
+        let Some(fields) = self.table.decode(&p.block) else {
             // Not HPACK this decoder can read: h2 will say what is wrong with it.
             out.extend_from_slice(&p.frames);
             self.stage = Stage::Through;
@@ -224,8 +225,7 @@ impl Repair {
 /// accepts (true also when there is none); None when this quick reading cannot
 /// tell (a field named by a table entry the block itself added, bad HPACK), for
 /// the whole decoder to judge. It decodes only the authority's value and literal
-/// names (fluke's full decoder builds a Huffman table for every string it
-/// decodes: 0.1 ms a block, paid by every connection).
+/// names, and keeps no table: every connection pays it.
 fn first_authority_valid(block: &[u8]) -> Option<bool> {
     const STATIC_ENTRIES: usize = 61;
     const AUTHORITY: usize = 1;
@@ -268,6 +268,117 @@ fn first_authority_valid(block: &[u8]) -> Option<bool> {
         }
     }
     Some(valid)
+}
+
+/// A client's HPACK dynamic table (RFC 7541 2.3), and the decoding of header blocks
+/// against it. fluke-hpack's own decoder builds a Huffman table for every string it
+/// decodes (0.1 ms a block); this one shares one per thread.
+struct Table {
+    /// Newest first: index 62 is `entries[0]`.
+    entries: std::collections::VecDeque<(Vec<u8>, Vec<u8>)>,
+    size: usize,
+    max: usize,
+}
+
+/// The size the client's table starts at and may not pass: the server's
+/// SETTINGS_HEADER_TABLE_SIZE, h2's default, which tonic keeps.
+const TABLE_SIZE: usize = 4096;
+
+impl Default for Table {
+    fn default() -> Self {
+        Table {
+            entries: Default::default(),
+            size: 0,
+            max: TABLE_SIZE,
+        }
+    }
+}
+
+impl Table {
+    /// A header block's fields, in order; None if it is not valid HPACK.
+    fn decode(&mut self, block: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut fields = vec![];
+        let mut at = 0;
+        while at < block.len() {
+            let b = block[at];
+            let prefix = match b {
+                0x80.. => 7,
+                0x40..=0x7f => 6,
+                0x20..=0x3f => 5,
+                _ => 4,
+            };
+            let (index, used) = integer(&block[at..], prefix)?;
+            at += used;
+            match prefix {
+                7 => fields.push(self.get(index)?),
+                5 => {
+                    if index > TABLE_SIZE {
+                        return None;
+                    }
+                    self.max = index;
+                    self.evict(0);
+                }
+                _ => {
+                    let name = if index == 0 {
+                        let (name, used) = string(&block[at..])?;
+                        at += used;
+                        name
+                    } else {
+                        self.get(index)?.0
+                    };
+                    let (value, used) = string(&block[at..])?;
+                    at += used;
+                    if prefix == 6 {
+                        self.add(name.clone(), value.clone());
+                    }
+                    fields.push((name, value));
+                }
+            }
+        }
+        Some(fields)
+    }
+
+    fn get(&self, index: usize) -> Option<(Vec<u8>, Vec<u8>)> {
+        match index {
+            0 => None,
+            1..=61 => static_table().get(index - 1).cloned(),
+            _ => self.entries.get(index - 62).cloned(),
+        }
+    }
+
+    fn add(&mut self, name: Vec<u8>, value: Vec<u8>) {
+        let size = name.len() + value.len() + 32;
+        self.evict(size);
+        // An entry larger than the table empties it and is not added (RFC 7541 4.4).
+        if size <= self.max {
+            self.size += size;
+            self.entries.push_front((name, value));
+        }
+    }
+
+    /// Drops the oldest entries until `room` more bytes fit.
+    fn evict(&mut self, room: usize) {
+        while self.size + room > self.max {
+            let Some((n, v)) = self.entries.pop_back() else {
+                break;
+            };
+            self.size -= n.len() + v.len() + 32;
+        }
+    }
+}
+
+/// HPACK's static table (RFC 7541 Appendix A), read once from fluke-hpack's
+/// decoder, one indexed field at a time.
+fn static_table() -> &'static [(Vec<u8>, Vec<u8>)] {
+    static TABLE: std::sync::OnceLock<Vec<(Vec<u8>, Vec<u8>)>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        (1..=61u8)
+            .map(|i| {
+                let mut d = fluke_hpack::Decoder::new();
+                d.decode(&[0x80 | i]).expect("a static index").remove(0)
+            })
+            .collect()
+    })
 }
 
 /// An HPACK integer with an N-bit prefix (RFC 7541 5.1), and the bytes it took.
@@ -685,6 +796,7 @@ mod tests {
         assert_eq!(first_authority_valid(&block), Some(true));
         let fields = fluke_hpack::Decoder::new().decode(&block).unwrap();
         assert!(fields.iter().any(|(n, _)| n == b":authority"), "{fields:?}");
+        assert_eq!(Table::default().decode(&block), Some(fields.clone()));
         assert!(
             block.iter().any(|&b| b & 0x80 != 0 && b != 0x80),
             "expected Huffman-coded or indexed fields"
@@ -710,6 +822,47 @@ mod tests {
             (vec![0x82, 0x86], Some(true)),
         ] {
             assert_eq!(first_authority_valid(&block), want, "{block:?}");
+        }
+    }
+
+    /// The table agrees with fluke-hpack's decoder, eviction and size updates
+    /// included.
+    #[test]
+    fn the_table_decodes_as_fluke_does() {
+        let lit = |v: &[u8]| {
+            let mut b = vec![];
+            literal(v, &mut b);
+            b
+        };
+        let mut blocks = indexed_like_grpc_go("/run/x.sock");
+        blocks.extend(encoded("localhost", &["/a", "/b"]));
+        // Large fields added until the oldest are evicted, then named by index.
+        for i in 0..12u8 {
+            let mut b = vec![0x40];
+            b.extend(lit(format!("x-big-{i}").as_bytes()));
+            b.extend(lit(&vec![b'a' + i; 500]));
+            b.extend([0x80 | 62, 0x80 | 63, 0x80 | 64]);
+            blocks.push(b);
+        }
+        // A size update shrinks the table, then a field is added to it.
+        let mut b = vec![0x3f, 0xe1, 0x07]; // 1024: 31 + 993
+        b.push(0x41);
+        b.extend(lit(b"localhost"));
+        b.push(0x80 | 62);
+        blocks.push(b);
+        let (mut ours, mut theirs) = (Table::default(), fluke_hpack::Decoder::new());
+        for b in &blocks {
+            assert_eq!(ours.decode(b), Some(theirs.decode(b).unwrap()), "{b:?}");
+        }
+        assert!(ours.size <= 1024 && !ours.entries.is_empty());
+        // Bad HPACK is None, never a panic.
+        for bad in [
+            &[0x80][..],
+            &[0xff, 0xff],
+            &[0x40, 0x05, b'a'],
+            &[0x3f, 0xff, 0x7f],
+        ] {
+            assert_eq!(Table::default().decode(bad), None, "{bad:?}");
         }
     }
 
