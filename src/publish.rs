@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 
 use crate::access::{self, Capability};
 use crate::attach::publish_rules;
@@ -467,7 +467,11 @@ impl Driver {
                  the controller first"
             )));
         }
-        if block || path.is_file() {
+        // A raw publish is the device itself, bound onto a file: nothing to grow.
+        // The capability is optional in this call, so the path is asked as well
+        // (stat sees the device node mounted there).
+        let raw = fs::metadata(path).is_ok_and(|m| m.is_file() || m.file_type().is_block_device());
+        if block || raw {
             return Ok(size);
         }
         let keys = self.volume_keys(&rec)?;

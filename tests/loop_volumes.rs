@@ -240,6 +240,12 @@ async fn block_volume_is_a_raw_device_that_keeps_its_data() {
     let stats = c.stats(&id, &target).await;
     assert_eq!(stats.usage.len(), 1);
     assert_eq!(stats.usage[0].total, 128 * MIB);
+    // A CO may still call NodeExpandVolume, with or without the (optional)
+    // capability: the device is what grew, and nothing is taken for a filesystem.
+    for cap in [None, Some(cap.clone())] {
+        let r = c.node_expand(&id, &target, 128 * MIB, cap).await.unwrap();
+        assert_eq!(r.capacity_bytes, 128 * MIB);
+    }
 
     c.unpublish(&id, &target).await.unwrap();
     c.unstage(&id, &staging).await.unwrap();
