@@ -74,6 +74,15 @@ impl Driver {
                 rec.node_id
             )));
         }
+        if rec.shared && node != self.cfg.node_id {
+            let known = self.layout.node_entry(node).is_some_and(|e| e.exists());
+            if !known {
+                return Err(Error::NotFound(format!(
+                    "node {node:?} does not use the shared root of volume {id}: no localvol \
+                     with --shared-root has run there"
+                )));
+            }
+        }
         let rules = publish_rules(&rec, cap, readonly)?;
         let _guard = self.lock(id)?;
         rec = self.volume(id)?;

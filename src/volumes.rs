@@ -121,6 +121,20 @@ pub struct Driver {
     _root_lock: crate::rootlock::RootLock,
 }
 
+/// Says on the shared root that this node uses it, so that other nodes' drivers
+/// can tell a node that exists from a name that does not (ControllerPublish).
+fn register_node(layout: &Layout, node: &str) -> Result<()> {
+    let (Some(dir), Some(entry)) = (layout.nodes_dir(), layout.node_entry(node)) else {
+        return Ok(());
+    };
+    dir::own_dir(&dir)?;
+    if fs::read(&entry).is_ok_and(|held| held == node.as_bytes()) {
+        return Ok(());
+    }
+    // Not synced: an entry lost in a crash is written again at the next start.
+    fs::write(&entry, node).map_err(|e| Error::io(format!("write {}", entry.display()), e))
+}
+
 pub fn now_unix() -> (i64, i32) {
     let d = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -187,6 +201,7 @@ impl Driver {
         if let Some(state) = &shared_state {
             dir::own_dir(&layout.volumes_dir(true))?;
             dir::own_dir(state)?;
+            register_node(&layout, &cfg.node_id)?;
         }
         let store = Store::open(&layout.state_dir(), shared_state.as_deref())?;
         let dir_limits = DirLimits::detect(&layout.root, cfg.enable_btrfs_quota)?;

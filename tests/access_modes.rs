@@ -191,9 +191,64 @@ async fn two_nodes_on_a_shared_root() -> (Driver, Driver, std::path::PathBuf) {
     (a, b, shared)
 }
 
+/// A shared volume is reachable from every node that uses the shared root, and
+/// from no other: ControllerPublish to a node no driver has served the shared
+/// root from is NOT_FOUND, as the spec says for a node that does not exist.
+#[tokio::test]
+async fn a_shared_volume_is_published_only_to_nodes_that_use_the_shared_root() {
+    let (a, _b, shared) = two_nodes_on_a_shared_root().await;
+    let mut ca = a.clients().await;
+    let mode = Mode::MultiNodeMultiWriter;
+    let vol = ca
+        .create(
+            "pvc-shared-nodes",
+            MIB,
+            &[("shared", "true")],
+            mount_cap(mode),
+        )
+        .await;
+    let id = vol.volume_id;
+    assert_code(
+        controller_publish(&mut ca, &id, "node-nowhere", mode, false).await,
+        Code::NotFound,
+    );
+    controller_publish(&mut ca, &id, "node-b", mode, false)
+        .await
+        .unwrap();
+    controller_publish(&mut ca, &id, NODE, mode, false)
+        .await
+        .unwrap();
+    // Each node's entry names it.
+    let mut named: Vec<String> = fs::read_dir(shared.join("state/nodes"))
+        .unwrap()
+        .map(|e| fs::read_to_string(e.unwrap().path()).unwrap())
+        .collect();
+    named.sort();
+    let mut want = vec![NODE.to_string(), "node-b".to_string()];
+    want.sort();
+    assert_eq!(named, want);
+    for node in ["node-b", NODE, "node-nowhere"] {
+        ca.controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: node.into(),
+                secrets: Default::default(),
+            })
+            .await
+            .unwrap();
+    }
+    ca.delete(&id).await.unwrap();
+}
+
 #[tokio::test]
 async fn every_mode_on_a_shared_root_with_two_nodes_and_a_restart() {
-    let (mut a, b, _) = two_nodes_on_a_shared_root().await;
+    let (mut a, b, shared) = two_nodes_on_a_shared_root().await;
+    // A third node that has served the shared root, its driver down now.
+    let layout = localvol::backend::Layout {
+        root: a.root.clone(),
+        shared_root: Some(shared),
+    };
+    fs::write(layout.node_entry("node-c").unwrap(), "node-c").unwrap();
     let mut ca = a.clients().await;
     let mut cb = b.clients().await;
 

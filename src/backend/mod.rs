@@ -48,6 +48,23 @@ impl Layout {
         self.root.join("snapshots")
     }
 
+    /// Where the nodes that use the shared root say so: a shared volume can be
+    /// ControllerPublished to those only.
+    pub fn nodes_dir(&self) -> Option<PathBuf> {
+        self.shared_root
+            .as_ref()
+            .map(|r| r.join("state").join("nodes"))
+    }
+
+    /// A node's entry there. Node ids are the operator's (Kubernetes node names,
+    /// in deploy/), but any bytes can arrive in a request: the file is named by a
+    /// digest, and holds the id for whoever looks.
+    pub fn node_entry(&self, node: &str) -> Option<PathBuf> {
+        use sha2::{Digest, Sha256};
+        let digest = hex::encode(&Sha256::digest(node.as_bytes())[..16]);
+        self.nodes_dir().map(|d| d.join(format!("{digest}.node")))
+    }
+
     /// Deleted data of this node's root on its way out. Shared volumes are removed
     /// in place: another node may be emptying the shared root's directories.
     pub fn trash_dir(&self) -> PathBuf {
