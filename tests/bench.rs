@@ -302,6 +302,9 @@ async fn no_controller_publish_skips_the_controller_publish_rpcs() {
     assert!(r["cycles_per_second"].as_f64().unwrap() > 0.0);
     assert_eq!(r["controller_publish"], false);
     assert_eq!(r["controller_publish_advertised"], true);
+    // A ReadWriteOnce claim, as Kubernetes maps it for a driver that advertises
+    // SINGLE_NODE_MULTI_WRITER on both services.
+    assert_eq!(r["access_mode"], "SINGLE_NODE_MULTI_WRITER");
     let names = rpc_names(&r);
     assert!(
         !names

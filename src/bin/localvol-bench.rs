@@ -266,14 +266,16 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         "controller_publish_advertised": info.controller_publish,
         "kubelet_dials": cli.kubelet_dials,
         "node_stage": info.node_stage,
+        "access_mode": info.rwo_mode.as_str_name(),
     });
     let header = format!(
-        "driver {} {} on node {}, {} volumes of {} bytes, parameters {:?}{}{}\nControllerPublish: {}{}",
+        "driver {} {} on node {}, {} volumes of {} bytes ({}), parameters {:?}{}{}\nControllerPublish: {}{}",
         info.name,
         info.version,
         info.node_id,
         if cli.block { "block" } else { "mount" },
         cli.size,
+        info.rwo_mode.as_str_name(),
         params,
         match session.fs_type.as_str() {
             "" => String::new(),

@@ -44,6 +44,10 @@ pub struct DriverInfo {
     pub controller_publish: bool,
     pub snapshots: bool,
     pub node_stage: bool,
+    /// The CSI mode a ReadWriteOnce claim arrives as: SINGLE_NODE_MULTI_WRITER
+    /// where the driver advertises it on both services (as external-provisioner
+    /// and the kubelet map it), else SINGLE_NODE_WRITER.
+    pub rwo_mode: Mode,
 }
 
 /// The clients plus what every cycle needs; cheap to clone (one shared HTTP/2 channel).
@@ -241,6 +245,13 @@ impl Session {
             controller_publish: ctrl_caps.contains(&(CtrlRpc::PublishUnpublishVolume as i32)),
             snapshots: ctrl_caps.contains(&(CtrlRpc::CreateDeleteSnapshot as i32)),
             node_stage: node_caps.contains(&(NodeRpc::StageUnstageVolume as i32)),
+            rwo_mode: if ctrl_caps.contains(&(CtrlRpc::SingleNodeMultiWriter as i32))
+                && node_caps.contains(&(NodeRpc::SingleNodeMultiWriter as i32))
+            {
+                Mode::SingleNodeMultiWriter
+            } else {
+                Mode::SingleNodeWriter
+            },
         };
         Ok(Session {
             controller,
@@ -325,7 +336,7 @@ impl Session {
                 })
             }),
             access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
+                mode: self.info.rwo_mode as i32,
             }),
         }
     }
