@@ -290,6 +290,36 @@ impl Flags {
     pub fn is_readonly(&self) -> bool {
         self.attr_set & MOUNT_ATTR_RDONLY != 0
     }
+
+    /// Whether a mount with these per-mount `options` (as mountinfo spells them)
+    /// is what the flags ask for, "ro" aside. Only what they name is compared: a
+    /// bind takes its source's attributes, so one not named may be either way.
+    pub fn agree_with(&self, options: &str) -> bool {
+        let has = |o: &str| options.split(',').any(|x| x == o);
+        for (bit, name) in [
+            (MOUNT_ATTR_NOSUID, "nosuid"),
+            (MOUNT_ATTR_NODEV, "nodev"),
+            (MOUNT_ATTR_NOEXEC, "noexec"),
+            (MOUNT_ATTR_NODIRATIME, "nodiratime"),
+        ] {
+            if (self.attr_set & bit != 0 && !has(name)) || (self.attr_clr & bit != 0 && has(name)) {
+                return false;
+            }
+        }
+        if self.attr_clr & MOUNT_ATTR__ATIME != 0 {
+            let shown = if has("noatime") {
+                MOUNT_ATTR_NOATIME
+            } else if has("relatime") {
+                0
+            } else {
+                MOUNT_ATTR_STRICTATIME
+            };
+            if self.attr_set & MOUNT_ATTR__ATIME != shown {
+                return false;
+            }
+        }
+        true
+    }
 }
 
 /// Opens `path` as an O_PATH handle, refusing a symlink in the last component.
@@ -628,6 +658,24 @@ mod tests {
         assert_eq!(f.attr_set & MOUNT_ATTR__ATIME, MOUNT_ATTR_NOATIME);
         assert_eq!(f.fs_options, vec!["discard".to_string()]);
         assert!(!Flags::parse(&[]).unwrap().is_readonly());
+    }
+
+    #[test]
+    fn flags_agree_only_on_what_they_name() {
+        let f = |s: &str| Flags::parse(&[s.to_string()]).unwrap();
+        assert!(f("").agree_with("rw,nosuid,nodev,noexec,relatime"));
+        assert!(f("noexec,nosuid").agree_with("rw,nosuid,noexec,relatime"));
+        assert!(!f("noexec").agree_with("rw,relatime"));
+        assert!(!f("exec").agree_with("rw,noexec,relatime"));
+        assert!(f("noatime").agree_with("ro,noatime"));
+        assert!(!f("noatime").agree_with("rw,relatime"));
+        assert!(f("relatime").agree_with("rw,relatime"));
+        assert!(!f("strictatime").agree_with("rw,relatime"));
+        assert!(f("strictatime").agree_with("rw"));
+        assert!(
+            f("discard").agree_with("rw,relatime"),
+            "filesystem options are not per-mount"
+        );
     }
 
     #[test]

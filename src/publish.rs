@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 
 use crate::access::{self, Capability};
-use crate::attach::publish_rules;
+use crate::attach::{publish_rules, PublishRules};
 use crate::backend::{btrfs, DirLimits};
 use crate::error::{Context, Error, Result};
 use crate::faults;
@@ -44,7 +44,7 @@ impl Driver {
             .attachments
             .get(&self.cfg.node_id)
             .is_some_and(|a| a.readonly);
-        let rules = publish_rules(&rec, cap, attached_ro)?;
+        let rules = node_rules(&rec, cap, attached_ro)?;
         let _guard = self.lock(id)?;
         // Read again under the lock: a stage may write the record back.
         let rec = self.volume(id)?;
@@ -67,6 +67,7 @@ impl Driver {
             // Staged already: by this request, or by one it does not agree with.
             let asked_fs = cap.fs_type();
             if m.is_readonly() != flags.is_readonly()
+                || !flags.agree_with(&m.options)
                 || (rec.volume_type == VolumeType::Loop
                     && !asked_fs.is_empty()
                     && asked_fs != m.fs_type)
@@ -76,11 +77,7 @@ impl Driver {
                      unstage it first",
                     staging.display(),
                     m.fs_type,
-                    if m.is_readonly() {
-                        "read-only"
-                    } else {
-                        "read-write"
-                    }
+                    m.options
                 )));
             }
             return Ok(());
@@ -172,7 +169,7 @@ impl Driver {
         let fs_type = rec.fs_type.clone().unwrap_or_else(|| "ext4".into());
         let asked = cap.fs_type();
         if !asked.is_empty() && asked != fs_type {
-            return Err(Error::InvalidArgument(format!(
+            return Err(Error::FailedPrecondition(format!(
                 "volume {} holds {fs_type}; the capability asks for {asked}",
                 rec.id
             )));
@@ -237,8 +234,18 @@ impl Driver {
         let _guard = self.lock(id)?;
         if rec.volume_type == VolumeType::Loop {
             let staging = mount::canonical(staging);
-            let published: Vec<_> = self
-                .mounts_of_volume(&rec)?
+            let mounts = self.mounts_of_volume(&rec)?;
+            let here = mounts.iter().any(|m| m.mount_point == staging);
+            // A filesystem is staged where it is mounted: mounted elsewhere and not
+            // here, it is staged at another path, and this one has nothing to undo
+            // (the spec's answer is OK). A block stage mounts nothing, so a device
+            // bound somewhere is a publish still in place.
+            let filesystem = mounts.iter().any(|m| m.fs_type != "devtmpfs");
+            if filesystem && !here {
+                tracing::info!(volume = %id, staging = %staging.display(), "volume not staged here; nothing to unstage");
+                return Ok(());
+            }
+            let published: Vec<_> = mounts
                 .into_iter()
                 .filter(|m| m.mount_point != staging)
                 .map(|m| m.mount_point.display().to_string())
@@ -249,7 +256,10 @@ impl Driver {
                 )));
             }
         }
-        self.unmount_volume_at(&rec, staging)?;
+        if let At::Other(source) = self.unmount_volume_at(&rec, staging)? {
+            // Not staged there, so nothing to undo there (the spec's answer is OK).
+            tracing::info!(volume = %id, staging = %staging.display(), %source, "another mount is there; left in place");
+        }
         faults::point("unstage.after_unmount");
         if rec.volume_type == VolumeType::Loop {
             let data = self.data_path(&rec);
@@ -281,24 +291,27 @@ impl Driver {
 
     /// Unmounts the volume from `path` if it is mounted there (every copy of it
     /// stacked there). A mount that cannot be shown to be this volume's is left in
-    /// place: the path comes from the request.
-    fn unmount_volume_at(&self, rec: &VolumeRecord, path: &Path) -> Result<bool> {
+    /// place: the path comes from the request, and this volume is not there.
+    fn unmount_volume_at(&self, rec: &VolumeRecord, path: &Path) -> Result<At> {
         let keys = self.volume_keys(rec)?;
         let mut unmounted = false;
         for _ in 0..16 {
             let Some(m) = mount::mount_at(path)? else {
-                return Ok(unmounted);
+                return Ok(if unmounted {
+                    At::Unmounted
+                } else {
+                    At::Nothing
+                });
             };
-            if !(keys.contains(&m.key()) || keys.is_empty() && self.shows_lost_data(rec, &m)) {
+            let ours = keys.contains(&m.key()) || keys.is_empty() && self.shows_lost_data(rec, &m);
+            if !ours && !unmounted {
+                return Ok(At::Other(m.source));
+            }
+            if !ours {
                 return Err(Error::FailedPrecondition(format!(
-                    "{} holds a mount of {}{}, not of volume {}; leaving it",
+                    "{} holds a mount of {} under volume {}'s mount, now unmounted; leaving it",
                     path.display(),
                     m.source,
-                    if unmounted {
-                        " under this volume's mount, now unmounted"
-                    } else {
-                        ""
-                    },
                     rec.id
                 )));
             }
@@ -340,7 +353,7 @@ impl Driver {
 
     pub fn publish(&self, req: &PublishRequest) -> Result<()> {
         let rec = self.volume(&req.volume_id)?;
-        let rules = publish_rules(&rec, &req.capability, req.readonly)?;
+        let rules = node_rules(&rec, &req.capability, req.readonly)?;
         let _guard = self.lock(&rec.id)?;
         let keys = self.volume_keys(&rec)?;
         let not_staged = || {
@@ -369,7 +382,13 @@ impl Driver {
                 .attachments
                 .get(&self.cfg.node_id)
                 .is_some_and(|a| a.readonly);
-        let flags = Flags::parse(req.capability.mount_flags())?.readonly(ro);
+        let mut flags = Flags::parse(req.capability.mount_flags())?.readonly(ro);
+        if rec.volume_type == VolumeType::Loop {
+            // The kubelet sends a PV's mount options to both calls. Options of the
+            // filesystem itself (discard, data=...) were applied when it was mounted
+            // at stage; the bind here takes the per-mount ones.
+            flags.fs_options.clear();
+        }
         // What this request's mount is: read-only also when a mount flag says "ro"
         // or the staging mount it is cloned from is read-only, so that the same
         // request again finds its own mount.
@@ -377,7 +396,7 @@ impl Driver {
         let target = mount::canonical(&req.target_path);
         if let Some(m) = mount::mount_at(&target)? {
             let ours = keys.contains(&m.key());
-            if ours && m.is_readonly() == ro {
+            if ours && m.is_readonly() == ro && flags.agree_with(&m.options) {
                 return Ok(());
             }
             return Err(Error::AlreadyExists(format!(
@@ -388,11 +407,7 @@ impl Driver {
                 } else {
                     "another volume"
                 },
-                if m.is_readonly() {
-                    "read-only"
-                } else {
-                    "read-write"
-                }
+                m.options
             )));
         }
         // Only a single-publisher volume needs every mount of its data: the one
@@ -428,7 +443,15 @@ impl Driver {
         // The spec has the plugin remove the target it made, also when a retry
         // (or a reboot) finds nothing mounted there: only an empty directory or an
         // empty file, what a publish makes.
-        let unmounted = self.unmount_volume_at(&rec, target)?;
+        let unmounted = match self.unmount_volume_at(&rec, target)? {
+            At::Other(source) => {
+                return Err(Error::FailedPrecondition(format!(
+                    "{} holds a mount of {source}, not of volume {id}; leaving it",
+                    target.display()
+                )))
+            }
+            at => at == At::Unmounted,
+        };
         remove_target(target)?;
         if unmounted {
             tracing::info!(volume = %id, target = %target.display(), "volume unpublished");
@@ -437,8 +460,17 @@ impl Driver {
     }
 
     /// Grows what the node sees of an expanded volume: the loop device's size and
-    /// the filesystem on it, online. Directory volumes need nothing here.
-    pub fn node_expand(&self, id: &str, path: &Path, required: i64, block: bool) -> Result<u64> {
+    /// the filesystem on it, online. Directory volumes need nothing here. The
+    /// volume must be staged or published at `path` before anything grows: the
+    /// call is the kubelet's for a mounted volume, not a way to expand another.
+    pub fn node_expand(
+        &self,
+        id: &str,
+        path: &Path,
+        required: i64,
+        limit: i64,
+        block: bool,
+    ) -> Result<u64> {
         let rec = self.volume(id)?;
         if fs::symlink_metadata(path).is_err() {
             return Err(Error::NotFound(format!(
@@ -447,17 +479,40 @@ impl Driver {
             )));
         }
         let _guard = self.lock(id)?;
+        let keys = self.volume_keys(&rec)?;
+        let mounted = mount::mount_at(path)?.filter(|m| keys.contains(&m.key()));
+        let not_here = || {
+            Error::NotFound(format!(
+                "volume {id} is not staged or published at {}",
+                path.display()
+            ))
+        };
+        // A raw publish is the device itself, bound onto a file: nothing to grow.
+        // The capability is optional in this call, so the path is asked as well
+        // (stat sees the device node mounted there).
+        let raw = fs::metadata(path).is_ok_and(|m| m.is_file() || m.file_type().is_block_device());
+        let dev = match rec.volume_type {
+            VolumeType::Dir if mounted.is_none() => return Err(not_here()),
+            VolumeType::Dir => None,
+            VolumeType::Loop => {
+                let dev = self.loop_device(&rec).ok_or_else(|| {
+                    Error::FailedPrecondition(format!(
+                        "volume {id} is not staged on this node; stage it before expanding"
+                    ))
+                })?;
+                // A block stage leaves nothing mounted at its staging path.
+                if mounted.is_none() && !raw && !block {
+                    return Err(not_here());
+                }
+                Some(dev)
+            }
+        };
         // Without controller expansion (or if it has not run) the node grows the
         // data itself; when the controller already did, this is a no-op.
-        let rec = self.grow_locked(&rec.id, required, 0)?;
-        if rec.volume_type == VolumeType::Dir {
+        let rec = self.grow_locked(&rec.id, required, limit)?;
+        let Some(dev) = dev else {
             return Ok(rec.capacity_bytes);
-        }
-        let dev = self.loop_device(&rec).ok_or_else(|| {
-            Error::FailedPrecondition(format!(
-                "volume {id} is not staged on this node; stage it before expanding"
-            ))
-        })?;
+        };
         loopdev::refresh_size(&dev)?;
         faults::point("node_expand.after_refresh");
         let size = dev.size_bytes()?;
@@ -467,19 +522,9 @@ impl Driver {
                  the controller first"
             )));
         }
-        // A raw publish is the device itself, bound onto a file: nothing to grow.
-        // The capability is optional in this call, so the path is asked as well
-        // (stat sees the device node mounted there).
-        let raw = fs::metadata(path).is_ok_and(|m| m.is_file() || m.file_type().is_block_device());
-        if block || raw {
+        let Some(m) = mounted.filter(|_| !block && !raw) else {
             return Ok(size);
-        }
-        let keys = self.volume_keys(&rec)?;
-        let m = mount::mount_at(path)?
-            .filter(|m| keys.contains(&m.key()))
-            .ok_or_else(|| {
-                Error::NotFound(format!("volume {id} is not mounted at {}", path.display()))
-            })?;
+        };
         if m.is_readonly() {
             // A read-only mount cannot grow; the next read-write stage grows it.
             return Ok(size);
@@ -501,17 +546,22 @@ impl Driver {
             )));
         }
         let keys = self.volume_keys(&rec)?;
-        let mut condition = self.condition(&rec);
+        let condition = self.condition(&rec);
         let mounted = mount::mount_at(path)?.filter(|m| keys.contains(&m.key()));
-        if !condition.abnormal && mounted.is_none() {
-            condition = Condition::abnormal(format!(
-                "volume {} is not mounted at {}",
-                rec.id,
-                path.display()
-            ));
-        }
         if let Some(dev) = self.loop_device(&rec) {
-            if mounted.as_ref().is_some_and(|m| m.root != Path::new("/")) || path.is_file() {
+            // Its device bound at a publish target; or, staged for block access
+            // (which mounts nothing), the staging directory: a filesystem of the
+            // volume mounted nowhere means its device is handed out raw.
+            let block_staged = || {
+                path.is_dir()
+                    && mount::mount_at(path).is_ok_and(|m| m.is_none())
+                    && self
+                        .mounts_of_volume(&rec)
+                        .is_ok_and(|ms| ms.iter().all(|m| m.fs_type == "devtmpfs"))
+            };
+            if mounted.as_ref().is_some_and(|m| m.root != Path::new("/"))
+                || (mounted.is_none() && block_staged())
+            {
                 return Ok((
                     VolumeStats::Block {
                         bytes: dev.size_bytes()?,
@@ -519,6 +569,16 @@ impl Driver {
                     condition,
                 ));
             }
+        }
+        if mounted.is_none() && !condition.abnormal {
+            // What is at the path is not this volume: its usage would be another
+            // filesystem's. (Data lost behind the driver's back is answered with
+            // its condition instead, where it was mounted.)
+            return Err(Error::NotFound(format!(
+                "volume {} is not staged or published at {}",
+                rec.id,
+                path.display()
+            )));
         }
         let mut usage = mount::usage(path)?;
         if let (DirLimits::Btrfs { uuid, quota: true }, VolumeType::Dir, false) =
@@ -537,6 +597,17 @@ impl Driver {
         }
         Ok((VolumeStats::Filesystem(usage), condition))
     }
+}
+
+/// What a path showed of a volume being unmounted from it.
+#[derive(Debug, PartialEq, Eq)]
+enum At {
+    /// Nothing mounted there.
+    Nothing,
+    /// The volume was, and is no longer.
+    Unmounted,
+    /// Another mount, left in place (its source).
+    Other(String),
 }
 
 /// What NodeGetVolumeStats reports.
@@ -641,4 +712,14 @@ fn remove_target(path: &Path) -> Result<()> {
             path.display()
         ))),
     }
+}
+
+/// [`publish_rules`] as the node answers them: the node calls' tables name
+/// FAILED_PRECONDITION for a capability the volume does not support ("Exceeds
+/// capabilities"), where the controller's calls say INVALID_ARGUMENT.
+fn node_rules(rec: &VolumeRecord, cap: &Capability, readonly: bool) -> Result<PublishRules> {
+    publish_rules(rec, cap, readonly).map_err(|e| match e {
+        Error::InvalidArgument(why) => Error::FailedPrecondition(why),
+        e => e,
+    })
 }

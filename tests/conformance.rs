@@ -703,17 +703,16 @@ async fn node_calls_touch_only_their_volume() {
         Some("size=1m"),
     )
     .unwrap();
+    // NodeUnpublishVolume says so; NodeUnstageVolume answers OK, as the spec
+    // asks where the volume is not staged.
     for id in [&dir, &lp] {
-        for r in [
-            c.unpublish(id, &foreign).await,
-            c.unstage(id, &foreign).await,
-        ] {
-            let s = r.unwrap_err();
-            assert_eq!(s.code(), Code::FailedPrecondition, "{id}: {s:?}");
-            assert!(s.message().contains("foreign-tmpfs"), "{}", s.message());
-        }
+        let s = c.unpublish(id, &foreign).await.unwrap_err();
+        assert_eq!(s.code(), Code::FailedPrecondition, "{id}: {s:?}");
+        assert!(s.message().contains("foreign-tmpfs"), "{}", s.message());
+        c.unstage(id, &foreign).await.unwrap();
         assert!(is_mounted(&foreign), "{id}: the foreign mount stays");
     }
+    assert!(is_mounted(&staging), "the directory volume is still staged");
     nix::mount::umount2(&foreign, nix::mount::MntFlags::empty()).unwrap();
     // What a reboot leaves (a target with nothing mounted) is removed, as the spec
     // says; a target with content is not.
@@ -817,4 +816,94 @@ async fn a_client_naming_the_socket_as_its_authority_is_served() {
     })
     .await
     .unwrap();
+}
+
+/// The node calls' tables: a capability the volume does not support is
+/// FAILED_PRECONDITION ("Exceeds capabilities"); the same volume and path asked
+/// with other per-mount options is ALREADY_EXISTS; stats are answered only
+/// where the volume is.
+#[tokio::test]
+async fn node_calls_judge_capabilities_and_paths_as_the_spec_says() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let v = c.create("caps", MIB, &[], rwo()).await;
+    let id = v.volume_id.as_str();
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    std::fs::create_dir_all(&staging).unwrap();
+
+    // Block access and a mode for several nodes exceed a node-local directory.
+    for cap in [
+        block_cap(Mode::SingleNodeWriter),
+        mount_cap(Mode::MultiNodeMultiWriter),
+    ] {
+        assert_code(
+            c.stage(id, &staging, cap.clone()).await,
+            Code::FailedPrecondition,
+        );
+    }
+    c.stage(id, &staging, rwo()).await.unwrap();
+    assert_code(
+        c.publish(
+            id,
+            &staging,
+            &target,
+            mount_cap(Mode::MultiNodeReaderOnly),
+            false,
+        )
+        .await,
+        Code::FailedPrecondition,
+    );
+
+    // Staged without options; asked again with noexec: not what is there.
+    let noexec = mount_cap_fs(Mode::SingleNodeWriter, "", &["noexec"]);
+    assert_code(
+        c.stage(id, &staging, noexec.clone()).await,
+        Code::AlreadyExists,
+    );
+    c.publish(id, &staging, &target, noexec.clone(), false)
+        .await
+        .unwrap();
+    c.publish(id, &staging, &target, noexec, false)
+        .await
+        .unwrap();
+    assert_code(
+        c.publish(
+            id,
+            &staging,
+            &target,
+            mount_cap_fs(Mode::SingleNodeWriter, "", &["exec"]),
+            false,
+        )
+        .await,
+        Code::AlreadyExists,
+    );
+
+    // Stats where the volume is: OK; at a directory where it is not: NOT_FOUND,
+    // not the usage of whatever filesystem holds that directory.
+    let stats = |p: &std::path::Path| NodeGetVolumeStatsRequest {
+        volume_id: id.into(),
+        volume_path: p.display().to_string(),
+        staging_target_path: String::new(),
+    };
+    for p in [&staging, &target] {
+        let s = c
+            .node
+            .node_get_volume_stats(stats(p))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!s.volume_condition.unwrap().abnormal);
+    }
+    let elsewhere = d.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    assert_code(
+        c.node.node_get_volume_stats(stats(&elsewhere)).await,
+        Code::NotFound,
+    );
+
+    // Unstage at a path where it is not staged: OK, and the stage stays.
+    c.unstage(id, &elsewhere).await.unwrap();
+    assert!(is_mounted(&staging));
+    c.unpublish(id, &target).await.unwrap();
+    c.unstage(id, &staging).await.unwrap();
 }

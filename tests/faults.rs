@@ -240,7 +240,7 @@ async fn walk(point: &str) {
                 assert_eq!(loops_below(&d.root).len(), 2, "the crash left w attached");
                 assert_code(
                     c.stage(&w.volume_id, &other, xfs()).await,
-                    tonic::Code::InvalidArgument,
+                    tonic::Code::FailedPrecondition,
                 );
                 assert_eq!(loops_below(&d.root).len(), 1, "w's device is detached");
                 c.delete(&w.volume_id).await.unwrap();

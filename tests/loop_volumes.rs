@@ -8,6 +8,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use common::*;
 use localvol::proto::volume_capability::access_mode::Mode;
+use localvol::proto::{CapacityRange, NodeExpandVolumeRequest};
 use tonic::Code;
 
 const MIB_U: u64 = 1 << 20;
@@ -512,4 +513,168 @@ async fn busy_device_is_not_formatted_beside_another_writer() {
     assert_eq!(loops_below(&d.root).len(), 1);
     c.unstage(&v.volume_id, &staging).await.unwrap();
     assert!(loops_below(&d.root).is_empty());
+}
+
+/// The kubelet sends a PV's mount options to NodeStageVolume and to
+/// NodePublishVolume alike. A filesystem option (discard) is the filesystem's,
+/// applied at stage; the publish bind takes the per-mount ones and succeeds.
+#[tokio::test]
+async fn filesystem_mount_options_reach_stage_and_do_not_stop_publish() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = mount_cap_fs(Mode::SingleNodeMultiWriter, "ext4", &["discard", "noexec"]);
+    let v = c
+        .create("opts", 32 * MIB, &[("type", "loop")], cap.clone())
+        .await;
+    let id = v.volume_id.clone();
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap(); // the same request again: OK
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let line_of = |p: &std::path::Path| {
+        info.lines()
+            .find(|l| l.split(' ').nth(4) == Some(p.to_str().unwrap()))
+            .unwrap_or_else(|| panic!("{} not mounted", p.display()))
+            .to_string()
+    };
+    let staged = line_of(&staging);
+    assert!(staged.contains("discard"), "{staged}");
+    let published = line_of(&target);
+    assert!(published.contains("noexec"), "{published}");
+    std::fs::write(target.join("f"), b"x").unwrap();
+
+    // Another per-mount option at the same target, or at the same staging path,
+    // is a different request: ALREADY_EXISTS, and the mounts stay as they are.
+    let other = mount_cap_fs(Mode::SingleNodeMultiWriter, "ext4", &["discard", "exec"]);
+    assert_code(
+        c.publish(&id, &staging, &target, other.clone(), false)
+            .await,
+        Code::AlreadyExists,
+    );
+    assert_code(c.stage(&id, &staging, other).await, Code::AlreadyExists);
+    assert_eq!(line_of(&target), published);
+
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+    c.delete(&id).await.unwrap();
+}
+
+/// NodeUnstageVolume at a path where the volume is not staged answers OK and
+/// leaves the real stage alone (the spec: "MUST reply 0 OK").
+#[tokio::test]
+async fn unstage_at_another_path_is_ok_and_changes_nothing() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = mount_cap_fs(Mode::SingleNodeMultiWriter, "ext4", &[]);
+    let v = c
+        .create("two-paths", 32 * MIB, &[("type", "loop")], cap.clone())
+        .await;
+    let id = v.volume_id.clone();
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    let elsewhere = d.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    c.unstage(&id, &elsewhere).await.unwrap();
+    c.unstage(&id, &d.path("never-made")).await.unwrap();
+    assert!(is_mounted(&staging) && is_mounted(&target));
+    assert_eq!(loops_below(&d.root).len(), 1, "the device stays attached");
+    std::fs::write(target.join("f"), b"still here").unwrap();
+
+    // NodeUnpublishVolume of another volume at this target says so, and leaves it.
+    let other = c.create("other", MIB, &[], rwo()).await;
+    assert_code(
+        c.unpublish(&other.volume_id, &target).await,
+        Code::FailedPrecondition,
+    );
+    assert!(is_mounted(&target));
+
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+}
+
+/// NodeExpandVolume keeps to capacity_range.limit_bytes, and grows nothing for
+/// a path where the volume is not staged or published.
+#[tokio::test]
+async fn node_expansion_keeps_to_its_limit_and_its_path() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start_with(vec!["--node-expansion-only".into()], None).await;
+    let mut c = d.clients().await;
+    let cap = mount_cap_fs(Mode::SingleNodeMultiWriter, "ext4", &[]);
+    let v = c
+        .create("limits", 32 * MIB, &[("type", "loop")], cap.clone())
+        .await;
+    let id = v.volume_id.clone();
+    let img = d.root.join("volumes").join(format!("{id}.img"));
+    let size = || std::fs::metadata(&img).unwrap().len();
+    let expand = |path: &std::path::Path, required: i64, limit: i64| NodeExpandVolumeRequest {
+        volume_id: id.clone(),
+        volume_path: path.display().to_string(),
+        capacity_range: Some(CapacityRange {
+            required_bytes: required,
+            limit_bytes: limit,
+        }),
+        volume_capability: Some(cap.clone()),
+        ..Default::default()
+    };
+    let staging = d.path("staging");
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+
+    // Not at this path: NOT_FOUND, and the backing file is as it was.
+    let elsewhere = d.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    let r = c
+        .node
+        .node_expand_volume(expand(&elsewhere, 48 * MIB, 0))
+        .await;
+    assert_code(r, Code::NotFound);
+    assert_eq!(size(), 32 * MIB_U);
+
+    // More than the limit: refused, nothing grown.
+    let r = c
+        .node
+        .node_expand_volume(expand(&staging, 64 * MIB, 48 * MIB))
+        .await;
+    assert!(
+        matches!(
+            r.as_ref().map_err(|s| s.code()),
+            Err(Code::OutOfRange | Code::InvalidArgument)
+        ),
+        "{r:?}"
+    );
+    assert_eq!(size(), 32 * MIB_U);
+
+    // Within it: grown to what was asked (the filesystem too where the sandbox
+    // allows online resize).
+    let r = c
+        .node
+        .node_expand_volume(expand(&staging, 48 * MIB, 64 * MIB))
+        .await;
+    match r {
+        Ok(_) => {}
+        Err(s) if !has_cap_sys_resource() && s.code() == Code::FailedPrecondition => {}
+        Err(s) => panic!("{s:?}"),
+    }
+    assert_eq!(size(), 48 * MIB_U);
+    c.unstage(&id, &staging).await.unwrap();
 }

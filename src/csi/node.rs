@@ -164,7 +164,9 @@ impl Node for NodeService {
         let id = required("volume_id", &r.volume_id)?.to_string();
         required("volume_path", &r.volume_path)?;
         let path = check_path("volume_path", &r.volume_path);
-        let required_bytes = r.capacity_range.map(|c| c.required_bytes).unwrap_or(0);
+        let (required_bytes, limit_bytes) = r
+            .capacity_range
+            .map_or((0, 0), |c| (c.required_bytes, c.limit_bytes));
         let block = match &r.volume_capability {
             Some(c) => capability(c)?.is_block(),
             None => false,
@@ -174,7 +176,7 @@ impl Node for NodeService {
             // An unknown volume is NOT_FOUND whatever the path.
             driver.volume(&id)?;
             let path = path?;
-            let bytes = driver.node_expand(&id, &path, required_bytes, block)?;
+            let bytes = driver.node_expand(&id, &path, required_bytes, limit_bytes, block)?;
             Ok(Response::new(NodeExpandVolumeResponse {
                 capacity_bytes: bytes as i64,
             }))
