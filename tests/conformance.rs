@@ -818,3 +818,97 @@ async fn a_client_naming_the_socket_as_its_authority_is_served() {
     .await
     .unwrap();
 }
+
+/// The capacity a volume has now, as ControllerGetVolume reports it.
+async fn capacity_of(c: &mut Clients, id: &str) -> i64 {
+    c.controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .capacity_bytes
+}
+
+/// ControllerExpandVolume judges its (optional) capability as
+/// ValidateVolumeCapabilities does: one the volume does not support is
+/// INVALID_ARGUMENT ("Exceeds capabilities") and grows nothing. Whether the node
+/// must grow a filesystem comes from the volume, not from the request.
+#[tokio::test]
+async fn controller_expand_refuses_capabilities_the_volume_does_not_support() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let dir = c.create("exp-dir", MIB, &[], rwo()).await.volume_id;
+    let fs = c
+        .create(
+            "exp-fs",
+            16 * MIB,
+            &[("type", "loop"), ("fsType", "ext4")],
+            mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]),
+        )
+        .await
+        .volume_id;
+    let blk = c
+        .create(
+            "exp-blk",
+            16 * MIB,
+            &[("type", "loop")],
+            block_cap(Mode::SingleNodeWriter),
+        )
+        .await
+        .volume_id;
+    let both = c
+        .create_as(CreateVolumeRequest {
+            volume_capabilities: vec![block_cap(Mode::SingleNodeWriter), rwo()],
+            ..create_req("exp-both", 16 * MIB, &[("type", "loop")], rwo())
+        })
+        .await
+        .volume_id;
+
+    let refused = [
+        (&dir, block_cap(Mode::SingleNodeWriter), "block access"),
+        (&dir, mount_cap(Mode::MultiNodeMultiWriter), "several nodes"),
+        (&fs, block_cap(Mode::SingleNodeWriter), "filesystem access"),
+        (&fs, mount_cap(Mode::MultiNodeMultiWriter), "several nodes"),
+        (
+            &fs,
+            mount_cap_fs(Mode::SingleNodeWriter, "xfs", &[]),
+            "ext4",
+        ),
+        (&blk, rwo(), "block access"),
+    ];
+    for (id, cap, says) in refused {
+        let before = capacity_of(&mut c, id).await;
+        let s = c.expand(id, 32 * MIB, Some(cap.clone())).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{id} {cap:?}: {s:?}");
+        assert!(s.message().contains(says), "{id}: {}", s.message());
+        assert_eq!(capacity_of(&mut c, id).await, before, "{id} grew");
+    }
+
+    // Supported, or no capability at all: grown; the node step is the volume's.
+    for (id, cap, node) in [
+        (&dir, Some(rwo()), false),
+        (&dir, None, false),
+        (
+            &fs,
+            Some(mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[])),
+            true,
+        ),
+        (&fs, None, true),
+        (&blk, Some(block_cap(Mode::SingleNodeWriter)), false),
+        (&blk, None, false),
+        (&both, Some(block_cap(Mode::SingleNodeWriter)), true),
+        (&both, None, true),
+    ] {
+        let bigger = capacity_of(&mut c, id).await + MIB;
+        let r = c.expand(id, bigger, cap.clone()).await.unwrap();
+        assert_eq!(r.capacity_bytes, bigger, "{id} {cap:?}");
+        assert_eq!(r.node_expansion_required, node, "{id} {cap:?}");
+    }
+    for id in [dir, fs, blk, both] {
+        c.delete(&id).await.unwrap();
+    }
+}

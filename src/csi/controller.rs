@@ -389,14 +389,11 @@ impl Controller for ControllerService {
         let range = r
             .capacity_range
             .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
-        let block = match &r.volume_capability {
-            Some(c) => capability(c)?.is_block(),
-            None => false,
-        };
+        let cap = r.volume_capability.as_ref().map(capability).transpose()?;
         let driver = self.driver.clone();
         run("ControllerExpandVolume", &id.clone(), move || {
             let (bytes, node) =
-                driver.expand_volume(&id, range.required_bytes, range.limit_bytes, block)?;
+                driver.expand_volume(&id, range.required_bytes, range.limit_bytes, cap.as_ref())?;
             Ok(Response::new(ControllerExpandVolumeResponse {
                 capacity_bytes: bytes as i64,
                 node_expansion_required: node,
