@@ -912,3 +912,87 @@ async fn controller_expand_refuses_capabilities_the_volume_does_not_support() {
         c.delete(&id).await.unwrap();
     }
 }
+
+async fn publish_to(
+    c: &mut Clients,
+    id: &str,
+    cap: VolumeCapability,
+    readonly: bool,
+) -> Result<(), tonic::Status> {
+    c.controller
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: NODE.into(),
+            volume_capability: Some(cap),
+            readonly,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+/// A ControllerPublishVolume to the node the volume is already published to: the
+/// same request is OK, any other (read-only flag, mode, block or filesystem, a
+/// capability the volume cannot serve at all) is ALREADY_EXISTS, the spec's
+/// "Volume published but is incompatible". Unpublished, the same requests are
+/// judged as a new attachment.
+#[tokio::test]
+async fn controller_publish_incompatible_with_the_attachment_is_already_exists() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let dir = c.create("pub-dir", MIB, &[], rwo()).await.volume_id;
+    let fs = c
+        .create("pub-fs", 16 * MIB, &[("type", "loop")], rwo())
+        .await
+        .volume_id;
+    // Not attached yet: a capability the volume cannot serve is judged as before.
+    assert_code(
+        publish_to(&mut c, &dir, block_cap(Mode::SingleNodeWriter), false).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        publish_to(&mut c, &fs, block_cap(Mode::SingleNodeWriter), false).await,
+        Code::FailedPrecondition,
+    );
+    for id in [&dir, &fs] {
+        publish_to(&mut c, id, rwo(), false).await.unwrap();
+        publish_to(&mut c, id, rwo(), false).await.unwrap(); // identical: OK
+        for (cap, ro) in [
+            (rwo(), true),
+            (mount_cap(Mode::SingleNodeSingleWriter), false),
+            (block_cap(Mode::SingleNodeWriter), false),
+            (mount_cap(Mode::MultiNodeMultiWriter), false),
+        ] {
+            let s = publish_to(&mut c, id, cap.clone(), ro).await.unwrap_err();
+            assert_eq!(s.code(), Code::AlreadyExists, "{id} {cap:?} ro={ro}: {s:?}");
+            assert!(
+                s.message().contains("already published") && s.message().contains("read-write"),
+                "says what is attached: {}",
+                s.message()
+            );
+        }
+        publish_to(&mut c, id, rwo(), false).await.unwrap();
+    }
+    // A read-only mode publishes read-only whatever the flag says: the same
+    // request again is the same attachment.
+    let ro = c
+        .create("pub-ro", MIB, &[], mount_cap(Mode::SingleNodeReaderOnly))
+        .await
+        .volume_id;
+    for _ in 0..2 {
+        publish_to(&mut c, &ro, mount_cap(Mode::SingleNodeReaderOnly), false)
+            .await
+            .unwrap();
+    }
+    for id in [dir, fs, ro] {
+        c.controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        c.delete(&id).await.unwrap();
+    }
+}
