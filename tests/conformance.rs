@@ -996,3 +996,24 @@ async fn controller_publish_incompatible_with_the_attachment_is_already_exists()
         c.delete(&id).await.unwrap();
     }
 }
+
+/// With --node-expansion-only the controller does not offer EXPAND_VOLUME, and
+/// a ControllerExpandVolume is UNIMPLEMENTED, growing nothing.
+#[tokio::test]
+async fn controller_expand_is_unimplemented_with_node_expansion_only() {
+    let d = Driver::start_with(vec!["--node-expansion-only".into()], None).await;
+    let mut c = d.clients().await;
+    for (name, kv) in [("dir", &[][..]), ("loop", &[("type", "loop")][..])] {
+        let id = c.create(name, 16 * MIB, kv, rwo()).await.volume_id;
+        let s = c.expand(&id, 32 * MIB, Some(rwo())).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unimplemented, "{name}: {s:?}");
+        assert!(
+            s.message().contains("--node-expansion-only"),
+            "{}",
+            s.message()
+        );
+        assert_code(c.expand(&id, 32 * MIB, None).await, Code::Unimplemented);
+        assert_eq!(capacity_of(&mut c, &id).await, 16 * MIB);
+        c.delete(&id).await.unwrap();
+    }
+}

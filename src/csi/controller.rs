@@ -384,6 +384,22 @@ impl Controller for ControllerService {
         &self,
         request: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        // Not advertised in this mode (the CO must not call it): the spec's
+        // UNIMPLEMENTED for a call disabled in the plugin's mode of operation.
+        if self.driver.cfg.node_expansion_only {
+            return answer(
+                "ControllerExpandVolume",
+                &request.get_ref().volume_id,
+                async {
+                    Err(Status::unimplemented(
+                        "ControllerExpandVolume is not offered: this driver runs with \
+                     --node-expansion-only (no EXPAND_VOLUME controller capability); \
+                     NodeExpandVolume on the volume's node grows it",
+                    ))
+                },
+            )
+            .await;
+        }
         let r = request.into_inner();
         let id = required("volume_id", &r.volume_id)?.to_string();
         let range = r
