@@ -477,6 +477,26 @@ impl Driver {
         Ok(Some(fs.unwrap_or_else(|| "ext4".into())))
     }
 
+    /// Why a directory volume on the local (or shared) root cannot serve `cap`, if
+    /// it cannot: it holds that root's filesystem, whatever a capability names.
+    /// Empty asks for nothing (Kubernetes sends that for a class without fsType).
+    fn dir_fs_refusal(&self, shared: bool, cap: &Capability) -> Result<Option<String>> {
+        let asked = cap.fs_type();
+        if asked.is_empty() {
+            return Ok(None);
+        }
+        let holds = dir::filesystem_name(&self.layout.volumes_dir(shared))?;
+        if asked == holds {
+            return Ok(None);
+        }
+        let root = if shared { "shared root" } else { "root" };
+        Ok(Some(format!(
+            "directory volumes hold the filesystem of the driver's {root}, {holds}, not \
+             {asked}: ask for fsType {holds} or none, or use a StorageClass with type: loop \
+             for a volume with a filesystem of its own"
+        )))
+    }
+
     pub fn create_volume(&self, req: CreateRequest) -> Result<VolumeRecord> {
         ids::check_name(&req.name)?;
         if req.capabilities.is_empty() {
@@ -496,6 +516,13 @@ impl Driver {
         };
         Self::check_capabilities(offer, &req.capabilities)?;
         let fs_type = Self::fs_type_for(&p, &req.capabilities)?;
+        if p.volume_type == VolumeType::Dir {
+            for cap in &req.capabilities {
+                if let Some(why) = self.dir_fs_refusal(p.shared, cap)? {
+                    return Err(Error::InvalidArgument(why));
+                }
+            }
+        }
         let capacity = choose_capacity(req.required_bytes, req.limit_bytes)?;
         if !p.shared {
             self.check_topology(&req)?;
@@ -1109,6 +1136,11 @@ impl Driver {
                 }
             )));
         }
+        if rec.volume_type == VolumeType::Dir {
+            if let Some(why) = self.dir_fs_refusal(rec.shared, cap)? {
+                return Ok(Err(why));
+            }
+        }
         if rec.volume_type == VolumeType::Loop && !cap.is_block() {
             let fs = cap.fs_type();
             if !fs.is_empty() && Some(fs) != rec.fs_type.as_deref() {
@@ -1178,6 +1210,13 @@ impl Driver {
             .any(|c| access::check_supported(offer, c).is_err())
         {
             return Ok(0);
+        }
+        if p.volume_type == VolumeType::Dir {
+            for cap in caps {
+                if self.dir_fs_refusal(p.shared, cap)?.is_some() {
+                    return Ok(0);
+                }
+            }
         }
         let base = self.layout.volumes_dir(p.shared);
         let free = mount::usage(&base)?.available_bytes;

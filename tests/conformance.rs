@@ -1017,3 +1017,135 @@ async fn controller_expand_is_unimplemented_with_node_expansion_only() {
         c.delete(&id).await.unwrap();
     }
 }
+
+/// The kernel's name of the filesystem holding `path`, asked of findmnt (not of
+/// the driver's own code).
+fn filesystem_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "-T"])
+        .arg(path)
+        .output()
+        .expect("findmnt");
+    assert!(out.status.success(), "findmnt {}", path.display());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A directory volume holds whatever filesystem its root is: a mount capability
+/// may name that filesystem or none, and CreateVolume refuses (and
+/// ValidateVolumeCapabilities does not confirm) any other. A shared volume holds
+/// the shared root's.
+#[tokio::test]
+async fn directory_volumes_hold_the_filesystem_of_their_root() {
+    if !need_root() {
+        return;
+    }
+    // Test drivers' roots are under /tmp; the shared root is another filesystem.
+    let local_fs = filesystem_of(std::path::Path::new("/tmp"));
+    let other = if local_fs == "btrfs" { "xfs" } else { "btrfs" };
+    let img = ImageFs::new(other, 512 << 20, &["-q"], "").expect("mount shared root");
+    assert_eq!(filesystem_of(&img.mnt), other);
+    let d = Driver::start_with(
+        vec!["--shared-root".into(), img.mnt.display().to_string()],
+        None,
+    )
+    .await;
+    assert_eq!(filesystem_of(&d.root), local_fs);
+    let mut c = d.clients().await;
+    let fs_cap = |fs: &str| mount_cap_fs(Mode::SingleNodeWriter, fs, &[]);
+
+    let s = c
+        .controller
+        .create_volume(create_req("dir-ntfs", MIB, &[], fs_cap("ntfs")))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().contains(&local_fs) && s.message().contains("type: loop"),
+        "names the root's filesystem and the way to another: {}",
+        s.message()
+    );
+    assert_code(
+        c.controller
+            .create_volume(create_req("dir-other", MIB, &[], fs_cap(other)))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.controller
+            .create_volume(create_req(
+                "shared-local",
+                MIB,
+                &[("shared", "true")],
+                fs_cap(&local_fs),
+            ))
+            .await,
+        Code::InvalidArgument,
+    );
+    let plain = c.create("dir-plain", MIB, &[], fs_cap("")).await.volume_id;
+    let named = c
+        .create("dir-named", MIB, &[], fs_cap(&local_fs))
+        .await
+        .volume_id;
+    let shared = c
+        .create("shared-named", MIB, &[("shared", "true")], fs_cap(other))
+        .await
+        .volume_id;
+
+    let validate = |id: &str, fs: &str| ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: vec![fs_cap(fs)],
+        ..Default::default()
+    };
+    for (id, fs, confirmed) in [
+        (&plain, "", true),
+        (&plain, local_fs.as_str(), true),
+        (&plain, "ntfs", false),
+        (&plain, other, false),
+        (&named, local_fs.as_str(), true),
+        (&named, "", true),
+        (&shared, other, true),
+        (&shared, "", true),
+        (&shared, local_fs.as_str(), false),
+    ] {
+        let r = c
+            .controller
+            .validate_volume_capabilities(validate(id, fs))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.confirmed.is_some(),
+            confirmed,
+            "{id} {fs:?}: {}",
+            r.message
+        );
+        assert_eq!(r.message.is_empty(), confirmed, "{id} {fs:?}");
+    }
+
+    // ControllerExpandVolume judges the capability alike.
+    assert_code(
+        c.expand(&plain, 2 * MIB, Some(fs_cap("ntfs"))).await,
+        Code::InvalidArgument,
+    );
+    c.expand(&plain, 2 * MIB, Some(fs_cap(&local_fs)))
+        .await
+        .unwrap();
+
+    // GetCapacity has no room for a class CreateVolume refuses.
+    let capacity = |fs: &str| GetCapacityRequest {
+        volume_capabilities: vec![fs_cap(fs)],
+        ..Default::default()
+    };
+    for (fs, room) in [("", true), (local_fs.as_str(), true), ("ntfs", false)] {
+        let r = c
+            .controller
+            .get_capacity(capacity(fs))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.available_capacity > 0, room, "{fs:?}");
+    }
+    for id in [plain, named, shared] {
+        c.delete(&id).await.unwrap();
+    }
+}
