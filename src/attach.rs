@@ -83,13 +83,17 @@ impl Driver {
                 )));
             }
         }
-        let rules = publish_rules(&rec, cap, readonly)?;
         let _guard = self.lock(id)?;
         rec = self.volume(id)?;
+        // Already attached here: the spec's answer to anything but the same request
+        // is ALREADY_EXISTS ("published but is incompatible"), also for a capability
+        // the volume cannot serve at all, which publish_rules would refuse.
         if let Some(existing) = rec.attachments.get(node) {
-            let same = existing.readonly == rules.readonly
-                && existing.mode.is_none_or(|m| m == cap.mode)
-                && existing.block.is_none_or(|b| b == cap.is_block());
+            let same = publish_rules(&rec, cap, readonly).is_ok_and(|rules| {
+                existing.readonly == rules.readonly
+                    && existing.mode.is_none_or(|m| m == cap.mode)
+                    && existing.block.is_none_or(|b| b == cap.is_block())
+            });
             if same {
                 return Ok(());
             }
@@ -104,6 +108,7 @@ impl Driver {
                 }
             )));
         }
+        let rules = publish_rules(&rec, cap, readonly)?;
         let attached: Vec<String> = rec.attachments.keys().cloned().collect();
         // Several nodes only when both the request and every created mode allow it.
         let multi =

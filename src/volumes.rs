@@ -477,6 +477,26 @@ impl Driver {
         Ok(Some(fs.unwrap_or_else(|| "ext4".into())))
     }
 
+    /// Why a directory volume on the local (or shared) root cannot serve `cap`, if
+    /// it cannot: it holds that root's filesystem, whatever a capability names.
+    /// Empty asks for nothing (Kubernetes sends that for a class without fsType).
+    fn dir_fs_refusal(&self, shared: bool, cap: &Capability) -> Result<Option<String>> {
+        let asked = cap.fs_type();
+        if asked.is_empty() {
+            return Ok(None);
+        }
+        let holds = dir::filesystem_name(&self.layout.volumes_dir(shared))?;
+        if asked == holds {
+            return Ok(None);
+        }
+        let root = if shared { "shared root" } else { "root" };
+        Ok(Some(format!(
+            "directory volumes hold the filesystem of the driver's {root}, {holds}, not \
+             {asked}: ask for fsType {holds} or none, or use a StorageClass with type: loop \
+             for a volume with a filesystem of its own"
+        )))
+    }
+
     pub fn create_volume(&self, req: CreateRequest) -> Result<VolumeRecord> {
         ids::check_name(&req.name)?;
         if req.capabilities.is_empty() {
@@ -496,6 +516,13 @@ impl Driver {
         };
         Self::check_capabilities(offer, &req.capabilities)?;
         let fs_type = Self::fs_type_for(&p, &req.capabilities)?;
+        if p.volume_type == VolumeType::Dir {
+            for cap in &req.capabilities {
+                if let Some(why) = self.dir_fs_refusal(p.shared, cap)? {
+                    return Err(Error::InvalidArgument(why));
+                }
+            }
+        }
         let capacity = choose_capacity(req.required_bytes, req.limit_bytes)?;
         if !p.shared {
             self.check_topology(&req)?;
@@ -935,19 +962,39 @@ impl Driver {
     }
 
     /// Grows a volume to the capacity range. Returns the capacity and whether the
-    /// node must grow a filesystem too. Shrinking is OUT_OF_RANGE.
+    /// node must grow a filesystem too. Shrinking is OUT_OF_RANGE; a capability
+    /// (optional) the volume cannot serve is INVALID_ARGUMENT, before anything grows.
     pub fn expand_volume(
         &self,
         id: &str,
         required: i64,
         limit: i64,
-        block: bool,
+        cap: Option<&Capability>,
     ) -> Result<(u64, bool)> {
-        self.volume(id)?;
+        let rec = self.volume(id)?;
+        if let Some(cap) = cap {
+            // What is judged (type, capabilities, filesystem) never changes after
+            // creation: no lock needed.
+            self.check_serves(&rec, cap)?.map_err(|why| {
+                Error::InvalidArgument(format!(
+                    "volume {id} does not support the volume_capability asked ({why}); expand \
+                     it with a capability it was created for, or with none"
+                ))
+            })?;
+        }
         let _guard = self.lock(id)?;
         let rec = self.grow_locked(id, required, limit)?;
-        let node_expansion = rec.volume_type == VolumeType::Loop && !block;
-        Ok((rec.capacity_bytes, node_expansion))
+        Ok((rec.capacity_bytes, Self::needs_node_expansion(&rec)))
+    }
+
+    /// Whether a grown volume needs NodeExpandVolume: a loop volume that may hold a
+    /// filesystem does (its device and filesystem are grown on the node); one made
+    /// for block access only, or a directory (its limit is all), does not. From the
+    /// volume, not from a request: the CO may name any capability, or none.
+    fn needs_node_expansion(rec: &VolumeRecord) -> bool {
+        let block_only =
+            !rec.capabilities.is_empty() && rec.capabilities.iter().all(Capability::is_block);
+        rec.volume_type == VolumeType::Loop && !block_only
     }
 
     /// Grows the volume's data (backing file or size limit) and then its record, so
@@ -1057,34 +1104,53 @@ impl Driver {
             )));
         }
         for cap in caps {
-            if let Err(why) = access::check_supported(Self::offer_of(&rec), cap) {
+            if let Err(why) = self.check_serves(&rec, cap)? {
                 return Ok(Err(why));
-            }
-            let kind_created = rec
-                .capabilities
-                .iter()
-                .any(|c| c.is_block() == cap.is_block());
-            if !rec.capabilities.is_empty() && !kind_created {
-                return Ok(Err(format!(
-                    "the volume was created for {} access",
-                    if cap.is_block() {
-                        "filesystem"
-                    } else {
-                        "block"
-                    }
-                )));
-            }
-            if rec.volume_type == VolumeType::Loop && !cap.is_block() {
-                let fs = cap.fs_type();
-                if !fs.is_empty() && Some(fs) != rec.fs_type.as_deref() {
-                    return Ok(Err(format!(
-                        "volume holds {} but {fs} was asked",
-                        rec.fs_type.as_deref().unwrap_or("no filesystem")
-                    )));
-                }
             }
         }
         Ok(Ok(rec))
+    }
+
+    /// Whether the volume can serve `cap`: its offer (block, several nodes), the
+    /// access type it was created for, and its filesystem. Ok(Err(why)) when not;
+    /// ValidateVolumeCapabilities and ControllerExpandVolume judge alike.
+    fn check_serves(
+        &self,
+        rec: &VolumeRecord,
+        cap: &Capability,
+    ) -> Result<std::result::Result<(), String>> {
+        if let Err(why) = access::check_supported(Self::offer_of(rec), cap) {
+            return Ok(Err(why));
+        }
+        let kind_created = rec
+            .capabilities
+            .iter()
+            .any(|c| c.is_block() == cap.is_block());
+        if !rec.capabilities.is_empty() && !kind_created {
+            return Ok(Err(format!(
+                "the volume was created for {} access",
+                if cap.is_block() {
+                    "filesystem"
+                } else {
+                    "block"
+                }
+            )));
+        }
+        if rec.volume_type == VolumeType::Dir {
+            if let Some(why) = self.dir_fs_refusal(rec.shared, cap)? {
+                return Ok(Err(why));
+            }
+        }
+        if rec.volume_type == VolumeType::Loop && !cap.is_block() {
+            let fs = cap.fs_type();
+            if !fs.is_empty() && Some(fs) != rec.fs_type.as_deref() {
+                return Ok(Err(format!(
+                    "volume holds {} but {fs} was asked",
+                    rec.fs_type.as_deref().unwrap_or("no filesystem")
+                )));
+            }
+        }
+        Ok(Ok(()))
     }
 
     /// One page of volumes after `starting_token`; a token we did not hand out is
@@ -1144,6 +1210,13 @@ impl Driver {
             .any(|c| access::check_supported(offer, c).is_err())
         {
             return Ok(0);
+        }
+        if p.volume_type == VolumeType::Dir {
+            for cap in caps {
+                if self.dir_fs_refusal(p.shared, cap)?.is_some() {
+                    return Ok(0);
+                }
+            }
         }
         let base = self.layout.volumes_dir(p.shared);
         let free = mount::usage(&base)?.available_bytes;

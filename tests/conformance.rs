@@ -907,3 +907,334 @@ async fn node_calls_judge_capabilities_and_paths_as_the_spec_says() {
     c.unpublish(id, &target).await.unwrap();
     c.unstage(id, &staging).await.unwrap();
 }
+
+/// The capacity a volume has now, as ControllerGetVolume reports it.
+async fn capacity_of(c: &mut Clients, id: &str) -> i64 {
+    c.controller
+        .controller_get_volume(ControllerGetVolumeRequest {
+            volume_id: id.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .volume
+        .unwrap()
+        .capacity_bytes
+}
+
+/// ControllerExpandVolume judges its (optional) capability as
+/// ValidateVolumeCapabilities does: one the volume does not support is
+/// INVALID_ARGUMENT ("Exceeds capabilities") and grows nothing. Whether the node
+/// must grow a filesystem comes from the volume, not from the request.
+#[tokio::test]
+async fn controller_expand_refuses_capabilities_the_volume_does_not_support() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let dir = c.create("exp-dir", MIB, &[], rwo()).await.volume_id;
+    let fs = c
+        .create(
+            "exp-fs",
+            16 * MIB,
+            &[("type", "loop"), ("fsType", "ext4")],
+            mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]),
+        )
+        .await
+        .volume_id;
+    let blk = c
+        .create(
+            "exp-blk",
+            16 * MIB,
+            &[("type", "loop")],
+            block_cap(Mode::SingleNodeWriter),
+        )
+        .await
+        .volume_id;
+    let both = c
+        .create_as(CreateVolumeRequest {
+            volume_capabilities: vec![block_cap(Mode::SingleNodeWriter), rwo()],
+            ..create_req("exp-both", 16 * MIB, &[("type", "loop")], rwo())
+        })
+        .await
+        .volume_id;
+
+    let refused = [
+        (&dir, block_cap(Mode::SingleNodeWriter), "block access"),
+        (&dir, mount_cap(Mode::MultiNodeMultiWriter), "several nodes"),
+        (&fs, block_cap(Mode::SingleNodeWriter), "filesystem access"),
+        (&fs, mount_cap(Mode::MultiNodeMultiWriter), "several nodes"),
+        (
+            &fs,
+            mount_cap_fs(Mode::SingleNodeWriter, "xfs", &[]),
+            "ext4",
+        ),
+        (&blk, rwo(), "block access"),
+    ];
+    for (id, cap, says) in refused {
+        let before = capacity_of(&mut c, id).await;
+        let s = c.expand(id, 32 * MIB, Some(cap.clone())).await.unwrap_err();
+        assert_eq!(s.code(), Code::InvalidArgument, "{id} {cap:?}: {s:?}");
+        assert!(s.message().contains(says), "{id}: {}", s.message());
+        assert_eq!(capacity_of(&mut c, id).await, before, "{id} grew");
+    }
+
+    // Supported, or no capability at all: grown; the node step is the volume's.
+    for (id, cap, node) in [
+        (&dir, Some(rwo()), false),
+        (&dir, None, false),
+        (
+            &fs,
+            Some(mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[])),
+            true,
+        ),
+        (&fs, None, true),
+        (&blk, Some(block_cap(Mode::SingleNodeWriter)), false),
+        (&blk, None, false),
+        (&both, Some(block_cap(Mode::SingleNodeWriter)), true),
+        (&both, None, true),
+    ] {
+        let bigger = capacity_of(&mut c, id).await + MIB;
+        let r = c.expand(id, bigger, cap.clone()).await.unwrap();
+        assert_eq!(r.capacity_bytes, bigger, "{id} {cap:?}");
+        assert_eq!(r.node_expansion_required, node, "{id} {cap:?}");
+    }
+    for id in [dir, fs, blk, both] {
+        c.delete(&id).await.unwrap();
+    }
+}
+
+async fn publish_to(
+    c: &mut Clients,
+    id: &str,
+    cap: VolumeCapability,
+    readonly: bool,
+) -> Result<(), tonic::Status> {
+    c.controller
+        .controller_publish_volume(ControllerPublishVolumeRequest {
+            volume_id: id.into(),
+            node_id: NODE.into(),
+            volume_capability: Some(cap),
+            readonly,
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+/// A ControllerPublishVolume to the node the volume is already published to: the
+/// same request is OK, any other (read-only flag, mode, block or filesystem, a
+/// capability the volume cannot serve at all) is ALREADY_EXISTS, the spec's
+/// "Volume published but is incompatible". Unpublished, the same requests are
+/// judged as a new attachment.
+#[tokio::test]
+async fn controller_publish_incompatible_with_the_attachment_is_already_exists() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let dir = c.create("pub-dir", MIB, &[], rwo()).await.volume_id;
+    let fs = c
+        .create("pub-fs", 16 * MIB, &[("type", "loop")], rwo())
+        .await
+        .volume_id;
+    // Not attached yet: a capability the volume cannot serve is judged as before.
+    assert_code(
+        publish_to(&mut c, &dir, block_cap(Mode::SingleNodeWriter), false).await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        publish_to(&mut c, &fs, block_cap(Mode::SingleNodeWriter), false).await,
+        Code::FailedPrecondition,
+    );
+    for id in [&dir, &fs] {
+        publish_to(&mut c, id, rwo(), false).await.unwrap();
+        publish_to(&mut c, id, rwo(), false).await.unwrap(); // identical: OK
+        for (cap, ro) in [
+            (rwo(), true),
+            (mount_cap(Mode::SingleNodeSingleWriter), false),
+            (block_cap(Mode::SingleNodeWriter), false),
+            (mount_cap(Mode::MultiNodeMultiWriter), false),
+        ] {
+            let s = publish_to(&mut c, id, cap.clone(), ro).await.unwrap_err();
+            assert_eq!(s.code(), Code::AlreadyExists, "{id} {cap:?} ro={ro}: {s:?}");
+            assert!(
+                s.message().contains("already published") && s.message().contains("read-write"),
+                "says what is attached: {}",
+                s.message()
+            );
+        }
+        publish_to(&mut c, id, rwo(), false).await.unwrap();
+    }
+    // A read-only mode publishes read-only whatever the flag says: the same
+    // request again is the same attachment.
+    let ro = c
+        .create("pub-ro", MIB, &[], mount_cap(Mode::SingleNodeReaderOnly))
+        .await
+        .volume_id;
+    for _ in 0..2 {
+        publish_to(&mut c, &ro, mount_cap(Mode::SingleNodeReaderOnly), false)
+            .await
+            .unwrap();
+    }
+    for id in [dir, fs, ro] {
+        c.controller
+            .controller_unpublish_volume(ControllerUnpublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: NODE.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        c.delete(&id).await.unwrap();
+    }
+}
+
+/// With --node-expansion-only the controller does not offer EXPAND_VOLUME, and
+/// a ControllerExpandVolume is UNIMPLEMENTED, growing nothing.
+#[tokio::test]
+async fn controller_expand_is_unimplemented_with_node_expansion_only() {
+    let d = Driver::start_with(vec!["--node-expansion-only".into()], None).await;
+    let mut c = d.clients().await;
+    for (name, kv) in [("dir", &[][..]), ("loop", &[("type", "loop")][..])] {
+        let id = c.create(name, 16 * MIB, kv, rwo()).await.volume_id;
+        let s = c.expand(&id, 32 * MIB, Some(rwo())).await.unwrap_err();
+        assert_eq!(s.code(), Code::Unimplemented, "{name}: {s:?}");
+        assert!(
+            s.message().contains("--node-expansion-only"),
+            "{}",
+            s.message()
+        );
+        assert_code(c.expand(&id, 32 * MIB, None).await, Code::Unimplemented);
+        assert_eq!(capacity_of(&mut c, &id).await, 16 * MIB);
+        c.delete(&id).await.unwrap();
+    }
+}
+
+/// The kernel's name of the filesystem holding `path`, asked of findmnt (not of
+/// the driver's own code).
+fn filesystem_of(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("findmnt")
+        .args(["-n", "-o", "FSTYPE", "-T"])
+        .arg(path)
+        .output()
+        .expect("findmnt");
+    assert!(out.status.success(), "findmnt {}", path.display());
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
+}
+
+/// A directory volume holds whatever filesystem its root is: a mount capability
+/// may name that filesystem or none, and CreateVolume refuses (and
+/// ValidateVolumeCapabilities does not confirm) any other. A shared volume holds
+/// the shared root's.
+#[tokio::test]
+async fn directory_volumes_hold_the_filesystem_of_their_root() {
+    if !need_root() {
+        return;
+    }
+    // Test drivers' roots are under /tmp; the shared root is another filesystem.
+    let local_fs = filesystem_of(std::path::Path::new("/tmp"));
+    let other = if local_fs == "btrfs" { "xfs" } else { "btrfs" };
+    let img = ImageFs::new(other, 512 << 20, &["-q"], "").expect("mount shared root");
+    assert_eq!(filesystem_of(&img.mnt), other);
+    let d = Driver::start_with(
+        vec!["--shared-root".into(), img.mnt.display().to_string()],
+        None,
+    )
+    .await;
+    assert_eq!(filesystem_of(&d.root), local_fs);
+    let mut c = d.clients().await;
+    let fs_cap = |fs: &str| mount_cap_fs(Mode::SingleNodeWriter, fs, &[]);
+
+    let s = c
+        .controller
+        .create_volume(create_req("dir-ntfs", MIB, &[], fs_cap("ntfs")))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(
+        s.message().contains(&local_fs) && s.message().contains("type: loop"),
+        "names the root's filesystem and the way to another: {}",
+        s.message()
+    );
+    assert_code(
+        c.controller
+            .create_volume(create_req("dir-other", MIB, &[], fs_cap(other)))
+            .await,
+        Code::InvalidArgument,
+    );
+    assert_code(
+        c.controller
+            .create_volume(create_req(
+                "shared-local",
+                MIB,
+                &[("shared", "true")],
+                fs_cap(&local_fs),
+            ))
+            .await,
+        Code::InvalidArgument,
+    );
+    let plain = c.create("dir-plain", MIB, &[], fs_cap("")).await.volume_id;
+    let named = c
+        .create("dir-named", MIB, &[], fs_cap(&local_fs))
+        .await
+        .volume_id;
+    let shared = c
+        .create("shared-named", MIB, &[("shared", "true")], fs_cap(other))
+        .await
+        .volume_id;
+
+    let validate = |id: &str, fs: &str| ValidateVolumeCapabilitiesRequest {
+        volume_id: id.into(),
+        volume_capabilities: vec![fs_cap(fs)],
+        ..Default::default()
+    };
+    for (id, fs, confirmed) in [
+        (&plain, "", true),
+        (&plain, local_fs.as_str(), true),
+        (&plain, "ntfs", false),
+        (&plain, other, false),
+        (&named, local_fs.as_str(), true),
+        (&named, "", true),
+        (&shared, other, true),
+        (&shared, "", true),
+        (&shared, local_fs.as_str(), false),
+    ] {
+        let r = c
+            .controller
+            .validate_volume_capabilities(validate(id, fs))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            r.confirmed.is_some(),
+            confirmed,
+            "{id} {fs:?}: {}",
+            r.message
+        );
+        assert_eq!(r.message.is_empty(), confirmed, "{id} {fs:?}");
+    }
+
+    // ControllerExpandVolume judges the capability alike.
+    assert_code(
+        c.expand(&plain, 2 * MIB, Some(fs_cap("ntfs"))).await,
+        Code::InvalidArgument,
+    );
+    c.expand(&plain, 2 * MIB, Some(fs_cap(&local_fs)))
+        .await
+        .unwrap();
+
+    // GetCapacity has no room for a class CreateVolume refuses.
+    let capacity = |fs: &str| GetCapacityRequest {
+        volume_capabilities: vec![fs_cap(fs)],
+        ..Default::default()
+    };
+    for (fs, room) in [("", true), (local_fs.as_str(), true), ("ntfs", false)] {
+        let r = c
+            .controller
+            .get_capacity(capacity(fs))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.available_capacity > 0, room, "{fs:?}");
+    }
+    for id in [plain, named, shared] {
+        c.delete(&id).await.unwrap();
+    }
+}

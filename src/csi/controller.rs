@@ -384,19 +384,32 @@ impl Controller for ControllerService {
         &self,
         request: Request<ControllerExpandVolumeRequest>,
     ) -> Result<Response<ControllerExpandVolumeResponse>, Status> {
+        // Not advertised in this mode (the CO must not call it): the spec's
+        // UNIMPLEMENTED for a call disabled in the plugin's mode of operation.
+        if self.driver.cfg.node_expansion_only {
+            return answer(
+                "ControllerExpandVolume",
+                &request.get_ref().volume_id,
+                async {
+                    Err(Status::unimplemented(
+                        "ControllerExpandVolume is not offered: this driver runs with \
+                     --node-expansion-only (no EXPAND_VOLUME controller capability); \
+                     NodeExpandVolume on the volume's node grows it",
+                    ))
+                },
+            )
+            .await;
+        }
         let r = request.into_inner();
         let id = required("volume_id", &r.volume_id)?.to_string();
         let range = r
             .capacity_range
             .ok_or_else(|| Status::invalid_argument("capacity_range is required"))?;
-        let block = match &r.volume_capability {
-            Some(c) => capability(c)?.is_block(),
-            None => false,
-        };
+        let cap = r.volume_capability.as_ref().map(capability).transpose()?;
         let driver = self.driver.clone();
         run("ControllerExpandVolume", &id.clone(), move || {
             let (bytes, node) =
-                driver.expand_volume(&id, range.required_bytes, range.limit_bytes, block)?;
+                driver.expand_volume(&id, range.required_bytes, range.limit_bytes, cap.as_ref())?;
             Ok(Response::new(ControllerExpandVolumeResponse {
                 capacity_bytes: bytes as i64,
                 node_expansion_required: node,
