@@ -701,9 +701,14 @@ impl Driver {
             )));
         }
         let size = source.size_bytes();
-        if (req.required_bytes > 0 && (req.required_bytes as u64) < size)
-            || (req.limit_bytes > 0 && (req.limit_bytes as u64) < size)
-        {
+        // Judged by the size the request gets (rounded up to a MiB, as its source's
+        // was): a clone asking what its source's claim asked (20M) is not smaller
+        // than the source it became (20 MiB).
+        let made = match req.required_bytes {
+            0 => size,
+            r => choose_capacity(r, req.limit_bytes)?,
+        };
+        if made < size || (req.limit_bytes > 0 && (req.limit_bytes as u64) < size) {
             return Err(Error::OutOfRange(format!(
                 "the content source holds {size} bytes; the new volume cannot be smaller"
             )));

@@ -807,3 +807,36 @@ async fn a_copy_does_not_cross_into_a_mount_inside_the_volume() {
     c.delete_snapshot(&s.snapshot_id).await.unwrap();
     c.delete(&v.volume_id).await.unwrap();
 }
+
+/// Sizes are whole MiB, so a claim of 20M (20,000,000 bytes) gets a volume of
+/// 20 MiB. A clone or a restore asking what that claim asked is not smaller than
+/// its source and is made at the source's size; a limit below it is OUT_OF_RANGE.
+#[tokio::test]
+async fn a_clone_asking_its_sources_unrounded_size_is_made() {
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let asked = 20_000_000;
+    let src = c.create("src-20m", asked, &[], rwo()).await;
+    assert_eq!(src.capacity_bytes, 20 * MIB);
+    let snap = c.snapshot("snap-20m", &src.volume_id).await.unwrap();
+    for (name, source) in [
+        ("clone-20m", from_volume(&src.volume_id)),
+        ("restore-20m", from_snapshot(&snap.snapshot_id)),
+    ] {
+        let v = create_from(&mut c, name, Kind::Dir, asked, source)
+            .await
+            .unwrap();
+        assert_eq!(v.capacity_bytes, 20 * MIB, "{name}");
+        c.delete(&v.volume_id).await.unwrap();
+    }
+    let mut req = create_req("limited", asked, &[], rwo());
+    req.capacity_range = Some(CapacityRange {
+        required_bytes: asked,
+        limit_bytes: asked,
+    });
+    req.volume_content_source =
+        from_volume(&src.volume_id).map(|t| VolumeContentSource { r#type: Some(t) });
+    assert_code(c.controller.create_volume(req).await, Code::OutOfRange);
+    c.delete_snapshot(&snap.snapshot_id).await.unwrap();
+    c.delete(&src.volume_id).await.unwrap();
+}
