@@ -10,7 +10,7 @@ use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 
 use crate::access::{self, Capability};
 use crate::attach::{publish_rules, PublishRules};
-use crate::backend::{btrfs, DirLimits};
+use crate::backend::{btrfs, loopfile, DirLimits};
 use crate::error::{Context, Error, Result};
 use crate::faults;
 use crate::filesystem::{self, Content};
@@ -201,8 +201,18 @@ impl Driver {
             }
             filesystem::format(&dev.path(), fs_type)
         };
+        // Zeros where a signature would be are not proof of an empty volume when
+        // it may hold data: only a backing file with nothing written is.
+        let empty = || -> Result<bool> {
+            Ok(!may_hold_data || rec.formatting || !loopfile::holds_data(&self.data_path(rec))?)
+        };
         match filesystem::probe(&dev.path())? {
-            Content::Empty => format(rec),
+            Content::Empty if empty()? => format(rec),
+            Content::Empty => Err(Error::FailedPrecondition(format!(
+                "volume {} holds data but no filesystem signature at its start (written \
+                 through its block device or copied from its source); refusing to format it",
+                rec.id
+            ))),
             Content::Unrecognized if !may_hold_data || rec.formatting => format(rec),
             Content::Unrecognized => Err(Error::FailedPrecondition(format!(
                 "volume {} holds data of a kind this driver does not recognise (no filesystem \

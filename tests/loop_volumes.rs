@@ -678,3 +678,66 @@ async fn node_expansion_keeps_to_its_limit_and_its_path() {
     assert_eq!(size(), 48 * MIB_U);
     c.unstage(&id, &staging).await.unwrap();
 }
+
+/// Data written through the raw device past a zeroed start (where a filesystem's
+/// signature would be) is still data: a filesystem stage refuses to format over
+/// it. The same volume never written is formatted.
+#[tokio::test]
+async fn raw_data_past_a_zeroed_start_is_never_formatted() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let block = block_cap(Mode::SingleNodeWriter);
+    let fs = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
+    let both = |name: &str| {
+        let mut req = create_req(name, 32 * MIB, &[("type", "loop")], block.clone());
+        req.volume_capabilities.push(fs.clone());
+        req
+    };
+    let id = c.create_as(both("raw")).await.volume_id;
+    let (staging, target, fs_staging) = (d.path("staging"), d.path("dev"), d.path("fs"));
+    c.stage(&id, &staging, block.clone()).await.unwrap();
+    c.publish(&id, &staging, &target, block.clone(), false)
+        .await
+        .unwrap();
+    let data = vec![0x5au8; 4096];
+    {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_SYNC)
+            .open(&target)
+            .unwrap();
+        f.seek(SeekFrom::Start(8 * MIB_U)).unwrap();
+        f.write_all(&data).unwrap();
+    }
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+
+    let s = c.stage(&id, &fs_staging, fs.clone()).await.unwrap_err();
+    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
+    assert!(
+        s.message().contains("refusing to format"),
+        "{}",
+        s.message()
+    );
+    assert!(
+        loops_below(&d.root).is_empty(),
+        "the refused stage detached"
+    );
+    let img = d.root.join("volumes").join(format!("{id}.img"));
+    let mut back = vec![0u8; 4096];
+    let mut f = std::fs::File::open(&img).unwrap();
+    f.seek(SeekFrom::Start(8 * MIB_U)).unwrap();
+    f.read_exact(&mut back).unwrap();
+    assert!(back == data, "the raw data is untouched");
+
+    // Never written: formatted at its first filesystem stage.
+    let fresh = c.create_as(both("fresh")).await.volume_id;
+    c.stage(&fresh, &fs_staging, fs.clone()).await.unwrap();
+    c.unstage(&fresh, &fs_staging).await.unwrap();
+    for v in [&id, &fresh] {
+        c.delete(v).await.unwrap();
+    }
+}

@@ -85,3 +85,24 @@ pub fn size(path: &Path) -> Result<u64> {
         .ctx(|| format!("stat {}", path.display()))?
         .len())
 }
+
+/// Whether any of the backing file holds written data. A volume whose first blocks
+/// read as zeros (no filesystem signature there) may still hold what a pod wrote
+/// further in through the raw device; only a file with no data at all is empty.
+/// Holes and preallocated (unwritten) ranges are not data. Where the filesystem
+/// cannot tell, the whole file counts as data.
+pub fn holds_data(path: &Path) -> Result<bool> {
+    let f = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(path)
+        .ctx(|| format!("open {}", path.display()))?;
+    let at = unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_DATA) };
+    if at >= 0 {
+        return Ok(true);
+    }
+    match io::Error::last_os_error().raw_os_error() {
+        Some(libc::ENXIO) => Ok(false),
+        _ => Ok(f.metadata().map_or(true, |m| m.len() > 0)),
+    }
+}
