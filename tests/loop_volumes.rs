@@ -277,35 +277,10 @@ async fn raw_data_without_a_known_signature_is_never_formatted() {
     c.unstage(&id, &fs_staging).await.unwrap();
 
     // Then raw use overwrites the start of the device.
-    c.stage(&id, &staging, block.clone()).await.unwrap();
-    c.publish(&id, &staging, &target, block.clone(), false)
-        .await
-        .unwrap();
     let mut label = vec![0u8; 64 * 1024];
     label[512..520].copy_from_slice(b"LABELONE");
     label[1024..1028].copy_from_slice(b"data");
-    {
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .custom_flags(libc::O_SYNC)
-            .open(&target)
-            .unwrap();
-        f.write_all(&label).unwrap();
-    }
-    c.unpublish(&id, &target).await.unwrap();
-    c.unstage(&id, &staging).await.unwrap();
-
-    let s = c.stage(&id, &fs_staging, fs.clone()).await.unwrap_err();
-    assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
-    assert!(
-        s.message().contains("refusing to format"),
-        "{}",
-        s.message()
-    );
-    assert!(
-        loops_below(&d.root).is_empty(),
-        "the refused stage detached"
-    );
+    write_raw_then_stage_a_filesystem(&mut c, &d, &id, 0, &label).await;
 
     // The data is as the pod left it.
     c.stage(&id, &staging, block.clone()).await.unwrap();
@@ -697,25 +672,55 @@ async fn raw_data_past_a_zeroed_start_is_never_formatted() {
         req
     };
     let id = c.create_as(both("raw")).await.volume_id;
-    let (staging, target, fs_staging) = (d.path("staging"), d.path("dev"), d.path("fs"));
-    c.stage(&id, &staging, block.clone()).await.unwrap();
-    c.publish(&id, &staging, &target, block.clone(), false)
+    let data = vec![0x5au8; 4096];
+    write_raw_then_stage_a_filesystem(&mut c, &d, &id, 8 * MIB_U, &data).await;
+    let img = d.root.join("volumes").join(format!("{id}.img"));
+    let mut back = vec![0u8; 4096];
+    let mut f = std::fs::File::open(&img).unwrap();
+    f.seek(SeekFrom::Start(8 * MIB_U)).unwrap();
+    f.read_exact(&mut back).unwrap();
+    assert!(back == data, "the raw data is untouched");
+
+    // Never written: formatted at its first filesystem stage.
+    let fs_staging = d.path("fs");
+    let fresh = c.create_as(both("fresh")).await.volume_id;
+    c.stage(&fresh, &fs_staging, fs.clone()).await.unwrap();
+    c.unstage(&fresh, &fs_staging).await.unwrap();
+    for v in [&id, &fresh] {
+        c.delete(v).await.unwrap();
+    }
+}
+
+/// Writes `bytes` at `offset` through the volume's raw device (staged and
+/// published for block access, then undone), and checks that a filesystem stage
+/// then refuses to format over it and leaves nothing attached.
+async fn write_raw_then_stage_a_filesystem(
+    c: &mut Clients,
+    d: &Driver,
+    id: &str,
+    offset: u64,
+    bytes: &[u8],
+) {
+    let block = block_cap(Mode::SingleNodeWriter);
+    let (staging, target) = (d.path("raw-staging"), d.path("raw-dev"));
+    c.stage(id, &staging, block.clone()).await.unwrap();
+    c.publish(id, &staging, &target, block, false)
         .await
         .unwrap();
-    let data = vec![0x5au8; 4096];
     {
         let mut f = std::fs::OpenOptions::new()
             .write(true)
             .custom_flags(libc::O_SYNC)
             .open(&target)
             .unwrap();
-        f.seek(SeekFrom::Start(8 * MIB_U)).unwrap();
-        f.write_all(&data).unwrap();
+        f.seek(SeekFrom::Start(offset)).unwrap();
+        f.write_all(bytes).unwrap();
     }
-    c.unpublish(&id, &target).await.unwrap();
-    c.unstage(&id, &staging).await.unwrap();
+    c.unpublish(id, &target).await.unwrap();
+    c.unstage(id, &staging).await.unwrap();
 
-    let s = c.stage(&id, &fs_staging, fs.clone()).await.unwrap_err();
+    let fs = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
+    let s = c.stage(id, &d.path("fs"), fs).await.unwrap_err();
     assert_eq!(s.code(), Code::FailedPrecondition, "{s:?}");
     assert!(
         s.message().contains("refusing to format"),
@@ -726,18 +731,4 @@ async fn raw_data_past_a_zeroed_start_is_never_formatted() {
         loops_below(&d.root).is_empty(),
         "the refused stage detached"
     );
-    let img = d.root.join("volumes").join(format!("{id}.img"));
-    let mut back = vec![0u8; 4096];
-    let mut f = std::fs::File::open(&img).unwrap();
-    f.seek(SeekFrom::Start(8 * MIB_U)).unwrap();
-    f.read_exact(&mut back).unwrap();
-    assert!(back == data, "the raw data is untouched");
-
-    // Never written: formatted at its first filesystem stage.
-    let fresh = c.create_as(both("fresh")).await.volume_id;
-    c.stage(&fresh, &fs_staging, fs.clone()).await.unwrap();
-    c.unstage(&fresh, &fs_staging).await.unwrap();
-    for v in [&id, &fresh] {
-        c.delete(v).await.unwrap();
-    }
 }
