@@ -164,6 +164,22 @@ pub fn key_of(path: &Path) -> Result<MountKey> {
     key_of_in(&mounts()?, path)
 }
 
+/// The mount that holds `path` (symlinks followed): the topmost of the longest
+/// mount point above it. Asked of the kernel for that one mount where it can
+/// answer, so the cost does not grow with the node's mounts.
+pub fn mount_holding(path: &Path) -> Result<MountEntry> {
+    let canon = resolve(path).ctx(|| format!("resolve {}", path.display()))?;
+    if let Some(m) = statmount::mount_holding(&canon) {
+        return Ok(m);
+    }
+    // max_by_key keeps the last of equals: the topmost of a stack, as statx sees.
+    mounts()?
+        .into_iter()
+        .filter(|m| canon.starts_with(&m.mount_point))
+        .max_by_key(|m| m.mount_point.as_os_str().len())
+        .ok_or_else(|| Error::Internal(format!("no mount holds {}", path.display())))
+}
+
 /// [`mount_at`] answered from a mount table read once for many questions.
 pub fn mount_at_in(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
     let path = canonical(path);

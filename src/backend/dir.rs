@@ -106,16 +106,9 @@ pub fn remove(path: &Path) -> Result<()> {
 }
 
 /// The kernel's name of the filesystem holding `dir` (ext4, xfs, btrfs, tmpfs,
-/// nfs4, ...), from the mount table: what every directory volume there holds.
+/// nfs4, ...), from its mount: what every directory volume there holds.
 pub fn filesystem_name(dir: &Path) -> Result<String> {
-    let canon = crate::mount::resolve(dir).ctx(|| format!("resolve {}", dir.display()))?;
-    // The longest mount point above it; of a stack, the last (topmost).
-    crate::mount::mounts()?
-        .into_iter()
-        .filter(|m| canon.starts_with(&m.mount_point))
-        .max_by_key(|m| m.mount_point.as_os_str().len())
-        .map(|m| m.fs_type)
-        .ok_or_else(|| Error::Internal(format!("no mount holds {}", dir.display())))
+    Ok(crate::mount::mount_holding(dir)?.fs_type)
 }
 
 /// Creates one of the root's own directories, or checks the one there. It must be
