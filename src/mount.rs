@@ -172,10 +172,15 @@ pub fn mount_holding(path: &Path) -> Result<MountEntry> {
     if let Some(m) = statmount::mount_holding(&canon) {
         return Ok(m);
     }
-    // max_by_key keeps the last of equals: the topmost of a stack, as statx sees.
-    mounts()?
-        .into_iter()
-        .filter(|m| canon.starts_with(&m.mount_point))
+    holding_in(&mounts()?, &canon).cloned()
+}
+
+/// The mount of `table` that holds canonical `path`: the longest mount point above
+/// it, and of a stack the last (topmost), as statx sees it.
+fn holding_in<'t>(table: &'t [MountEntry], path: &Path) -> Result<&'t MountEntry> {
+    table
+        .iter()
+        .filter(|m| path.starts_with(&m.mount_point))
         .max_by_key(|m| m.mount_point.as_os_str().len())
         .ok_or_else(|| Error::Internal(format!("no mount holds {}", path.display())))
 }
@@ -189,13 +194,7 @@ pub fn mount_at_in(table: &[MountEntry], path: &Path) -> Option<MountEntry> {
 /// [`key_of`] answered from a mount table read once for many questions.
 pub fn key_of_in(table: &[MountEntry], path: &Path) -> Result<MountKey> {
     let path = resolve(path).ctx(|| format!("resolve {}", path.display()))?;
-    // max_by_key keeps the last of equals: the topmost of a stack, as statx sees.
-    let m = table
-        .iter()
-        .filter(|m| path.starts_with(&m.mount_point))
-        .max_by_key(|m| m.mount_point.as_os_str().len())
-        .ok_or_else(|| Error::Internal(format!("no mount holds {}", path.display())))?;
-    Ok(key_below(m, &path).expect("prefix checked"))
+    Ok(key_below(holding_in(table, &path)?, &path).expect("prefix checked"))
 }
 
 /// The key of canonical `path` inside mount `m`; None if `m` is not above it.

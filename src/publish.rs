@@ -557,19 +557,20 @@ impl Driver {
         }
         let keys = self.volume_keys(&rec)?;
         let condition = self.condition(&rec);
-        let mounted = mount::mount_at(path)?.filter(|m| keys.contains(&m.key()));
+        let at_path = mount::mount_at(path)?;
+        let mounted = at_path.as_ref().filter(|m| keys.contains(&m.key()));
         if let Some(dev) = self.loop_device(&rec) {
             // Its device bound at a publish target; or, staged for block access
             // (which mounts nothing), the staging directory: a filesystem of the
             // volume mounted nowhere means its device is handed out raw.
             let block_staged = || {
                 path.is_dir()
-                    && mount::mount_at(path).is_ok_and(|m| m.is_none())
+                    && at_path.is_none()
                     && self
                         .mounts_of_volume(&rec)
                         .is_ok_and(|ms| ms.iter().all(|m| m.fs_type == "devtmpfs"))
             };
-            if mounted.as_ref().is_some_and(|m| m.root != Path::new("/"))
+            if mounted.is_some_and(|m| m.root != Path::new("/"))
                 || (mounted.is_none() && block_staged())
             {
                 return Ok((
