@@ -443,6 +443,7 @@ async fn capacity_and_node_info() {
         .unwrap()
         .into_inner();
     assert!(here.available_capacity > 0);
+    assert_eq!(here.maximum_volume_size, Some(here.available_capacity));
     let none = c
         .controller
         .get_capacity(cap(None))
@@ -457,6 +458,7 @@ async fn capacity_and_node_info() {
         .unwrap()
         .into_inner();
     assert_eq!(elsewhere.available_capacity, 0);
+    assert_eq!(elsewhere.maximum_volume_size, Some(0));
     let mut bad = cap(None);
     bad.parameters = params(&[("bogus", "1")]);
     assert_code(c.controller.get_capacity(bad).await, Code::InvalidArgument);

@@ -276,9 +276,12 @@ impl Controller for ControllerService {
                 .map(|t| t.segments.into_iter().collect());
             let params = r.parameters.into_iter().collect();
             let available = driver.capacity(seg.as_ref(), &caps, &params)?;
+            // The largest volume that fits without overcommitting the node is
+            // all of it; Kubernetes' scheduler prefers this figure when it is set.
+            let available = i64::try_from(available).unwrap_or(i64::MAX);
             Ok(Response::new(GetCapacityResponse {
-                available_capacity: available as i64,
-                maximum_volume_size: None,
+                available_capacity: available,
+                maximum_volume_size: Some(available),
                 minimum_volume_size: None,
             }))
         })
