@@ -123,6 +123,22 @@ async fn cycle_reports_throughput_and_every_rpc() {
     assert_clean(&d).await;
 }
 
+#[tokio::test]
+async fn rtt_times_calls_that_do_no_work() {
+    if !common::need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = common::Driver::start().await;
+    let r = bench(&d, &["--warmup", "3", "rtt", "-n", "20"]);
+    assert_eq!(r["command"], "rtt");
+    assert_eq!(r["rounds"], 20);
+    for rpc in ["NodeGetCapabilities", "ControllerGetCapabilities", "Probe"] {
+        assert_eq!(count(&r, rpc), 20, "{rpc}");
+    }
+    assert_clean(&d).await;
+}
+
 /// Runs `floor` with `args` in a fresh directory and checks it left neither files,
 /// mounts nor loop devices there; returns its report.
 fn floor(args: &[&str]) -> Value {

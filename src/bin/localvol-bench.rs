@@ -122,6 +122,14 @@ enum Command {
         #[arg(long, default_value_t = 3)]
         rounds: usize,
     },
+    /// Round trips of calls that do no work (NodeGetCapabilities,
+    /// ControllerGetCapabilities, Probe), one at a time: what every RPC of a cycle
+    /// pays before the driver does anything. --warmup counts rounds here.
+    Rtt {
+        /// Rounds of the three calls.
+        #[arg(short = 'n', default_value_t = 2000)]
+        n: usize,
+    },
     /// No driver: times the kernel and disk steps a pod cycle cannot skip (durable
     /// create and record, mounts, the pod's fsync, unmounts, record removal) in
     /// --work-dir, which should be on the driver root's filesystem. Their sum is
@@ -283,6 +291,7 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         },
         match cli.warmup {
             0 => String::new(),
+            w if matches!(cli.command, Command::Rtt { .. }) => format!(", after {w} warmup rounds"),
             w => format!(", after {w} warmup cycles"),
         },
         match (session.controller_publish, info.controller_publish) {
@@ -300,7 +309,9 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
         Command::Cycle { c, .. } | Command::Scale { c, .. } => c,
         _ => 1,
     };
-    bench::warm_up(&session, cli.warmup, in_flight, &prefix).await?;
+    if !matches!(cli.command, Command::Rtt { .. }) {
+        bench::warm_up(&session, cli.warmup, in_flight, &prefix).await?;
+    }
     let mut table = String::new();
     match cli.command {
         Command::Cycle { n, c } => {
@@ -391,6 +402,16 @@ async fn run(cli: Cli) -> Result<(), BenchError> {
                 );
                 merge(&mut out, r);
             }
+        }
+        Command::Rtt { n } => {
+            out["command"] = json!("rtt");
+            let r = bench::round_trips(&session, n, cli.warmup).await?;
+            table += &format!(
+                "{n} rounds of calls that do no work, one call at a time, in {:.2} s\n",
+                r["seconds"].as_f64().unwrap_or(0.0)
+            );
+            table += &rpc_rows("round trips", &r["rpcs"]);
+            merge(&mut out, r);
         }
         Command::Floor { .. } => unreachable!("measured before connecting"),
         Command::Io {

@@ -53,6 +53,7 @@ pub struct DriverInfo {
 /// The clients plus what every cycle needs; cheap to clone (one shared HTTP/2 channel).
 #[derive(Clone)]
 pub struct Session {
+    pub identity: IdentityClient<Direct>,
     pub controller: ControllerClient<Direct>,
     pub node: NodeClient<Direct>,
     pub info: DriverInfo,
@@ -254,6 +255,7 @@ impl Session {
             },
         };
         Ok(Session {
+            identity,
             controller,
             node,
             controller_publish: info.controller_publish,
@@ -323,6 +325,27 @@ impl Session {
             }
         }
         p
+    }
+
+    /// One of each call that asks the driver for nothing it must look up: what
+    /// they take is what every call pays for the socket, HTTP/2, the codec and
+    /// the machine's thread wake-ups. Probe comes last: a driver may check its
+    /// health there (localvol looks at its root, on its blocking pool).
+    pub async fn idle_calls(&mut self, t: &mut Timings) -> Result<(), BenchError> {
+        timed!(
+            t,
+            "NodeGetCapabilities",
+            self.node
+                .node_get_capabilities(NodeGetCapabilitiesRequest {})
+        )?;
+        timed!(
+            t,
+            "ControllerGetCapabilities",
+            self.controller
+                .controller_get_capabilities(ControllerGetCapabilitiesRequest {})
+        )?;
+        timed!(t, "Probe", self.identity.probe(ProbeRequest {}))?;
+        Ok(())
     }
 
     pub fn capability(&self) -> VolumeCapability {

@@ -268,6 +268,31 @@ pub async fn run_cycles(
 /// `n` cycles before a measurement, with its concurrency, whose figures are
 /// dropped: what a first cycle pays alone (connections, caches, a pool's threads)
 /// is not the driver's steady pace.
+/// `n` rounds of [`Session::idle_calls`], one call at a time, after `warmup`
+/// rounds left out of the figures: the part of every RPC that is not the
+/// driver's work, beside which `cycle`'s per-call figures can be read.
+pub async fn round_trips(s: &Session, n: usize, warmup: usize) -> Result<Value, BenchError> {
+    let mut s = s.clone();
+    for _ in 0..warmup {
+        s.stop.check()?;
+        s.idle_calls(&mut Timings::default()).await?;
+    }
+    let done = Arc::new(AtomicUsize::new(0));
+    let _progress = Progress::start("rounds".to_string(), n, done.clone());
+    let mut t = Timings::default();
+    let start = Instant::now();
+    for _ in 0..n {
+        s.stop.check()?;
+        s.idle_calls(&mut t).await?;
+        done.fetch_add(1, Ordering::Relaxed);
+    }
+    Ok(json!({
+        "rounds": n,
+        "seconds": start.elapsed().as_secs_f64(),
+        "rpcs": rpcs_json(&t),
+    }))
+}
+
 pub async fn warm_up(s: &Session, n: usize, c: usize, prefix: &str) -> Result<(), BenchError> {
     if n > 0 {
         run_cycles(s, n, c, &format!("{prefix}-warmup"), "warmup cycles").await?;
