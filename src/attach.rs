@@ -202,6 +202,7 @@ mod tests {
             created_unix: 0,
             attachments: BTreeMap::new(),
             formatting: false,
+            block_staging: None,
         }
     }
 

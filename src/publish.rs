@@ -106,6 +106,11 @@ impl Driver {
                     }
                 }
                 make_staging(staging)?;
+                let rec = if cap.is_block() {
+                    self.keep_block_staging(rec, staging)?
+                } else {
+                    rec
+                };
                 let (dev, attached_here) = loopdev::attach_reporting(&data)?;
                 faults::point("stage.after_attach");
                 // A stage that fails after attaching must not leak the device: the
@@ -161,6 +166,28 @@ impl Driver {
         faults::point("stage.after_mount");
         tracing::info!(volume = %id, staging = %staging.display(), "volume staged");
         Ok(())
+    }
+
+    /// Records `staging` as the path the volume is staged at for block access,
+    /// before its device is attached: a stage killed after attaching is then
+    /// undone by an unstage at that path.
+    fn keep_block_staging(&self, rec: VolumeRecord, staging: &Path) -> Result<VolumeRecord> {
+        let at = mount::canonical(staging);
+        if rec.block_staging.as_deref() == Some(at.as_path()) {
+            return Ok(rec);
+        }
+        let mut kept = rec;
+        kept.block_staging = Some(at);
+        self.store.put_volume(&kept)?;
+        Ok(kept)
+    }
+
+    /// The path of the volume's block stage, if it has one at another path than
+    /// `path`. Records from before that path was kept take any path for it.
+    fn block_staged_elsewhere<'r>(rec: &'r VolumeRecord, path: &Path) -> Option<&'r Path> {
+        rec.block_staging
+            .as_deref()
+            .filter(|at| *at != mount::canonical(path))
     }
 
     /// The filesystem a loop mount volume holds: the record's, which a capability
@@ -240,18 +267,21 @@ impl Driver {
     }
 
     pub fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
-        let rec = self.volume(id)?;
+        self.volume(id)?;
         let _guard = self.lock(id)?;
+        // Read under the lock: an unstage may write the record back.
+        let rec = self.volume(id)?;
         if rec.volume_type == VolumeType::Loop {
             let staging = mount::canonical(staging);
             let mounts = self.mounts_of_volume(&rec)?;
             let here = mounts.iter().any(|m| m.mount_point == staging);
             // A filesystem is staged where it is mounted: mounted elsewhere and not
             // here, it is staged at another path, and this one has nothing to undo
-            // (the spec's answer is OK). A block stage mounts nothing, so a device
-            // bound somewhere is a publish still in place.
+            // (the spec's answer is OK). A block stage mounts nothing (a device
+            // bound somewhere is a publish still in place): its path is recorded.
             let filesystem = mounts.iter().any(|m| m.fs_type != "devtmpfs");
-            if filesystem && !here {
+            let block_elsewhere = Self::block_staged_elsewhere(&rec, &staging);
+            if (filesystem && !here) || (!filesystem && block_elsewhere.is_some()) {
                 tracing::info!(volume = %id, staging = %staging.display(), "volume not staged here; nothing to unstage");
                 return Ok(());
             }
@@ -293,6 +323,11 @@ impl Driver {
                     loopdev::detach_device(&d)?;
                     tracing::warn!(volume = %id, device = %d.path().display(), "detached a loop device whose backing file was removed");
                 }
+            }
+            if rec.block_staging.is_some() {
+                let mut cleared = rec.clone();
+                cleared.block_staging = None;
+                self.store.put_volume(&cleared)?;
             }
         }
         tracing::info!(volume = %id, staging = %staging.display(), "volume unstaged");
@@ -379,6 +414,9 @@ impl Driver {
         let block = req.capability.is_block();
         // A block volume is staged by attaching its device; a mount volume by a mount.
         let (source, staged_ro) = if block {
+            if Self::block_staged_elsewhere(&self.volume(&rec.id)?, &req.staging_path).is_some() {
+                return Err(not_staged());
+            }
             (self.loop_device(&rec).ok_or_else(not_staged)?.path(), false)
         } else {
             match mount::mount_at(&req.staging_path)? {
@@ -566,6 +604,7 @@ impl Driver {
             let block_staged = || {
                 path.is_dir()
                     && at_path.is_none()
+                    && Self::block_staged_elsewhere(&rec, path).is_none()
                     && self
                         .mounts_of_volume(&rec)
                         .is_ok_and(|ms| ms.iter().all(|m| m.fs_type == "devtmpfs"))

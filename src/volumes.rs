@@ -254,6 +254,12 @@ impl Driver {
                 .collect();
             match (&dev, at.is_empty()) {
                 (None, true) => {}
+                (Some(d), true) if rec.block_staging.is_some() => tracing::info!(
+                    volume = %rec.id,
+                    device = %d.path().display(),
+                    staging = %rec.block_staging.as_deref().unwrap_or(Path::new("")).display(),
+                    "found volume staged for block access; kept"
+                ),
                 (Some(d), true) => tracing::warn!(
                     volume = %rec.id,
                     device = %d.path().display(),
@@ -567,6 +573,7 @@ impl Driver {
             created_unix: secs,
             attachments: BTreeMap::new(),
             formatting: false,
+            block_staging: None,
         };
         let made = self.make_recorded(&rec, source.as_ref());
         self.settle_promise(&rec.id);

@@ -244,6 +244,23 @@ async fn walk(point: &str) {
                 );
                 assert_eq!(loops_below(&d.root).len(), 1, "w's device is detached");
                 c.delete(&w.volume_id).await.unwrap();
+
+                // A block stage killed after attaching had kept its path: an
+                // unstage elsewhere leaves the device, one there detaches it.
+                let block = block_cap(Mode::SingleNodeWriter);
+                let b = c
+                    .create("b", 16 * MIB, &[("type", "loop")], block.clone())
+                    .await;
+                let raw = d.path("staging-b");
+                let mut c = arm(&mut d, point).await;
+                let r = c.stage(&b.volume_id, &raw, block).await;
+                let mut c = recover(&mut d, r, point).await;
+                assert_eq!(loops_below(&d.root).len(), 2, "the crash left b attached");
+                c.unstage(&b.volume_id, &other).await.unwrap();
+                assert_eq!(loops_below(&d.root).len(), 2, "not staged there");
+                c.unstage(&b.volume_id, &raw).await.unwrap();
+                assert_eq!(loops_below(&d.root).len(), 1, "b's device is detached");
+                c.delete(&b.volume_id).await.unwrap();
             }
         }
         "stage.format_marked" => {

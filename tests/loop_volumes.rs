@@ -585,6 +585,63 @@ async fn unstage_at_another_path_is_ok_and_changes_nothing() {
     assert!(loops_below(&d.root).is_empty());
 }
 
+/// A block stage mounts nothing at its staging path, so the driver keeps that
+/// path: an unstage at any other path finds the volume not staged there (OK,
+/// nothing undone, the device stays), and so does a publish naming it.
+#[tokio::test]
+async fn block_unstage_at_another_path_is_ok_and_changes_nothing() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = block_cap(Mode::SingleNodeWriter);
+    let v = c
+        .create(
+            "block-two-paths",
+            16 * MIB,
+            &[("type", "loop")],
+            cap.clone(),
+        )
+        .await;
+    let id = v.volume_id.clone();
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    let elsewhere = d.path("elsewhere");
+    std::fs::create_dir_all(&elsewhere).unwrap();
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+    c.stage(&id, &staging, cap.clone()).await.unwrap();
+
+    c.unstage(&id, &elsewhere).await.unwrap();
+    c.unstage(&id, &d.path("never-made")).await.unwrap();
+    assert_eq!(loops_below(&d.root).len(), 1, "the device stays attached");
+    assert_code(
+        c.publish(&id, &elsewhere, &target, cap.clone(), false)
+            .await,
+        Code::FailedPrecondition,
+    );
+    c.publish(&id, &staging, &target, cap.clone(), false)
+        .await
+        .unwrap();
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &elsewhere).await.unwrap();
+    assert_eq!(
+        loops_below(&d.root).len(),
+        1,
+        "still staged at its own path"
+    );
+
+    c.unstage(&id, &staging).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+    c.unstage(&id, &staging).await.unwrap();
+    // Staged again at another path after the unstage: that path is its own now.
+    c.stage(&id, &elsewhere, cap.clone()).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    assert_eq!(loops_below(&d.root).len(), 1);
+    c.unstage(&id, &elsewhere).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+}
+
 /// NodeExpandVolume keeps to capacity_range.limit_bytes, and grows nothing for
 /// a path where the volume is not staged or published.
 #[tokio::test]

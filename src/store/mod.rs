@@ -72,6 +72,11 @@ pub struct VolumeRecord {
     /// Kept only for volumes whose content could be data (`prepare_filesystem`).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub formatting: bool,
+    /// Where a loop volume is staged for block access. Such a stage mounts
+    /// nothing, so the mount table cannot tell its path from any other; without
+    /// it (records written before it was kept) any path is taken for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub block_staging: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
