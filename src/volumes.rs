@@ -530,17 +530,23 @@ impl Driver {
             }
         }
         let capacity = choose_capacity(req.required_bytes, req.limit_bytes)?;
-        if !p.shared {
+        let id = ids::id_for_name(Kind::Volume, &req.name);
+        // A volume of this name here, asked for elsewhere, is ALREADY_EXISTS
+        // (check_same_volume); a new one is not made here at all.
+        if !p.shared && self.store.volume(&id).is_none() {
             self.check_topology(&req)?;
         }
         self.check_fits(capacity, p.shared)?;
 
-        let id = ids::id_for_name(Kind::Volume, &req.name);
         let _guard = self.lock(&id)?;
         if let Some(existing) = self.store.volume(&id) {
             let same = self.check_same_volume(existing, &req, &p, fs_type.as_deref());
             self.settle_promise(&id);
             return same;
+        }
+        if !p.shared {
+            // Again under the lock: a volume of this name may have gone since.
+            self.check_topology(&req)?;
         }
         let (_source_guard, source) = self.locked_source(&id, &req, &p, fs_type.as_deref())?;
         let capacity = match &source {
@@ -795,6 +801,11 @@ impl Driver {
         }
         if existing.source != req.source {
             return conflict("content source");
+        }
+        if !existing.shared && self.check_topology(req).is_err() {
+            return conflict(
+                "topology (it is on this node, which the requisite topology leaves out)",
+            );
         }
         if p.volume_type == VolumeType::Loop && existing.fs_type.as_deref() != fs_type {
             return conflict("filesystem type");

@@ -166,6 +166,13 @@ async fn create_volume_rules() {
         preferred: vec![topo(NODE)],
     });
     ctl.create_volume(here).await.unwrap();
+    // The same name again, asked for another node only: it exists, incompatibly.
+    let mut moved = create_req("pvc-b", MIB, &[], rwo());
+    moved.accessibility_requirements = Some(TopologyRequirement {
+        requisite: vec![topo("elsewhere")],
+        preferred: vec![],
+    });
+    assert_code(ctl.create_volume(moved).await, Code::AlreadyExists);
     // Only a preferred topology elsewhere: the plugin may choose, and does (here).
     let mut preferred = create_req("pvc-p", MIB, &[], rwo());
     preferred.accessibility_requirements = Some(TopologyRequirement {
