@@ -548,8 +548,10 @@ impl Driver {
                         "volume {id} is not staged on this node; stage it before expanding"
                     ))
                 })?;
-                // A block stage leaves nothing mounted at its staging path.
-                if mounted.is_none() && !raw && !block {
+                // A block stage leaves nothing mounted at its staging path, which
+                // is known by the record.
+                let block_here = block && Self::block_staged_elsewhere(&rec, path).is_none();
+                if mounted.is_none() && !raw && !block_here {
                     return Err(not_here());
                 }
                 Some(dev)

@@ -620,6 +620,14 @@ async fn block_unstage_at_another_path_is_ok_and_changes_nothing() {
             .await,
         Code::FailedPrecondition,
     );
+    assert_code(
+        c.node_expand(&id, &elsewhere, 16 * MIB, Some(cap.clone()))
+            .await,
+        Code::NotFound,
+    );
+    c.node_expand(&id, &staging, 16 * MIB, Some(cap.clone()))
+        .await
+        .unwrap();
     c.publish(&id, &staging, &target, cap.clone(), false)
         .await
         .unwrap();
