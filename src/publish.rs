@@ -622,10 +622,16 @@ impl Driver {
                 ));
             }
         }
-        if mounted.is_none() && !condition.abnormal {
+        // Data lost behind the driver's back leaves no key to match: its mount is
+        // known by what it still shows, and answered there with its condition.
+        let lost_here = || {
+            at_path
+                .as_ref()
+                .is_some_and(|m| self.shows_lost_data(&rec, m))
+        };
+        if mounted.is_none() && !(condition.abnormal && lost_here()) {
             // What is at the path is not this volume: its usage would be another
-            // filesystem's. (Data lost behind the driver's back is answered with
-            // its condition instead, where it was mounted.)
+            // filesystem's.
             return Err(Error::NotFound(format!(
                 "volume {} is not staged or published at {}",
                 rec.id,

@@ -235,6 +235,18 @@ async fn data_removed_behind_the_drivers_back_is_reported_abnormal() {
         assert!(cond.abnormal, "{id}: ControllerGetVolume says normal");
         assert!(cond.message.contains(id.as_str()), "{id}: {}", cond.message);
         eprintln!("ControllerGetVolume {id}: {}", cond.message);
+        // Asked where it never was, the answer is still that it is not there.
+        let unrelated = d.path("unrelated");
+        std::fs::create_dir_all(&unrelated).unwrap();
+        let r = c
+            .node
+            .node_get_volume_stats(NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: unrelated.display().to_string(),
+                staging_target_path: String::new(),
+            })
+            .await;
+        assert_code(r, tonic::Code::NotFound);
     }
 
     // Every other volume keeps working, old and new.
