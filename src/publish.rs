@@ -88,29 +88,41 @@ impl Driver {
                 mount::bind_via(self.volumes_mount.as_ref(), &data, staging, &flags)?;
             }
             VolumeType::Loop => {
-                // In use elsewhere on this node (staged at another path, or its
-                // device published for block access): a filesystem here would be
-                // a second writer of the same blocks.
-                if !cap.is_block() {
-                    let elsewhere: Vec<String> = self
-                        .mounts_of_volume(&rec)?
-                        .iter()
-                        .map(|m| m.mount_point.display().to_string())
-                        .collect();
-                    if !elsewhere.is_empty() {
+                // Staged for block access at another path, its device still
+                // attached: one staging path per volume (a path kept from before a
+                // reboot, with no device, is simply replaced).
+                if let Some(at) = Self::block_staged_elsewhere(&rec, staging) {
+                    if self.loop_device(&rec).is_some() {
                         return Err(Error::FailedPrecondition(format!(
-                            "volume {id} is in use on this node at {elsewhere:?}; unpublish and \
-                             unstage it there before staging it at {}",
+                            "volume {id} is staged for block access at {}; unstage it there \
+                             before staging it at {}",
+                            at.display(),
                             staging.display()
                         )));
                     }
                 }
+                // In use elsewhere on this node: a filesystem here would be a second
+                // writer of the blocks of a filesystem mounted there, or of a device
+                // published for block access; so would a block stage beside a
+                // mounted filesystem.
+                let elsewhere: Vec<String> = self
+                    .mounts_of_volume(&rec)?
+                    .iter()
+                    .filter(|m| !cap.is_block() || m.fs_type != "devtmpfs")
+                    .map(|m| m.mount_point.display().to_string())
+                    .collect();
+                if !elsewhere.is_empty() {
+                    return Err(Error::FailedPrecondition(format!(
+                        "volume {id} is in use on this node at {elsewhere:?}; unpublish and \
+                         unstage it there before staging it at {}",
+                        staging.display()
+                    )));
+                }
                 make_staging(staging)?;
-                let rec = if cap.is_block() {
-                    self.keep_block_staging(rec, staging)?
-                } else {
-                    rec
-                };
+                // The staging path is kept (or a stale one dropped) before the
+                // device is attached, so that a stage killed after attaching is
+                // undone by an unstage at its own path.
+                let rec = self.keep_block_staging(rec, staging, cap.is_block())?;
                 let (dev, attached_here) = loopdev::attach_reporting(&data)?;
                 faults::point("stage.after_attach");
                 // A stage that fails after attaching must not leak the device: the
@@ -168,16 +180,20 @@ impl Driver {
         Ok(())
     }
 
-    /// Records `staging` as the path the volume is staged at for block access,
-    /// before its device is attached: a stage killed after attaching is then
-    /// undone by an unstage at that path.
-    fn keep_block_staging(&self, rec: VolumeRecord, staging: &Path) -> Result<VolumeRecord> {
-        let at = mount::canonical(staging);
-        if rec.block_staging.as_deref() == Some(at.as_path()) {
+    /// Records `staging` as the path of a block stage, or none for a filesystem
+    /// stage (which its mount shows).
+    fn keep_block_staging(
+        &self,
+        rec: VolumeRecord,
+        staging: &Path,
+        block: bool,
+    ) -> Result<VolumeRecord> {
+        let at = block.then(|| mount::canonical(staging));
+        if rec.block_staging == at {
             return Ok(rec);
         }
         let mut kept = rec;
-        kept.block_staging = Some(at);
+        kept.block_staging = at;
         self.store.put_volume(&kept)?;
         Ok(kept)
     }
@@ -417,6 +433,18 @@ impl Driver {
             if Self::block_staged_elsewhere(&self.volume(&rec.id)?, &req.staging_path).is_some() {
                 return Err(not_staged());
             }
+            // Its device under a mounted filesystem is not for a pod to write.
+            if let Some(m) = self
+                .mounts_of_volume(&rec)?
+                .into_iter()
+                .find(|m| m.fs_type != "devtmpfs")
+            {
+                return Err(Error::FailedPrecondition(format!(
+                    "volume {} is staged as a filesystem at {}, not for block access",
+                    rec.id,
+                    m.mount_point.display()
+                )));
+            }
             (self.loop_device(&rec).ok_or_else(not_staged)?.path(), false)
         } else {
             match mount::mount_at(&req.staging_path)? {
@@ -519,7 +547,7 @@ impl Driver {
         limit: i64,
         block: bool,
     ) -> Result<u64> {
-        let rec = self.volume(id)?;
+        self.volume(id)?;
         if fs::symlink_metadata(path).is_err() {
             return Err(Error::NotFound(format!(
                 "volume path {} does not exist",
@@ -527,6 +555,7 @@ impl Driver {
             )));
         }
         let _guard = self.lock(id)?;
+        let rec = self.volume(id)?;
         let keys = self.volume_keys(&rec)?;
         let mounted = mount::mount_at(path)?.filter(|m| keys.contains(&m.key()));
         let not_here = || {
@@ -550,7 +579,10 @@ impl Driver {
                 })?;
                 // A block stage leaves nothing mounted at its staging path, which
                 // is known by the record.
-                let block_here = block && Self::block_staged_elsewhere(&rec, path).is_none();
+                let block_here = match &rec.block_staging {
+                    Some(at) => *at == mount::canonical(path),
+                    None => block,
+                };
                 if mounted.is_none() && !raw && !block_here {
                     return Err(not_here());
                 }

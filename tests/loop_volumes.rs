@@ -628,6 +628,8 @@ async fn block_unstage_at_another_path_is_ok_and_changes_nothing() {
     c.node_expand(&id, &staging, 16 * MIB, Some(cap.clone()))
         .await
         .unwrap();
+    // The capability is optional there; the kept path says what it is.
+    c.node_expand(&id, &staging, 16 * MIB, None).await.unwrap();
     c.publish(&id, &staging, &target, cap.clone(), false)
         .await
         .unwrap();
@@ -647,6 +649,64 @@ async fn block_unstage_at_another_path_is_ok_and_changes_nothing() {
     c.unstage(&id, &staging).await.unwrap();
     assert_eq!(loops_below(&d.root).len(), 1);
     c.unstage(&id, &elsewhere).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+}
+
+/// One staging path per loop volume: staged for block access at one path, it
+/// is not staged at another, for a filesystem or for block access, nor staged
+/// for block access beside its mounted filesystem, nor published raw under it.
+/// A block path kept from before its device went away (a reboot) is replaced.
+#[tokio::test]
+async fn a_loop_volume_is_staged_at_one_path_at_a_time() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let block = block_cap(Mode::SingleNodeWriter);
+    let fs = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
+    let mut req = create_req("both", 16 * MIB, &[("type", "loop")], block.clone());
+    req.volume_capabilities.push(fs.clone());
+    let id = c.create_as(req).await.volume_id;
+    let (a, b) = (d.path("staging-a"), d.path("staging-b"));
+
+    c.stage(&id, &a, block.clone()).await.unwrap();
+    assert_code(c.stage(&id, &b, fs.clone()).await, Code::FailedPrecondition);
+    assert_code(
+        c.stage(&id, &b, block.clone()).await,
+        Code::FailedPrecondition,
+    );
+    assert_eq!(loops_below(&d.root).len(), 1, "the block stage stays");
+    c.unstage(&id, &a).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+
+    c.stage(&id, &b, fs.clone()).await.unwrap();
+    assert_code(
+        c.stage(&id, &a, block.clone()).await,
+        Code::FailedPrecondition,
+    );
+    let raw = d.path("raw-target");
+    assert_code(
+        c.publish(&id, &a, &raw, block.clone(), false).await,
+        Code::FailedPrecondition,
+    );
+    c.unstage(&id, &b).await.unwrap();
+    assert!(loops_below(&d.root).is_empty());
+
+    // Staged for block access, then its device gone behind the driver's back
+    // (as a reboot leaves it): a filesystem stage elsewhere replaces the kept
+    // path, and its unstage detaches what it attached.
+    c.stage(&id, &a, block.clone()).await.unwrap();
+    for dev in loops_below(&d.root) {
+        let out = std::process::Command::new("losetup")
+            .args(["-d", &format!("/dev/{dev}")])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+    }
+    c.stage(&id, &b, fs.clone()).await.unwrap();
+    c.unstage(&id, &b).await.unwrap();
     assert!(loops_below(&d.root).is_empty());
 }
 
