@@ -142,6 +142,25 @@ pub fn now_unix() -> (i64, i32) {
     (d.as_secs() as i64, d.subsec_nanos() as i32)
 }
 
+/// mkfs.xfs refuses a filesystem smaller than this (xfsprogs 5.19 and later).
+pub const XFS_MIN_BYTES: u64 = 300 * MIB;
+
+/// The capacity of a loop volume that will hold `fs_type` (None: handed out raw
+/// only): an xfs volume is given at least what mkfs.xfs can format, within the
+/// limit, rather than made at a size its first stage could never format.
+pub fn fit_filesystem(capacity: u64, fs_type: Option<&str>, limit: i64) -> Result<u64> {
+    if fs_type != Some("xfs") || capacity >= XFS_MIN_BYTES {
+        return Ok(capacity);
+    }
+    if limit > 0 && (limit as u64) < XFS_MIN_BYTES {
+        return Err(Error::OutOfRange(format!(
+            "an xfs volume cannot be smaller than {XFS_MIN_BYTES} bytes (300 MiB, the least \
+             mkfs.xfs formats); limit_bytes is {limit}"
+        )));
+    }
+    Ok(XFS_MIN_BYTES)
+}
+
 /// The capacity to give for a range: the request rounded up to a MiB, within the
 /// limit. An impossible range is OUT_OF_RANGE.
 pub fn choose_capacity(required: i64, limit: i64) -> Result<u64> {
@@ -529,7 +548,12 @@ impl Driver {
                 }
             }
         }
-        let capacity = choose_capacity(req.required_bytes, req.limit_bytes)?;
+        let mounted = req.capabilities.iter().any(|c| !c.is_block());
+        let capacity = fit_filesystem(
+            choose_capacity(req.required_bytes, req.limit_bytes)?,
+            fs_type.as_deref().filter(|_| mounted),
+            req.limit_bytes,
+        )?;
         let id = ids::id_for_name(Kind::Volume, &req.name);
         // A volume of this name here, asked for elsewhere, is ALREADY_EXISTS
         // (check_same_volume); a new one is not made here at all.
@@ -1312,6 +1336,24 @@ mod tests {
         assert_eq!(choose_capacity(1000, 8192).unwrap(), 8192);
         assert_eq!(choose_capacity(0, 4 * MIB as i64).unwrap(), 4 * MIB);
         assert!(matches!(choose_capacity(10, 5), Err(Error::OutOfRange(_))));
+        assert_eq!(
+            fit_filesystem(64 * MIB, Some("xfs"), 0).unwrap(),
+            XFS_MIN_BYTES
+        );
+        assert_eq!(
+            fit_filesystem(64 * MIB, Some("xfs"), 300 * MIB as i64).unwrap(),
+            XFS_MIN_BYTES
+        );
+        assert!(matches!(
+            fit_filesystem(64 * MIB, Some("xfs"), 100 * MIB as i64),
+            Err(Error::OutOfRange(_))
+        ));
+        assert_eq!(fit_filesystem(64 * MIB, Some("ext4"), 0).unwrap(), 64 * MIB);
+        assert_eq!(fit_filesystem(64 * MIB, None, 0).unwrap(), 64 * MIB);
+        assert_eq!(
+            fit_filesystem(512 * MIB, Some("xfs"), 0).unwrap(),
+            512 * MIB
+        );
         assert!(matches!(
             choose_capacity(5000, 6000),
             Err(Error::OutOfRange(_))

@@ -710,6 +710,42 @@ async fn a_loop_volume_is_staged_at_one_path_at_a_time() {
     assert!(loops_below(&d.root).is_empty());
 }
 
+/// mkfs.xfs formats nothing under 300 MiB: a smaller xfs claim is given 300 MiB
+/// (the spec lets a volume exceed required_bytes), and its stage formats it; a
+/// limit below that is OUT_OF_RANGE, where the volume used to be made and then
+/// fail every stage.
+#[tokio::test]
+async fn a_small_xfs_claim_gets_what_mkfs_xfs_can_format() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "xfs", &[]);
+    let params = [("type", "loop"), ("fsType", "xfs")];
+    let v = c.create("small-xfs", 64 * MIB, &params, cap.clone()).await;
+    assert_eq!(v.capacity_bytes, 300 * MIB);
+    let staging = d.path("staging");
+    c.stage(&v.volume_id, &staging, cap.clone()).await.unwrap();
+    assert!(is_mounted(&staging));
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+
+    let mut limited = create_req("limited-xfs", 64 * MIB, &params, cap.clone());
+    limited.capacity_range.as_mut().unwrap().limit_bytes = 100 * MIB;
+    assert_code(c.controller.create_volume(limited).await, Code::OutOfRange);
+    // Raw block access only: nothing is formatted, so nothing is added.
+    let block = c
+        .create(
+            "small-raw",
+            64 * MIB,
+            &params,
+            block_cap(Mode::SingleNodeWriter),
+        )
+        .await;
+    assert_eq!(block.capacity_bytes, 64 * MIB);
+}
+
 /// NodeExpandVolume keeps to capacity_range.limit_bytes, and grows nothing for
 /// a path where the volume is not staged or published.
 #[tokio::test]
