@@ -144,21 +144,30 @@ pub fn now_unix() -> (i64, i32) {
 
 /// mkfs.xfs refuses a filesystem smaller than this (xfsprogs 5.19 and later).
 pub const XFS_MIN_BYTES: u64 = 300 * MIB;
+/// mkfs.ext4 formats down to about 100 KiB, depending on its version; a MiB,
+/// the smallest volume a range without a tight limit gets, is safe.
+pub const EXT4_MIN_BYTES: u64 = MIB;
 
 /// The capacity of a loop volume that will hold `fs_type` (None: handed out raw
-/// only): an xfs volume is given at least what mkfs.xfs can format, within the
-/// limit, rather than made at a size its first stage could never format.
+/// only): at least what its mkfs can format, within the limit, rather than a
+/// size its first stage could never format.
 pub fn fit_filesystem(capacity: u64, fs_type: Option<&str>, limit: i64) -> Result<u64> {
-    if fs_type != Some("xfs") || capacity >= XFS_MIN_BYTES {
+    let (least, what) = match fs_type {
+        Some("xfs") => (XFS_MIN_BYTES, "300 MiB"),
+        Some(_) => (EXT4_MIN_BYTES, "1 MiB"),
+        None => return Ok(capacity),
+    };
+    if capacity >= least {
         return Ok(capacity);
     }
-    if limit > 0 && (limit as u64) < XFS_MIN_BYTES {
+    if limit > 0 && (limit as u64) < least {
         return Err(Error::OutOfRange(format!(
-            "an xfs volume cannot be smaller than {XFS_MIN_BYTES} bytes (300 MiB, the least \
-             mkfs.xfs formats); limit_bytes is {limit}"
+            "a {} volume cannot be smaller than {least} bytes ({what}, the least its mkfs \
+             formats here); limit_bytes is {limit}",
+            fs_type.unwrap_or_default()
         )));
     }
-    Ok(XFS_MIN_BYTES)
+    Ok(least)
 }
 
 /// The capacity to give for a range: the request rounded up to a MiB, within the
@@ -1350,6 +1359,11 @@ mod tests {
         ));
         assert_eq!(fit_filesystem(64 * MIB, Some("ext4"), 0).unwrap(), 64 * MIB);
         assert_eq!(fit_filesystem(64 * MIB, None, 0).unwrap(), 64 * MIB);
+        assert!(matches!(
+            fit_filesystem(8192, Some("ext4"), 8192),
+            Err(Error::OutOfRange(_))
+        ));
+        assert_eq!(fit_filesystem(8192, None, 8192).unwrap(), 8192);
         assert_eq!(
             fit_filesystem(512 * MIB, Some("xfs"), 0).unwrap(),
             512 * MIB
