@@ -512,9 +512,20 @@ impl Driver {
     }
 
     /// Why a directory volume on the local (or shared) root cannot serve `cap`, if
-    /// it cannot: it holds that root's filesystem, whatever a capability names.
-    /// Empty asks for nothing (Kubernetes sends that for a class without fsType).
-    fn dir_fs_refusal(&self, shared: bool, cap: &Capability) -> Result<Option<String>> {
+    /// it cannot: it is a bind mount of that root's filesystem, whatever a
+    /// capability names. An empty fs_type asks for nothing (Kubernetes sends that
+    /// for a class without fsType).
+    fn dir_refusal(&self, shared: bool, cap: &Capability) -> Result<Option<String>> {
+        // A bind mount takes per-mount flags only: a class whose mountOptions name
+        // the filesystem's (size=, discard, ...) could never be staged.
+        let fs_options = crate::mount::Flags::parse(cap.mount_flags())?.fs_options;
+        if !fs_options.is_empty() {
+            return Ok(Some(format!(
+                "directory volumes are bind mounts of the driver's root, which take no \
+                 filesystem options: mount flags {fs_options:?}; drop them, or use a StorageClass \
+                 with type: loop for a filesystem of the volume's own"
+            )));
+        }
         let asked = cap.fs_type();
         if asked.is_empty() {
             return Ok(None);
@@ -552,7 +563,7 @@ impl Driver {
         let fs_type = Self::fs_type_for(&p, &req.capabilities)?;
         if p.volume_type == VolumeType::Dir {
             for cap in &req.capabilities {
-                if let Some(why) = self.dir_fs_refusal(p.shared, cap)? {
+                if let Some(why) = self.dir_refusal(p.shared, cap)? {
                     return Err(Error::InvalidArgument(why));
                 }
             }
@@ -1193,7 +1204,7 @@ impl Driver {
             )));
         }
         if rec.volume_type == VolumeType::Dir {
-            if let Some(why) = self.dir_fs_refusal(rec.shared, cap)? {
+            if let Some(why) = self.dir_refusal(rec.shared, cap)? {
                 return Ok(Err(why));
             }
         }
@@ -1269,7 +1280,7 @@ impl Driver {
         }
         if p.volume_type == VolumeType::Dir {
             for cap in caps {
-                if self.dir_fs_refusal(p.shared, cap)?.is_some() {
+                if self.dir_refusal(p.shared, cap)?.is_some() {
                     return Ok(0);
                 }
             }

@@ -1243,7 +1243,34 @@ async fn directory_volumes_hold_the_filesystem_of_their_root() {
             .into_inner();
         assert_eq!(r.available_capacity > 0, room, "{fs:?}");
     }
-    for id in [plain, named, shared] {
+
+    // A bind mount takes no filesystem options (a class's mountOptions arrive
+    // in the capability): refused at CreateVolume, not at the stage.
+    let with_options = mount_cap_fs(Mode::SingleNodeWriter, "", &["noexec", "size=10m"]);
+    let s = c
+        .controller
+        .create_volume(create_req("dir-options", MIB, &[], with_options.clone()))
+        .await
+        .unwrap_err();
+    assert_eq!(s.code(), Code::InvalidArgument, "{s:?}");
+    assert!(s.message().contains("size=10m"), "{}", s.message());
+    let r = c
+        .controller
+        .validate_volume_capabilities(ValidateVolumeCapabilitiesRequest {
+            volume_id: plain.clone(),
+            volume_capabilities: vec![with_options.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(r.confirmed.is_none() && !r.message.is_empty(), "{r:?}");
+    let per_mount = mount_cap_fs(Mode::SingleNodeWriter, "", &["noexec", "nosuid", "ro"]);
+    let fine = c
+        .create("dir-per-mount", MIB, &[], per_mount)
+        .await
+        .volume_id;
+    for id in [plain, named, shared, fine] {
         c.delete(&id).await.unwrap();
     }
 }
