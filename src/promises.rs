@@ -86,6 +86,14 @@ impl Promises {
 /// is no promise) or a shared volume (another root). `localvol status` reads it
 /// too, with the driver stopped.
 pub fn promise(rec: &VolumeRecord, data: &Path, limits: &DirLimits) -> u64 {
+    promise_at(rec, data, limits, None)
+}
+
+/// [`promise`] as it would be at `size` bytes (a volume about to grow), or at
+/// the size the volume has now. The growth is counted from what the data holds,
+/// not from the record: a growth done before a crash and not yet recorded is
+/// not counted twice by its retry.
+pub fn promise_at(rec: &VolumeRecord, data: &Path, limits: &DirLimits, size: Option<u64>) -> u64 {
     if rec.shared {
         return 0;
     }
@@ -94,7 +102,8 @@ pub fn promise(rec: &VolumeRecord, data: &Path, limits: &DirLimits) -> u64 {
         // new size all the same.
         (VolumeType::Loop, _) => std::fs::metadata(data)
             .map(|m| {
-                rec.capacity_bytes
+                size.unwrap_or(0)
+                    .max(rec.capacity_bytes)
                     .max(m.len())
                     .saturating_sub(m.blocks() * 512)
             })
@@ -105,15 +114,19 @@ pub fn promise(rec: &VolumeRecord, data: &Path, limits: &DirLimits) -> u64 {
             let Ok(sv) = btrfs::subvolume_id(data) else {
                 return 0;
             };
-            btrfs::usage(uuid, sv)
-                .filter(|(_, limit)| *limit > 0 && *limit != u64::MAX)
+            let limit = size.or_else(|| {
+                btrfs::usage(uuid, sv)
+                    .map(|(_, limit)| limit)
+                    .filter(|limit| *limit > 0 && *limit != u64::MAX)
+            });
+            limit
                 .zip(btrfs::exclusive(uuid, sv))
-                .map(|((_, limit), own)| limit.saturating_sub(own))
+                .map(|(limit, own)| limit.saturating_sub(own))
                 .unwrap_or(0)
         }
         // One never given a project (made before project quotas) has none.
         (VolumeType::Dir, DirLimits::ProjectQuota) => projquota::usage(data)
-            .map(|(used, limit)| limit.saturating_sub(used))
+            .map(|(used, limit)| size.unwrap_or(limit).saturating_sub(used))
             .unwrap_or(0),
         (VolumeType::Dir, _) => 0,
     }
@@ -124,6 +137,11 @@ impl Driver {
     /// (`promise`).
     pub fn promise_of(&self, rec: &VolumeRecord) -> u64 {
         promise(rec, &self.data_path(rec), &self.dir_limits)
+    }
+
+    /// What the volume would be promised grown to `size` bytes.
+    pub fn promise_grown(&self, rec: &VolumeRecord, size: u64) -> u64 {
+        promise_at(rec, &self.data_path(rec), &self.dir_limits, Some(size))
     }
 
     /// Sets what volume `id` is promised from what it holds now, after a call

@@ -6,7 +6,7 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 
 use crate::access::{self, Capability};
 use crate::attach::{publish_rules, PublishRules};
@@ -277,9 +277,10 @@ impl Driver {
 
     fn fs_smaller_than_device(&self, dev: &loopdev::LoopDevice, fs_type: &str) -> Result<bool> {
         let device = dev.size_bytes()?;
-        Ok(filesystem::size_of(&dev.path(), fs_type)?
-            // Filesystems round down to their allocation groups: a MiB is noise.
-            .is_some_and(|fs| fs + (1 << 20) < device))
+        // ext4 grows to the device's last block; xfs leaves off a last allocation
+        // group under 64 blocks. Volumes grow by whole MiB at least.
+        let slack = if fs_type == "xfs" { 64 * 4096 } else { 4096 };
+        Ok(filesystem::size_of(&dev.path(), fs_type)?.is_some_and(|fs| fs + slack <= device))
     }
 
     pub fn unstage(&self, id: &str, staging: &Path) -> Result<()> {
@@ -564,30 +565,20 @@ impl Driver {
                 path.display()
             ))
         };
-        // A raw publish is the device itself, bound onto a file: nothing to grow.
-        // The capability is optional in this call, so the path is asked as well
-        // (stat sees the device node mounted there).
-        let raw = fs::metadata(path).is_ok_and(|m| m.is_file() || m.file_type().is_block_device());
+        // Here means: its filesystem or its device node (a block publish) mounted
+        // at the path, or the path its block stage was kept at (which mounts
+        // nothing). Anything else is not the volume, whatever the request says.
+        let block_staged_here = rec.volume_type == VolumeType::Loop
+            && rec
+                .block_staging
+                .as_ref()
+                .is_some_and(|at| *at == mount::canonical(path));
+        if mounted.is_none() && !block_staged_here {
+            return Err(not_here());
+        }
         let dev = match rec.volume_type {
-            VolumeType::Dir if mounted.is_none() => return Err(not_here()),
             VolumeType::Dir => None,
-            VolumeType::Loop => {
-                let dev = self.loop_device(&rec).ok_or_else(|| {
-                    Error::FailedPrecondition(format!(
-                        "volume {id} is not staged on this node; stage it before expanding"
-                    ))
-                })?;
-                // A block stage leaves nothing mounted at its staging path, which
-                // is known by the record.
-                let block_here = match &rec.block_staging {
-                    Some(at) => *at == mount::canonical(path),
-                    None => block,
-                };
-                if mounted.is_none() && !raw && !block_here {
-                    return Err(not_here());
-                }
-                Some(dev)
-            }
+            VolumeType::Loop => Some(self.loop_device(&rec).ok_or_else(not_here)?),
         };
         // Without controller expansion (or if it has not run) the node grows the
         // data itself; when the controller already did, this is a no-op.
@@ -604,14 +595,29 @@ impl Driver {
                  the controller first"
             )));
         }
-        let Some(m) = mounted.filter(|_| !block && !raw) else {
+        // A raw device has no filesystem to grow.
+        let Some(m) = mounted.filter(|m| !block && m.fs_type != "devtmpfs") else {
             return Ok(size);
         };
-        if m.is_readonly() {
-            // A read-only mount cannot grow; the next read-write stage grows it.
-            return Ok(size);
-        }
-        filesystem::grow(&dev.path(), path, &m.fs_type)?;
+        // A read-only mount cannot grow: a read-write one of the same filesystem
+        // can (the staging mount under a read-only publish); without one, the
+        // next read-write stage grows it.
+        let (m, path) = if m.is_readonly() {
+            match self
+                .mounts_of_volume(&rec)?
+                .into_iter()
+                .find(|w| w.fs_type == m.fs_type && !w.is_readonly())
+            {
+                Some(w) => {
+                    let at = w.mount_point.clone();
+                    (w, at)
+                }
+                None => return Ok(size),
+            }
+        } else {
+            (m, path.to_path_buf())
+        };
+        filesystem::grow(&dev.path(), &path, &m.fs_type)?;
         tracing::info!(volume = %id, bytes = size, "filesystem grown");
         Ok(size)
     }

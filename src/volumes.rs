@@ -1086,8 +1086,9 @@ impl Driver {
         }
         let wanted = choose_capacity(required, limit)?;
         self.check_fits(wanted, rec.shared)?;
-        let more = wanted - rec.capacity_bytes;
-        self.with_room(id, || self.reserve_room(&rec, self.promise_of(&rec) + more))?;
+        self.with_room(id, || {
+            self.reserve_room(&rec, self.promise_grown(&rec, wanted))
+        })?;
         let grown = self.grow_data(&mut rec, wanted);
         // The promise as it is now: grown, or as before.
         self.settle_promise(id);

@@ -361,3 +361,38 @@ async fn stale_loop_device_is_reused_and_foreign_mounts_are_left_alone() {
     c.delete(&id).await.unwrap();
     drop(stale);
 }
+
+/// An expansion killed after growing the backing file and before its record is
+/// completed by its retry, on a root with room for the growth once: the file's
+/// new size is not counted a second time against the room.
+#[tokio::test]
+async fn an_expansion_killed_after_growing_is_completed_on_a_tight_root() {
+    if !need_root() {
+        return;
+    }
+    let img = ImageFs::new("ext4", 96 << 20, &["-q", "-m", "0"], "").unwrap();
+    let root = img.mnt.join("root");
+    let mut d = Driver::start_with(vec![], Some(root.clone())).await;
+    let mut c = d.clients().await;
+    let v = c.create("v", 32 * MIB, EXT4, ext4()).await;
+    let free = |c: &mut Clients| {
+        let mut ctl = c.controller.clone();
+        async move {
+            ctl.get_capacity(GetCapacityRequest::default())
+                .await
+                .unwrap()
+                .into_inner()
+                .available_capacity
+        }
+    };
+    let before = free(&mut c).await;
+    // Room for the growth (32 MiB more), not for it twice.
+    assert!(before > 32 * MIB && before < 64 * MIB, "{before}");
+    let mut c = arm(&mut d, "expand.after_grow").await;
+    let r = c.expand(&v.volume_id, 64 * MIB, None).await.map(|_| ());
+    let mut c = recover(&mut d, r, "expand.after_grow").await;
+    let e = c.expand(&v.volume_id, 64 * MIB, None).await.unwrap();
+    assert_eq!(e.capacity_bytes, 64 * MIB);
+    assert_eq!(free(&mut c).await, before - 32 * MIB);
+    c.delete(&v.volume_id).await.unwrap();
+}

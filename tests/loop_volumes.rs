@@ -746,6 +746,71 @@ async fn a_small_xfs_claim_gets_what_mkfs_xfs_can_format() {
     assert_eq!(block.capacity_bytes, 64 * MIB);
 }
 
+/// Sizes grow by whole MiB: one MiB more while unstaged reaches the filesystem
+/// at the next stage (a MiB of slack used to hide it for good).
+#[tokio::test]
+async fn a_one_mib_growth_reaches_the_filesystem_at_the_next_stage() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
+    let v = c
+        .create("one-more", 64 * MIB, &[("type", "loop")], cap.clone())
+        .await;
+    let staging = d.path("staging");
+    c.stage(&v.volume_id, &staging, cap.clone()).await.unwrap();
+    let before = fs_total_bytes(&staging);
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+    c.expand(&v.volume_id, 65 * MIB, Some(cap.clone()))
+        .await
+        .unwrap();
+    c.stage(&v.volume_id, &staging, cap.clone()).await.unwrap();
+    let after = fs_total_bytes(&staging);
+    assert!(after > before, "{before} -> {after}");
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
+/// NodeExpandVolume at a read-only publish grows the filesystem through the
+/// read-write staging mount under it, instead of answering OK with nothing grown.
+#[tokio::test]
+async fn node_expansion_at_a_read_only_publish_grows_the_filesystem() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    // xfs: it grows online here (ext4's online growth needs CAP_SYS_RESOURCE).
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "xfs", &[]);
+    let v = c
+        .create(
+            "ro-grow",
+            300 * MIB,
+            &[("type", "loop"), ("fsType", "xfs")],
+            cap.clone(),
+        )
+        .await;
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    c.stage(&v.volume_id, &staging, cap.clone()).await.unwrap();
+    c.publish(&v.volume_id, &staging, &target, cap.clone(), true)
+        .await
+        .unwrap();
+    let before = fs_total_bytes(&target);
+    c.expand(&v.volume_id, 400 * MIB, Some(cap.clone()))
+        .await
+        .unwrap();
+    c.node_expand(&v.volume_id, &target, 400 * MIB, Some(cap.clone()))
+        .await
+        .unwrap();
+    let after = fs_total_bytes(&target);
+    assert!(after > before + 64 * MIB_U, "{before} -> {after}");
+    c.unpublish(&v.volume_id, &target).await.unwrap();
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+}
+
 /// NodeExpandVolume keeps to capacity_range.limit_bytes, and grows nothing for
 /// a path where the volume is not staged or published.
 #[tokio::test]
@@ -784,6 +849,17 @@ async fn node_expansion_keeps_to_its_limit_and_its_path() {
         .node_expand_volume(expand(&elsewhere, 48 * MIB, 0))
         .await;
     assert_code(r, Code::NotFound);
+    assert_eq!(size(), 32 * MIB_U);
+    // Nor a regular file (as a raw publish target looks), with or without a
+    // capability, nor a directory with a block capability.
+    let file = d.path("a-file");
+    std::fs::write(&file, b"not a volume").unwrap();
+    let mut no_cap = expand(&file, 48 * MIB, 0);
+    no_cap.volume_capability = None;
+    assert_code(c.node.node_expand_volume(no_cap).await, Code::NotFound);
+    let mut block = expand(&elsewhere, 48 * MIB, 0);
+    block.volume_capability = Some(block_cap(Mode::SingleNodeWriter));
+    assert_code(c.node.node_expand_volume(block).await, Code::NotFound);
     assert_eq!(size(), 32 * MIB_U);
 
     // More than the limit: refused, nothing grown.
