@@ -170,6 +170,17 @@ pub fn fit_filesystem(capacity: u64, fs_type: Option<&str>, limit: i64) -> Resul
     Ok(least)
 }
 
+/// The capacity a CreateVolume request gets: its range's ([`choose_capacity`]),
+/// at least what the filesystem of a loop volume to be mounted needs.
+fn capacity_for(req: &CreateRequest, fs_type: Option<&str>) -> Result<u64> {
+    let mounted = req.capabilities.iter().any(|c| !c.is_block());
+    fit_filesystem(
+        choose_capacity(req.required_bytes, req.limit_bytes)?,
+        fs_type.filter(|_| mounted),
+        req.limit_bytes,
+    )
+}
+
 /// The capacity to give for a range: the request rounded up to a MiB, within the
 /// limit. An impossible range is OUT_OF_RANGE.
 pub fn choose_capacity(required: i64, limit: i64) -> Result<u64> {
@@ -568,12 +579,7 @@ impl Driver {
                 }
             }
         }
-        let mounted = req.capabilities.iter().any(|c| !c.is_block());
-        let capacity = fit_filesystem(
-            choose_capacity(req.required_bytes, req.limit_bytes)?,
-            fs_type.as_deref().filter(|_| mounted),
-            req.limit_bytes,
-        )?;
+        let capacity = capacity_for(&req, fs_type.as_deref())?;
         let id = ids::id_for_name(Kind::Volume, &req.name);
         // A volume of this name here, asked for elsewhere, is ALREADY_EXISTS
         // (check_same_volume); a new one is not made here at all.
@@ -763,7 +769,7 @@ impl Driver {
         // than the source it became (20 MiB).
         let made = match req.required_bytes {
             0 => size,
-            r => choose_capacity(r, req.limit_bytes)?,
+            _ => capacity_for(req, fs_type)?,
         };
         if made < size || (req.limit_bytes > 0 && (req.limit_bytes as u64) < size) {
             return Err(Error::OutOfRange(format!(

@@ -839,4 +839,24 @@ async fn a_clone_asking_its_sources_unrounded_size_is_made() {
     assert_code(c.controller.create_volume(req).await, Code::OutOfRange);
     c.delete_snapshot(&snap.snapshot_id).await.unwrap();
     c.delete(&src.volume_id).await.unwrap();
+
+    // The same for a claim smaller than xfs allows: 64Mi became 300 MiB, and
+    // its clone or restore asking 64Mi again is made at 300 MiB.
+    let src = create_from(&mut c, "src-xfs", Kind::Xfs, 64 * MIB, None)
+        .await
+        .unwrap();
+    assert_eq!(src.capacity_bytes, 300 * MIB);
+    let snap = c.snapshot("snap-xfs", &src.volume_id).await.unwrap();
+    for (name, source) in [
+        ("clone-xfs", from_volume(&src.volume_id)),
+        ("restore-xfs", from_snapshot(&snap.snapshot_id)),
+    ] {
+        let v = create_from(&mut c, name, Kind::Xfs, 64 * MIB, source)
+            .await
+            .unwrap();
+        assert_eq!(v.capacity_bytes, 300 * MIB, "{name}");
+        c.delete(&v.volume_id).await.unwrap();
+    }
+    c.delete_snapshot(&snap.snapshot_id).await.unwrap();
+    c.delete(&src.volume_id).await.unwrap();
 }
