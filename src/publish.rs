@@ -30,6 +30,22 @@ pub struct PublishRequest {
 }
 
 impl Driver {
+    /// Refuses a staging or target path inside the driver's root: a CO's paths
+    /// are its own (the kubelet's directory), and one in the root would mount
+    /// over, or remove, the driver's own data (another volume's empty directory).
+    pub fn outside_own_dirs(&self, what: &str, path: &Path) -> Result<()> {
+        let at = mount::canonical(path);
+        match self.own_dirs.iter().find(|own| at.starts_with(own)) {
+            Some(own) => Err(Error::InvalidArgument(format!(
+                "{what} {} lies inside the driver's root {}; stage and publish volumes \
+                 elsewhere (the kubelet's directory)",
+                path.display(),
+                own.display()
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Whether `m` shows this volume's data (its directory, its loop filesystem, or
     /// its loop device node).
     fn is_ours(&self, rec: &VolumeRecord, m: &MountEntry) -> Result<bool> {

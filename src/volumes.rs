@@ -117,6 +117,9 @@ pub struct Driver {
     pub volumes_mount: Option<mount::Detached>,
     /// Room this root's volumes may still take (GetCapacity subtracts it).
     pub promises: crate::promises::Promises,
+    /// The root and the shared root as the kernel names them (symlinks
+    /// resolved), which no staging or target path may lie in.
+    pub own_dirs: Vec<PathBuf>,
     /// This driver alone serves the root while it runs.
     _root_lock: crate::rootlock::RootLock,
 }
@@ -257,8 +260,13 @@ impl Driver {
                 None
             }
         };
+        let own_dirs = std::iter::once(&layout.root)
+            .chain(layout.shared_root.as_ref())
+            .map(|r| fs::canonicalize(r).unwrap_or_else(|_| r.clone()))
+            .collect();
         let driver = Driver {
             cfg,
+            own_dirs,
             layout,
             store,
             locks: KeyLocks::default(),

@@ -1022,3 +1022,44 @@ fn symlinked_slot_files_and_lock_are_refused_at_start() {
         assert!(canary.snapshot() == before, "{file}: the canary changed");
     }
 }
+
+/// Staging and target paths inside the driver's root are refused before
+/// anything is done: an unpublish naming another volume's (empty) data
+/// directory used to remove it, and a publish there mounted over it.
+#[tokio::test]
+async fn paths_inside_the_root_are_refused() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let a = c.create("a", 16 * MIB, &[], rwo()).await.volume_id;
+    let b = c.create("b", 16 * MIB, &[], rwo()).await.volume_id;
+    let b_dir = d.root.join("volumes").join(&b);
+    let staging = d.path("staging");
+    c.stage(&a, &staging, rwo()).await.unwrap();
+    for inside in [
+        b_dir.clone(),
+        d.root.clone(),
+        d.root.join("volumes").join("new"),
+    ] {
+        assert_code(c.unpublish(&a, &inside).await, Code::InvalidArgument);
+        assert_code(c.unstage(&a, &inside).await, Code::InvalidArgument);
+        assert_code(
+            c.publish(&a, &staging, &inside, rwo(), false).await,
+            Code::InvalidArgument,
+        );
+        assert_code(c.stage(&b, &inside, rwo()).await, Code::InvalidArgument);
+    }
+    assert!(b_dir.is_dir(), "b's data directory is still there");
+    assert!(!d.root.join("volumes").join("new").exists());
+    assert!(!is_mounted(&b_dir));
+    c.unstage(&a, &staging).await.unwrap();
+    let target = d.path("target");
+    c.stage(&b, &staging, rwo()).await.unwrap();
+    c.publish(&b, &staging, &target, rwo(), false)
+        .await
+        .unwrap();
+    c.unpublish(&b, &target).await.unwrap();
+    c.unstage(&b, &staging).await.unwrap();
+}

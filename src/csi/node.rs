@@ -34,6 +34,7 @@ impl Node for NodeService {
         let cap = required_capability(&r.volume_capability)?;
         let driver = self.driver.clone();
         run("NodeStageVolume", &id.clone(), move || {
+            driver.outside_own_dirs("staging_target_path", &staging)?;
             driver.stage(&id, &staging, &cap)?;
             Ok(Response::new(NodeStageVolumeResponse {}))
         })
@@ -49,6 +50,7 @@ impl Node for NodeService {
         let staging = check_path("staging_target_path", &r.staging_target_path)?;
         let driver = self.driver.clone();
         run("NodeUnstageVolume", &id.clone(), move || {
+            driver.outside_own_dirs("staging_target_path", &staging)?;
             driver.unstage(&id, &staging)?;
             Ok(Response::new(NodeUnstageVolumeResponse {}))
         })
@@ -80,6 +82,8 @@ impl Node for NodeService {
         };
         let driver = self.driver.clone();
         run("NodePublishVolume", &id, move || {
+            driver.outside_own_dirs("staging_target_path", &req.staging_path)?;
+            driver.outside_own_dirs("target_path", &req.target_path)?;
             driver.publish(&req)?;
             Ok(Response::new(NodePublishVolumeResponse {}))
         })
@@ -95,6 +99,7 @@ impl Node for NodeService {
         let target = check_path("target_path", &r.target_path)?;
         let driver = self.driver.clone();
         run("NodeUnpublishVolume", &id.clone(), move || {
+            driver.outside_own_dirs("target_path", &target)?;
             driver.unpublish(&id, &target)?;
             Ok(Response::new(NodeUnpublishVolumeResponse {}))
         })
