@@ -447,7 +447,8 @@ impl Driver {
         let block = req.capability.is_block();
         // A block volume is staged by attaching its device; a mount volume by a mount.
         let (source, staged_ro) = if block {
-            if Self::block_staged_elsewhere(&self.volume(&rec.id)?, &req.staging_path).is_some() {
+            let now = self.volume(&rec.id)?;
+            if Self::block_staged_elsewhere(&now, &req.staging_path).is_some() {
                 return Err(not_staged());
             }
             // Its device under a mounted filesystem is not for a pod to write.
@@ -462,7 +463,15 @@ impl Driver {
                     m.mount_point.display()
                 )));
             }
-            (self.loop_device(&rec).ok_or_else(not_staged)?.path(), false)
+            let dev = self.loop_device(&rec).ok_or_else(not_staged)?;
+            // Handed out raw from now on: whatever a pod writes there is data,
+            // never to be formatted over (as a block stage marks it).
+            if now.formatting {
+                let mut cleared = now;
+                cleared.formatting = false;
+                self.store.put_volume(&cleared)?;
+            }
+            (dev.path(), false)
         } else {
             match mount::mount_at(&req.staging_path)? {
                 Some(m) if keys.contains(&m.key()) => (req.staging_path.clone(), m.is_readonly()),
@@ -518,7 +527,7 @@ impl Driver {
         access::check_node_publish(rules.single_publisher, &others)
             .map_err(Error::FailedPrecondition)?;
 
-        let created = make_target(&req.target_path, block)?;
+        let created = make_target(&req.target_path, block, &rec.id)?;
         faults::point("publish.after_target");
         if let Err(e) = mount::bind(&source, &req.target_path, &flags) {
             if created {
@@ -533,23 +542,23 @@ impl Driver {
     pub fn unpublish(&self, id: &str, target: &Path) -> Result<()> {
         let rec = self.volume(id)?;
         let _guard = self.lock(id)?;
-        // The spec has the plugin remove the target it made, also when a retry
-        // (or a reboot) finds nothing mounted there: only an empty directory or an
-        // empty file, what a publish makes.
-        let unmounted = match self.unmount_volume_at(&rec, target)? {
-            At::Other(source) => {
-                return Err(Error::FailedPrecondition(format!(
-                    "{} holds a mount of {source}, not of volume {id}; leaving it",
-                    target.display()
-                )))
+        match self.unmount_volume_at(&rec, target)? {
+            At::Other(source) => Err(Error::FailedPrecondition(format!(
+                "{} holds a mount of {source}, not of volume {id}; leaving it",
+                target.display()
+            ))),
+            // The spec has the plugin remove the target it made: the one it just
+            // unmounted the volume from (an empty directory or file).
+            At::Unmounted => {
+                remove_target(target)?;
+                tracing::info!(volume = %id, target = %target.display(), "volume unpublished");
+                Ok(())
             }
-            at => at == At::Unmounted,
-        };
-        remove_target(target)?;
-        if unmounted {
-            tracing::info!(volume = %id, target = %target.display(), "volume unpublished");
+            // Nothing of the volume there (after a reboot, or a retry): the target
+            // is removed only if it carries this volume's mark (`mark_target`).
+            At::Nothing if marked_for(target, id) => remove_target(target),
+            At::Nothing => Ok(()),
         }
-        Ok(())
     }
 
     /// Grows what the node sees of an expanded volume: the loop device's size and
@@ -734,7 +743,7 @@ pub enum VolumeStats {
 
 /// Makes the publish target: a directory for a mount, a file for a block device
 /// (the kubelet may have made either already). Returns whether we made it.
-fn make_target(path: &Path, block: bool) -> Result<bool> {
+fn make_target(path: &Path, block: bool, id: &str) -> Result<bool> {
     let made = if block {
         fs::OpenOptions::new()
             .write(true)
@@ -747,7 +756,10 @@ fn make_target(path: &Path, block: bool) -> Result<bool> {
         fs::create_dir(path)
     };
     match made {
-        Ok(()) => Ok(true),
+        Ok(()) => {
+            mark_target(path, id);
+            Ok(true)
+        }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             let m = fs::symlink_metadata(path).ctx(|| format!("stat {}", path.display()))?;
             check_mount_point("target", path, &m, block)?;
@@ -757,6 +769,48 @@ fn make_target(path: &Path, block: bool) -> Result<bool> {
     }
 }
 
+/// Names the volume on a target this driver made, in an extended attribute the
+/// mount then covers: a later unpublish that finds nothing mounted there (after
+/// a reboot, or a retry) removes the target only if it carries that name, never
+/// an empty directory or file someone else made. Where the filesystem takes no
+/// user attributes the target is left to the CO (the kubelet removes its own).
+fn mark_target(path: &Path, id: &str) {
+    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return;
+    };
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            TARGET_MARK.as_ptr(),
+            id.as_ptr().cast(),
+            id.len(),
+            0,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(target = %path.display(), error = %io::Error::last_os_error(), "cannot mark the target");
+    }
+}
+
+/// Whether `path` carries the mark of a target made for volume `id`.
+fn marked_for(path: &Path, id: &str) -> bool {
+    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    let mut buf = [0u8; 64];
+    let n = unsafe {
+        libc::lgetxattr(
+            p.as_ptr(),
+            TARGET_MARK.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    n > 0 && &buf[..n as usize] == id.as_bytes()
+}
+
+const TARGET_MARK: &std::ffi::CStr = c"user.localvol.target";
+
 /// Refuses an existing path as a place to mount on: a symlink (it would redirect
 /// the mount), the wrong kind, or anything holding data (a mount would hide it;
 /// the kubelet hands over empty paths, so data there means a wrong path).
@@ -764,6 +818,13 @@ fn check_mount_point(what: &str, path: &Path, m: &fs::Metadata, block: bool) -> 
     if m.is_symlink() {
         return Err(Error::InvalidArgument(format!(
             "{what} {} is a symlink; localvol does not mount onto symlinks",
+            path.display()
+        )));
+    }
+    if !m.is_dir() && !m.is_file() {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {} is neither a directory nor a regular file (a device node, FIFO or \
+             socket); localvol does not mount over it",
             path.display()
         )));
     }

@@ -723,14 +723,25 @@ async fn node_calls_touch_only_their_volume() {
     }
     assert!(is_mounted(&staging), "the directory volume is still staged");
     nix::mount::umount2(&foreign, nix::mount::MntFlags::empty()).unwrap();
-    // What a reboot leaves (a target with nothing mounted) is removed, as the spec
-    // says; a target with content is not.
-    std::fs::write(foreign.join("kept"), b"x").unwrap();
-    assert_code(c.unpublish(&dir, &foreign).await, Code::FailedPrecondition);
-    assert!(foreign.join("kept").exists());
-    std::fs::remove_file(foreign.join("kept")).unwrap();
+    // What a reboot leaves (a target this driver made, nothing mounted) is
+    // removed, as the spec says; a path it did not make is left as it is, empty
+    // or not (an unpublish must not be a way to delete a host's empty directory).
+    let rebooted = d.path("rebooted");
+    c.publish(&dir, &staging, &rebooted, rwo(), false)
+        .await
+        .unwrap();
+    nix::mount::umount2(&rebooted, nix::mount::MntFlags::empty()).unwrap();
+    c.unpublish(&dir, &rebooted).await.unwrap();
+    assert!(!rebooted.exists());
     c.unpublish(&dir, &foreign).await.unwrap();
-    assert!(!foreign.exists());
+    assert!(foreign.is_dir(), "an empty directory it did not make stays");
+    std::fs::write(foreign.join("kept"), b"x").unwrap();
+    c.unpublish(&dir, &foreign).await.unwrap();
+    assert!(foreign.join("kept").exists());
+    let empty_file = d.path("empty-file");
+    std::fs::write(&empty_file, b"").unwrap();
+    c.unpublish(&dir, &empty_file).await.unwrap();
+    assert!(empty_file.exists(), "an empty file it did not make stays");
 
     // A loop volume staged at one path is not staged at a second one too: two
     // mounts of one filesystem's device would be two writers.

@@ -284,6 +284,43 @@ async fn walk(point: &str) {
             // Announced, so the retry formats over it.
             c.stage(&id, &staging, ext4()).await.unwrap();
             std::fs::write(staging.join("f"), b"x").unwrap();
+
+            // Announced, then handed out raw instead (the crash left the device
+            // attached): what a pod writes there is data, never formatted over.
+            let mut req = create_req("w", 64 * MIB, EXT4, ext4());
+            req.volume_capabilities
+                .push(block_cap(Mode::SingleNodeWriter));
+            let w = c.create_as(req).await.volume_id;
+            let w_staging = d.path("staging-w");
+            let mut c = arm(&mut d, point).await;
+            let r = c.stage(&w, &w_staging, ext4()).await;
+            let mut c = recover(&mut d, r, point).await;
+            let raw = d.path("raw-w");
+            let block = block_cap(Mode::SingleNodeWriter);
+            c.publish(&w, &d.path("never-staged"), &raw, block, false)
+                .await
+                .unwrap();
+            {
+                use std::os::unix::fs::FileExt;
+                let f = std::fs::OpenOptions::new().write(true).open(&raw).unwrap();
+                f.write_all_at(&[0x5a; 1 << 20], 8 << 20).unwrap();
+                f.sync_all().unwrap();
+            }
+            c.unpublish(&w, &raw).await.unwrap();
+            assert_code(
+                c.stage(&w, &w_staging, ext4()).await,
+                tonic::Code::FailedPrecondition,
+            );
+            let img = d.root.join("volumes").join(format!("{w}.img"));
+            let mut back = vec![0u8; 1 << 20];
+            std::os::unix::fs::FileExt::read_exact_at(
+                &std::fs::File::open(img).unwrap(),
+                &mut back,
+                8 << 20,
+            )
+            .unwrap();
+            assert!(back.iter().all(|b| *b == 0x5a), "the pod's data is intact");
+            c.unstage(&w, &w_staging).await.unwrap();
         }
         "publish.after_target" => {
             let v = c.create("v", 64 * MIB, EXT4, ext4()).await;

@@ -1052,6 +1052,45 @@ async fn paths_inside_the_root_are_refused() {
         assert_code(c.stage(&b, &inside, rwo()).await, Code::InvalidArgument);
     }
     assert!(b_dir.is_dir(), "b's data directory is still there");
+    // Nor over a device node, a FIFO or a socket, whatever they are named.
+    let lp = c
+        .create(
+            "raw",
+            16 * MIB,
+            &[("type", "loop")],
+            block_cap(Mode::SingleNodeWriter),
+        )
+        .await
+        .volume_id;
+    let raw_staging = d.path("raw-staging");
+    c.stage(&lp, &raw_staging, block_cap(Mode::SingleNodeWriter))
+        .await
+        .unwrap();
+    let null = d.path("null");
+    nix::sys::stat::mknod(
+        &null,
+        nix::sys::stat::SFlag::S_IFCHR,
+        nix::sys::stat::Mode::from_bits_truncate(0o600),
+        nix::sys::stat::makedev(1, 3),
+    )
+    .unwrap();
+    let fifo = d.path("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    for special in [&null, &fifo] {
+        assert_code(
+            c.publish(
+                &lp,
+                &raw_staging,
+                special,
+                block_cap(Mode::SingleNodeWriter),
+                false,
+            )
+            .await,
+            Code::InvalidArgument,
+        );
+        assert!(!is_mounted(special));
+    }
+    c.unstage(&lp, &raw_staging).await.unwrap();
     assert!(!d.root.join("volumes").join("new").exists());
     assert!(!is_mounted(&b_dir));
     c.unstage(&a, &staging).await.unwrap();
