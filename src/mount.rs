@@ -233,6 +233,18 @@ pub fn mounts_showing(keys: &[MountKey]) -> Result<Vec<MountEntry>> {
         .collect())
 }
 
+/// Every mount that shows `key`'s directory or one below it.
+pub fn mounts_below(key: &MountKey) -> Result<Vec<MountEntry>> {
+    if let Some(found) = statmount::mounts_below(key) {
+        return Ok(found);
+    }
+    let dir = key.root.as_os_str().as_bytes();
+    Ok(mounts()?
+        .into_iter()
+        .filter(|m| m.dev == key.dev && statmount::is_below(m.root.as_os_str().as_bytes(), dir))
+        .collect())
+}
+
 /// Mount flags a capability may carry. Flags a bind mount can apply become mount
 /// attributes; the rest are filesystem options, valid only where a filesystem is
 /// mounted (loop volumes).

@@ -945,7 +945,17 @@ impl Driver {
                 )));
             }
         }
-        let mounts = self.mounts_of_volume(&rec)?;
+        // A directory volume's subdirectory mounted on its own (a pod's subPath)
+        // shows its data too.
+        let mounts = match rec.volume_type {
+            VolumeType::Dir => self
+                .volume_keys(&rec)?
+                .iter()
+                .map(mount::mounts_below)
+                .collect::<Result<Vec<_>>>()?
+                .concat(),
+            VolumeType::Loop => self.mounts_of_volume(&rec)?,
+        };
         if let Some(m) = mounts.first() {
             return Err(Error::FailedPrecondition(format!(
                 "volume {id} is still mounted at {}; unpublish and unstage it first",

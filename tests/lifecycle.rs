@@ -508,3 +508,41 @@ async fn a_damaged_record_never_costs_its_data() {
     assert!(d.root.join("volumes").join(&orphan).exists());
     assert!(d.log().contains("illegible"), "{}", d.log());
 }
+
+/// A bind of a directory volume's subdirectory (what the kubelet makes for a
+/// pod's subPath) still mounted after the volume was unpublished and unstaged
+/// keeps DeleteVolume from removing the data it shows.
+#[tokio::test]
+async fn delete_waits_for_a_mounted_subdirectory() {
+    if !need_root() {
+        return;
+    }
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let id = c.create("subpath", 16 * MIB, &[], rwo()).await.volume_id;
+    let (staging, target) = (d.path("staging"), d.path("target"));
+    c.stage(&id, &staging, rwo()).await.unwrap();
+    c.publish(&id, &staging, &target, rwo(), false)
+        .await
+        .unwrap();
+    std::fs::create_dir(target.join("sub")).unwrap();
+    std::fs::write(target.join("sub/data"), b"still used").unwrap();
+    let sub = d.path("subpath-bind");
+    std::fs::create_dir(&sub).unwrap();
+    nix::mount::mount(
+        Some(&target.join("sub")),
+        &sub,
+        None::<&str>,
+        nix::mount::MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .unwrap();
+    c.unpublish(&id, &target).await.unwrap();
+    c.unstage(&id, &staging).await.unwrap();
+    let s = c.delete(&id).await.unwrap_err();
+    assert_eq!(s.code(), tonic::Code::FailedPrecondition, "{s:?}");
+    assert!(s.message().contains("subpath-bind"), "{}", s.message());
+    assert_eq!(std::fs::read(sub.join("data")).unwrap(), b"still used");
+    nix::mount::umount2(&sub, nix::mount::MntFlags::empty()).unwrap();
+    c.delete(&id).await.unwrap();
+}

@@ -13,7 +13,7 @@
 //! Every function returns None where the kernel cannot answer (too old, or the
 //! mount went away between the two calls); the caller then reads the mount table.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::ffi::{CString, OsStr};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
@@ -333,7 +333,8 @@ type Seen = ((u32, u32), Vec<u8>);
 /// leaves the volume without data, and so without a key.
 struct Index {
     by_id: HashMap<u64, Seen>,
-    by_data: HashMap<Seen, Vec<u64>>,
+    /// Ordered, so that the mounts of a directory's subdirectories are one range.
+    by_data: BTreeMap<Seen, Vec<u64>>,
     /// The kernel's reports of mount changes; None before Linux 6.15 (or once
     /// reading them failed): then every question lists every mount.
     watch: Option<Watch>,
@@ -359,7 +360,7 @@ impl Index {
         };
         Index {
             by_id: HashMap::new(),
-            by_data: HashMap::new(),
+            by_data: BTreeMap::new(),
             watch,
             complete: false,
             listings: 0,
@@ -460,6 +461,20 @@ impl Index {
         }
     }
 
+    /// Ids of the mounts known to show `key`'s directory or one below it.
+    fn showing_below(&self, key: &MountKey) -> Vec<u64> {
+        let prefix = key.root.as_os_str().as_bytes();
+        let mut ids: Vec<u64> = self
+            .by_data
+            .range((key.dev, prefix.to_vec())..)
+            .take_while(|((dev, root), _)| *dev == key.dev && root.starts_with(prefix))
+            .filter(|((_, root), _)| is_below(root, prefix))
+            .flat_map(|(_, ids)| ids.iter().copied())
+            .collect();
+        ids.sort_unstable();
+        ids
+    }
+
     /// Ids of the mounts known to show one of `keys`, in id order.
     fn showing(&self, keys: &[MountKey]) -> Vec<u64> {
         let mut ids: Vec<u64> = keys
@@ -514,6 +529,38 @@ pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
             Some(m) if keys.contains(&m.key()) => found.push(m),
             Some(_) => {}
             // Gone since (the cheap question now fails too), or not answerable.
+            None if ask(id, STATMOUNT_SB_BASIC, &mut buf) == Err(libc::ENOENT) => {}
+            None => return None,
+        }
+    }
+    Some(found)
+}
+
+/// Whether `root` is the directory `dir` or lies below it (bytes of paths).
+pub(super) fn is_below(root: &[u8], dir: &[u8]) -> bool {
+    root.starts_with(dir)
+        && (root.len() == dir.len() || dir.ends_with(b"/") || root[dir.len()] == b'/')
+}
+
+/// Every mount that shows `key`'s directory or a directory below it (a bind of
+/// a subdirectory, as a pod's subPath is): [`mounts_showing`] for a tree.
+pub(super) fn mounts_below(key: &MountKey) -> Option<Vec<MountEntry>> {
+    if !AVAILABLE.load(Ordering::Relaxed) || !LIST_AVAILABLE.load(Ordering::Relaxed) {
+        return None;
+    }
+    let candidates = with_index(|index| {
+        index.catch_up()?;
+        Some(index.showing_below(key))
+    })??;
+    let dir = key.root.as_os_str().as_bytes();
+    let mut found = Vec::new();
+    let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8];
+    for id in candidates {
+        match describe(id) {
+            Some(m) if m.dev == key.dev && is_below(m.root.as_os_str().as_bytes(), dir) => {
+                found.push(m)
+            }
+            Some(_) => {}
             None if ask(id, STATMOUNT_SB_BASIC, &mut buf) == Err(libc::ENOENT) => {}
             None => return None,
         }
@@ -604,6 +651,17 @@ pub(super) fn mount_holding(path: &Path) -> Option<MountEntry> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn below_is_the_directory_or_its_subdirectories() {
+        let dir = b"/volumes/vol-1";
+        assert!(is_below(b"/volumes/vol-1", dir));
+        assert!(is_below(b"/volumes/vol-1/sub", dir));
+        assert!(!is_below(b"/volumes/vol-1.img", dir));
+        assert!(!is_below(b"/volumes/vol-10", dir));
+        assert!(!is_below(b"/volumes", dir));
+        assert!(is_below(b"/x", b"/"));
+    }
 
     #[test]
     fn structs_have_the_kernel_layout() {
