@@ -521,12 +521,21 @@ pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
         index.catch_up()?;
         Some(index.showing(keys))
     })??;
+    describe_those(candidates, |m| keys.contains(&m.key()))
+}
+
+/// The mounts of `candidates` (ids the index remembers) that `wanted` accepts,
+/// asked afresh: the answer is today's, not the remembered one. None when one
+/// cannot be answered.
+fn describe_those(
+    candidates: Vec<u64>,
+    wanted: impl Fn(&MountEntry) -> bool,
+) -> Option<Vec<MountEntry>> {
     let mut found = Vec::new();
     let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8];
     for id in candidates {
         match describe(id) {
-            // Asked afresh: the answer is today's, not the remembered one.
-            Some(m) if keys.contains(&m.key()) => found.push(m),
+            Some(m) if wanted(&m) => found.push(m),
             Some(_) => {}
             // Gone since (the cheap question now fails too), or not answerable.
             None if ask(id, STATMOUNT_SB_BASIC, &mut buf) == Err(libc::ENOENT) => {}
@@ -553,19 +562,9 @@ pub(super) fn mounts_below(key: &MountKey) -> Option<Vec<MountEntry>> {
         Some(index.showing_below(key))
     })??;
     let dir = key.root.as_os_str().as_bytes();
-    let mut found = Vec::new();
-    let mut buf: Vec<u64> = vec![0; std::mem::size_of::<StatMount>() / 8];
-    for id in candidates {
-        match describe(id) {
-            Some(m) if m.dev == key.dev && is_below(m.root.as_os_str().as_bytes(), dir) => {
-                found.push(m)
-            }
-            Some(_) => {}
-            None if ask(id, STATMOUNT_SB_BASIC, &mut buf) == Err(libc::ENOENT) => {}
-            None => return None,
-        }
-    }
-    Some(found)
+    describe_those(candidates, |m| {
+        m.dev == key.dev && is_below(m.root.as_os_str().as_bytes(), dir)
+    })
 }
 
 /// Forgets every mount seen, for measuring the first call.
