@@ -203,6 +203,7 @@ mod tests {
             attachments: BTreeMap::new(),
             formatting: false,
             block_staging: None,
+            grown_for: None,
         }
     }
 

@@ -133,6 +133,26 @@ pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
+/// `path` with as much of it resolved as exists: what a directory made there
+/// (with its missing parents, following their symlinks) would be named.
+pub fn resolved_as_far_as_exists(path: &Path) -> PathBuf {
+    let mut rest = Vec::new();
+    let mut at = path;
+    loop {
+        if let Ok(mut p) = resolve(at) {
+            p.extend(rest.iter().rev());
+            return p;
+        }
+        match (at.parent(), at.file_name()) {
+            (Some(parent), Some(name)) => {
+                rest.push(name.to_os_string());
+                at = parent;
+            }
+            _ => return path.to_path_buf(),
+        }
+    }
+}
+
 /// `path` with its parent resolved, as the kernel writes mount points; the last
 /// component is kept as given (it may be a symlink we must not follow).
 pub fn canonical(path: &Path) -> PathBuf {

@@ -34,7 +34,14 @@ impl Driver {
     /// are its own (the kubelet's directory), and one in the root would mount
     /// over, or remove, the driver's own data (another volume's empty directory).
     pub fn outside_own_dirs(&self, what: &str, path: &Path) -> Result<()> {
-        let at = mount::canonical(path);
+        // Parents a stage would make are resolved as far as they exist: a
+        // symlink among them would take the made directories into the root.
+        let at = match path.parent() {
+            Some(parent) => {
+                mount::resolved_as_far_as_exists(parent).join(path.file_name().unwrap_or_default())
+            }
+            None => path.to_path_buf(),
+        };
         match self.own_dirs.iter().find(|own| at.starts_with(own)) {
             Some(own) => Err(Error::InvalidArgument(format!(
                 "{what} {} lies inside the driver's root {}; stage and publish volumes \
@@ -165,10 +172,11 @@ impl Driver {
                         // A volume restored or expanded while not staged holds a smaller
                         // filesystem than its device: grow it (ext4 before mounting, xfs
                         // only can once mounted).
-                        let smaller =
-                            !rules.readonly && self.fs_smaller_than_device(&dev, &fs_type)?;
+                        let smaller = !rules.readonly
+                            && self.fs_smaller_than_device(&rec.id, &dev, &fs_type)?;
                         if smaller && fs_type == "ext4" {
                             filesystem::grow_offline(&dev.path())?;
+                            self.note_grown(&rec.id, &dev)?;
                         }
                         let mut flags = flags.clone();
                         if fs_type == "xfs" {
@@ -184,8 +192,11 @@ impl Driver {
                     // fail the stage (a retry would find it staged and skip it);
                     // NodeExpandVolume grows it later.
                     if smaller && fs_type == "xfs" {
-                        if let Err(e) = filesystem::grow(&dev.path(), staging, &fs_type) {
-                            tracing::warn!(volume = %id, error = %e, "growing the filesystem at stage failed");
+                        match filesystem::grow(&dev.path(), staging, &fs_type) {
+                            Ok(()) => self.note_grown(id, &dev)?,
+                            Err(e) => {
+                                tracing::warn!(volume = %id, error = %e, "growing the filesystem at stage failed")
+                            }
                         }
                     }
                 }
@@ -291,12 +302,33 @@ impl Driver {
         }
     }
 
-    fn fs_smaller_than_device(&self, dev: &loopdev::LoopDevice, fs_type: &str) -> Result<bool> {
+    /// Whether the filesystem could take more of its device than it spans. Sizes
+    /// grow by whole MiB, so any shortfall is looked at, once per device size:
+    /// growth can leave a tail unused (resize2fs drops a last block group too
+    /// small for its metadata, xfs_growfs a last allocation group under 64
+    /// blocks), and an e2fsck before every stage would cost minutes on a large
+    /// volume.
+    fn fs_smaller_than_device(
+        &self,
+        id: &str,
+        dev: &loopdev::LoopDevice,
+        fs_type: &str,
+    ) -> Result<bool> {
         let device = dev.size_bytes()?;
-        // ext4 grows to the device's last block; xfs leaves off a last allocation
-        // group under 64 blocks. Volumes grow by whole MiB at least.
-        let slack = if fs_type == "xfs" { 64 * 4096 } else { 4096 };
-        Ok(filesystem::size_of(&dev.path(), fs_type)?.is_some_and(|fs| fs + slack <= device))
+        if self.volume(id)?.grown_for == Some(device) {
+            return Ok(false);
+        }
+        Ok(filesystem::size_of(&dev.path(), fs_type)?.is_some_and(|fs| fs + 4096 <= device))
+    }
+
+    /// Records that the filesystem was grown for the device's present size.
+    fn note_grown(&self, id: &str, dev: &loopdev::LoopDevice) -> Result<()> {
+        let mut now = self.volume(id)?;
+        let bytes = dev.size_bytes()?;
+        now.grown_for = Some(bytes);
+        self.store.put_volume(&now)?;
+        tracing::info!(volume = %id, device_bytes = bytes, "filesystem grown at stage");
+        Ok(())
     }
 
     pub fn unstage(&self, id: &str, staging: &Path) -> Result<()> {

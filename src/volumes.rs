@@ -638,6 +638,7 @@ impl Driver {
             attachments: BTreeMap::new(),
             formatting: false,
             block_staging: None,
+            grown_for: None,
         };
         let made = self.make_recorded(&rec, source.as_ref());
         self.settle_promise(&rec.id);
@@ -1312,11 +1313,20 @@ impl Driver {
         }
         let base = self.layout.volumes_dir(p.shared);
         let free = mount::usage(&base)?.available_bytes;
-        if p.shared {
+        let room = if p.shared {
             // Other nodes' volumes share that root; their promises are not known here.
-            return Ok(free);
+            free
+        } else {
+            free.saturating_sub(self.promises.total())
+        };
+        // Less room than the least volume of the class's filesystem (a class
+        // asked about without capabilities is taken to be mounted): none.
+        let mounted = caps.is_empty() || caps.iter().any(|c| !c.is_block());
+        let fs_type = Self::fs_type_for(&p, caps)?;
+        if fit_filesystem(1, fs_type.as_deref().filter(|_| mounted), 0)? > room {
+            return Ok(0);
         }
-        Ok(free.saturating_sub(self.promises.total()))
+        Ok(room)
     }
 
     /// The condition of a volume as the system shows it now: its data present and

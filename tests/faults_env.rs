@@ -388,6 +388,21 @@ async fn an_expansion_killed_after_growing_is_completed_on_a_tight_root() {
     let before = free(&mut c).await;
     // Room for the growth (32 MiB more), not for it twice.
     assert!(before > 32 * MIB && before < 64 * MIB, "{before}");
+    // Not for any xfs volume (300 MiB at least): the class has no room here.
+    let xfs_class = GetCapacityRequest {
+        parameters: [("type", "loop"), ("fsType", "xfs")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let r = c
+        .controller
+        .get_capacity(xfs_class)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.available_capacity, 0);
     let mut c = arm(&mut d, "expand.after_grow").await;
     let r = c.expand(&v.volume_id, 64 * MIB, None).await.map(|_| ());
     let mut c = recover(&mut d, r, "expand.after_grow").await;

@@ -1051,6 +1051,15 @@ async fn paths_inside_the_root_are_refused() {
         );
         assert_code(c.stage(&b, &inside, rwo()).await, Code::InvalidArgument);
     }
+    // Nor through a symlink among parents a stage would make.
+    let link = d.path("link");
+    std::os::unix::fs::symlink(d.root.join("volumes"), &link).unwrap();
+    assert_code(
+        c.stage(&b, &link.join("new-parent").join("stage"), rwo())
+            .await,
+        Code::InvalidArgument,
+    );
+    assert!(!d.root.join("volumes").join("new-parent").exists());
     assert!(b_dir.is_dir(), "b's data directory is still there");
     // Nor over a device node, a FIFO or a socket, whatever they are named.
     let lp = c

@@ -77,6 +77,10 @@ pub struct VolumeRecord {
     /// it (records written before it was kept) any path is taken for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub block_staging: Option<PathBuf>,
+    /// The device size a stage last grew the filesystem for: what that growth
+    /// left unused is not looked at again until the device grows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grown_for: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

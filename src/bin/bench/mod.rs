@@ -265,9 +265,6 @@ pub async fn run_cycles(
     }
 }
 
-/// `n` cycles before a measurement, with its concurrency, whose figures are
-/// dropped: what a first cycle pays alone (connections, caches, a pool's threads)
-/// is not the driver's steady pace.
 /// `n` rounds of [`Session::idle_calls`], one call at a time, after `warmup`
 /// rounds left out of the figures: the part of every RPC that is not the
 /// driver's work, beside which `cycle`'s per-call figures can be read.
@@ -293,6 +290,9 @@ pub async fn round_trips(s: &Session, n: usize, warmup: usize) -> Result<Value, 
     }))
 }
 
+/// `n` cycles before a measurement, with its concurrency, whose figures are
+/// dropped: what a first cycle pays alone (connections, caches, a pool's threads)
+/// is not the driver's steady pace.
 pub async fn warm_up(s: &Session, n: usize, c: usize, prefix: &str) -> Result<(), BenchError> {
     if n > 0 {
         run_cycles(s, n, c, &format!("{prefix}-warmup"), "warmup cycles").await?;
