@@ -133,36 +133,25 @@ pub fn resolve(path: &Path) -> std::io::Result<PathBuf> {
     }
 }
 
-/// `path` with as much of it resolved as exists: what a directory made there
-/// (with its missing parents, following their symlinks) would be named.
-pub fn resolved_as_far_as_exists(path: &Path) -> PathBuf {
-    let mut rest = Vec::new();
-    let mut at = path;
-    loop {
-        if let Ok(mut p) = resolve(at) {
-            p.extend(rest.iter().rev());
+/// `path` with its parents resolved as far as they exist, as the kernel writes
+/// mount points, and as a directory made there (missing parents too, through
+/// their symlinks) would be named; the last component is kept as given (it may
+/// be a symlink we must not follow).
+pub fn canonical(path: &Path) -> PathBuf {
+    let Some(name) = path.file_name() else {
+        return path.to_path_buf();
+    };
+    let mut missing = vec![name.to_os_string()];
+    let mut at = path.parent();
+    while let Some(dir) = at {
+        if let Ok(mut p) = resolve(dir) {
+            p.extend(missing.iter().rev());
             return p;
         }
-        match (at.parent(), at.file_name()) {
-            (Some(parent), Some(name)) => {
-                rest.push(name.to_os_string());
-                at = parent;
-            }
-            _ => return path.to_path_buf(),
-        }
+        missing.extend(dir.file_name().map(|n| n.to_os_string()));
+        at = dir.parent();
     }
-}
-
-/// `path` with its parent resolved, as the kernel writes mount points; the last
-/// component is kept as given (it may be a symlink we must not follow).
-pub fn canonical(path: &Path) -> PathBuf {
-    match (path.parent(), path.file_name()) {
-        (Some(parent), Some(name)) => match resolve(parent) {
-            Ok(p) => p.join(name),
-            Err(_) => path.to_path_buf(),
-        },
-        _ => path.to_path_buf(),
-    }
+    path.to_path_buf()
 }
 
 /// The topmost mount at exactly `path`, if any (a symlink there is not followed).

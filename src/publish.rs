@@ -34,14 +34,9 @@ impl Driver {
     /// are its own (the kubelet's directory), and one in the root would mount
     /// over, or remove, the driver's own data (another volume's empty directory).
     pub fn outside_own_dirs(&self, what: &str, path: &Path) -> Result<()> {
-        // Parents a stage would make are resolved as far as they exist: a
-        // symlink among them would take the made directories into the root.
-        let at = match path.parent() {
-            Some(parent) => {
-                mount::resolved_as_far_as_exists(parent).join(path.file_name().unwrap_or_default())
-            }
-            None => path.to_path_buf(),
-        };
+        // Parents a stage would make are resolved too (`canonical`): a symlink
+        // among them would take the made directories into the root.
+        let at = mount::canonical(path);
         match self.own_dirs.iter().find(|own| at.starts_with(own)) {
             Some(own) => Err(Error::InvalidArgument(format!(
                 "{what} {} lies inside the driver's root {}; stage and publish volumes \
@@ -145,7 +140,8 @@ impl Driver {
                 // The staging path is kept (or a stale one dropped) before the
                 // device is attached, so that a stage killed after attaching is
                 // undone by an unstage at its own path.
-                let rec = self.keep_block_staging(rec, staging, cap.is_block())?;
+                let block_at = cap.is_block().then(|| mount::canonical(staging));
+                let rec = self.change_record(id, |r| r.block_staging = block_at)?;
                 let (dev, attached_here) = loopdev::attach_reporting(&data)?;
                 faults::point("stage.after_attach");
                 // A stage that fails after attaching must not leak the device: the
@@ -158,11 +154,10 @@ impl Driver {
                     }
                     e
                 };
-                if cap.is_block() && rec.formatting {
+                if cap.is_block() {
                     // Handed out raw from now on: whatever is written there is data.
-                    let mut cleared = rec.clone();
-                    cleared.formatting = false;
-                    self.store.put_volume(&cleared).map_err(detach_on_error)?;
+                    self.change_record(id, |r| r.formatting = false)
+                        .map_err(detach_on_error)?;
                 }
                 if !cap.is_block() {
                     let (fs_type, smaller) = (|| {
@@ -207,22 +202,26 @@ impl Driver {
         Ok(())
     }
 
-    /// Records `staging` as the path of a block stage, or none for a filesystem
-    /// stage (which its mount shows).
-    fn keep_block_staging(
+    /// Writes the volume's record back with `change` made, if it changes it. The
+    /// record is read afresh (under the volume's lock, which the caller holds), so
+    /// nothing written since the caller read it is undone.
+    fn change_record(
         &self,
-        rec: VolumeRecord,
-        staging: &Path,
-        block: bool,
+        id: &str,
+        change: impl FnOnce(&mut VolumeRecord),
     ) -> Result<VolumeRecord> {
-        let at = block.then(|| mount::canonical(staging));
-        if rec.block_staging == at {
-            return Ok(rec);
+        let now = self.volume(id)?;
+        let mut changed = now.clone();
+        change(&mut changed);
+        if changed != now {
+            self.store.put_volume(&changed)?;
         }
-        let mut kept = rec;
-        kept.block_staging = at;
-        self.store.put_volume(&kept)?;
-        Ok(kept)
+        Ok(changed)
+    }
+
+    /// Whether the volume's block stage is kept at `path`.
+    fn block_staged_at(rec: &VolumeRecord, path: &Path) -> bool {
+        rec.block_staging.is_some() && Self::block_staged_elsewhere(rec, path).is_none()
     }
 
     /// The path of the volume's block stage, if it has one at another path than
@@ -264,9 +263,7 @@ impl Driver {
         let may_hold_data = rec.source.is_some() || rec.capabilities.iter().any(|c| c.is_block());
         let format = |rec: &VolumeRecord| {
             if may_hold_data && !rec.formatting {
-                let mut marked = rec.clone();
-                marked.formatting = true;
-                self.store.put_volume(&marked)?;
+                self.change_record(&rec.id, |r| r.formatting = true)?;
                 faults::point("stage.format_marked");
             }
             filesystem::format(&dev.path(), fs_type)
@@ -323,10 +320,8 @@ impl Driver {
 
     /// Records that the filesystem was grown for the device's present size.
     fn note_grown(&self, id: &str, dev: &loopdev::LoopDevice) -> Result<()> {
-        let mut now = self.volume(id)?;
         let bytes = dev.size_bytes()?;
-        now.grown_for = Some(bytes);
-        self.store.put_volume(&now)?;
+        self.change_record(id, |r| r.grown_for = Some(bytes))?;
         tracing::info!(volume = %id, device_bytes = bytes, "filesystem grown at stage");
         Ok(())
     }
@@ -389,11 +384,7 @@ impl Driver {
                     tracing::warn!(volume = %id, device = %d.path().display(), "detached a loop device whose backing file was removed");
                 }
             }
-            if rec.block_staging.is_some() {
-                let mut cleared = rec.clone();
-                cleared.block_staging = None;
-                self.store.put_volume(&cleared)?;
-            }
+            self.change_record(id, |r| r.block_staging = None)?;
         }
         tracing::info!(volume = %id, staging = %staging.display(), "volume unstaged");
         Ok(())
@@ -479,8 +470,7 @@ impl Driver {
         let block = req.capability.is_block();
         // A block volume is staged by attaching its device; a mount volume by a mount.
         let (source, staged_ro) = if block {
-            let now = self.volume(&rec.id)?;
-            if Self::block_staged_elsewhere(&now, &req.staging_path).is_some() {
+            if Self::block_staged_elsewhere(&self.volume(&rec.id)?, &req.staging_path).is_some() {
                 return Err(not_staged());
             }
             // Its device under a mounted filesystem is not for a pod to write.
@@ -498,11 +488,7 @@ impl Driver {
             let dev = self.loop_device(&rec).ok_or_else(not_staged)?;
             // Handed out raw from now on: whatever a pod writes there is data,
             // never to be formatted over (as a block stage marks it).
-            if now.formatting {
-                let mut cleared = now;
-                cleared.formatting = false;
-                self.store.put_volume(&cleared)?;
-            }
+            self.change_record(&rec.id, |r| r.formatting = false)?;
             (dev.path(), false)
         } else {
             match mount::mount_at(&req.staging_path)? {
@@ -625,11 +611,8 @@ impl Driver {
         // Here means: its filesystem or its device node (a block publish) mounted
         // at the path, or the path its block stage was kept at (which mounts
         // nothing). Anything else is not the volume, whatever the request says.
-        let block_staged_here = rec.volume_type == VolumeType::Loop
-            && rec
-                .block_staging
-                .as_ref()
-                .is_some_and(|at| *at == mount::canonical(path));
+        let block_staged_here =
+            rec.volume_type == VolumeType::Loop && Self::block_staged_at(&rec, path);
         if mounted.is_none() && !block_staged_here {
             return Err(not_here());
         }
@@ -659,22 +642,19 @@ impl Driver {
         // A read-only mount cannot grow: a read-write one of the same filesystem
         // can (the staging mount under a read-only publish); without one, the
         // next read-write stage grows it.
-        let (m, path) = if m.is_readonly() {
+        let grow_at = if m.is_readonly() {
             match self
                 .mounts_of_volume(&rec)?
                 .into_iter()
                 .find(|w| w.fs_type == m.fs_type && !w.is_readonly())
             {
-                Some(w) => {
-                    let at = w.mount_point.clone();
-                    (w, at)
-                }
+                Some(w) => w.mount_point,
                 None => return Ok(size),
             }
         } else {
-            (m, path.to_path_buf())
+            path.to_path_buf()
         };
-        filesystem::grow(&dev.path(), &path, &m.fs_type)?;
+        filesystem::grow(&dev.path(), &grow_at, &m.fs_type)?;
         tracing::info!(volume = %id, bytes = size, "filesystem grown");
         Ok(size)
     }
@@ -807,7 +787,7 @@ fn make_target(path: &Path, block: bool, id: &str) -> Result<bool> {
 /// an empty directory or file someone else made. Where the filesystem takes no
 /// user attributes the target is left to the CO (the kubelet removes its own).
 fn mark_target(path: &Path, id: &str) {
-    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+    let Some(p) = c_path(path) else {
         return;
     };
     let r = unsafe {
@@ -826,7 +806,7 @@ fn mark_target(path: &Path, id: &str) {
 
 /// Whether `path` carries the mark of a target made for volume `id`.
 fn marked_for(path: &Path, id: &str) -> bool {
-    let Ok(p) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+    let Some(p) = c_path(path) else {
         return false;
     };
     let mut buf = [0u8; 64];
@@ -842,6 +822,10 @@ fn marked_for(path: &Path, id: &str) -> bool {
 }
 
 const TARGET_MARK: &std::ffi::CStr = c"user.localvol.target";
+
+fn c_path(path: &Path) -> Option<std::ffi::CString> {
+    std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()
+}
 
 /// Refuses an existing path as a place to mount on: a symlink (it would redirect
 /// the mount), the wrong kind, or anything holding data (a mount would hide it;

@@ -176,12 +176,18 @@ pub fn fit_filesystem(capacity: u64, fs_type: Option<&str>, limit: i64) -> Resul
 /// The capacity a CreateVolume request gets: its range's ([`choose_capacity`]),
 /// at least what the filesystem of a loop volume to be mounted needs.
 fn capacity_for(req: &CreateRequest, fs_type: Option<&str>) -> Result<u64> {
-    let mounted = req.capabilities.iter().any(|c| !c.is_block());
     fit_filesystem(
         choose_capacity(req.required_bytes, req.limit_bytes)?,
-        fs_type.filter(|_| mounted),
+        sized_for(fs_type, &req.capabilities),
         req.limit_bytes,
     )
+}
+
+/// The filesystem a loop volume's size must fit: its own, where it will be
+/// mounted (capabilities for block access only never are; none at all, as
+/// GetCapacity may be asked, is taken to be).
+fn sized_for<'a>(fs_type: Option<&'a str>, caps: &[Capability]) -> Option<&'a str> {
+    fs_type.filter(|_| caps.is_empty() || caps.iter().any(|c| !c.is_block()))
 }
 
 /// The capacity to give for a range: the request rounded up to a MiB, within the
@@ -1319,11 +1325,9 @@ impl Driver {
         } else {
             free.saturating_sub(self.promises.total())
         };
-        // Less room than the least volume of the class's filesystem (a class
-        // asked about without capabilities is taken to be mounted): none.
-        let mounted = caps.is_empty() || caps.iter().any(|c| !c.is_block());
+        // Less room than the least volume of the class's filesystem: none.
         let fs_type = Self::fs_type_for(&p, caps)?;
-        if fit_filesystem(1, fs_type.as_deref().filter(|_| mounted), 0)? > room {
+        if fit_filesystem(1, sized_for(fs_type.as_deref(), caps), 0)? > room {
             return Ok(0);
         }
         Ok(room)

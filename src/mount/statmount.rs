@@ -514,14 +514,20 @@ fn own_namespace() -> Option<u64> {
 /// when the kernel cannot answer for every mount; mounts that vanish while
 /// being asked about are left out, as a later reading of mountinfo would.
 pub(super) fn mounts_showing(keys: &[MountKey]) -> Option<Vec<MountEntry>> {
+    let candidates = indexed(|index| index.showing(keys))?;
+    describe_those(candidates, |m| keys.contains(&m.key()))
+}
+
+/// Ids `query` picks from this namespace's index, brought up to date first; None
+/// where the kernel cannot answer for every mount.
+fn indexed(query: impl FnOnce(&Index) -> Vec<u64>) -> Option<Vec<u64>> {
     if !AVAILABLE.load(Ordering::Relaxed) || !LIST_AVAILABLE.load(Ordering::Relaxed) {
         return None;
     }
-    let candidates = with_index(|index| {
+    with_index(|index| {
         index.catch_up()?;
-        Some(index.showing(keys))
-    })??;
-    describe_those(candidates, |m| keys.contains(&m.key()))
+        Some(query(index))
+    })?
 }
 
 /// The mounts of `candidates` (ids the index remembers) that `wanted` accepts,
@@ -554,13 +560,7 @@ pub(super) fn is_below(root: &[u8], dir: &[u8]) -> bool {
 /// Every mount that shows `key`'s directory or a directory below it (a bind of
 /// a subdirectory, as a pod's subPath is): [`mounts_showing`] for a tree.
 pub(super) fn mounts_below(key: &MountKey) -> Option<Vec<MountEntry>> {
-    if !AVAILABLE.load(Ordering::Relaxed) || !LIST_AVAILABLE.load(Ordering::Relaxed) {
-        return None;
-    }
-    let candidates = with_index(|index| {
-        index.catch_up()?;
-        Some(index.showing_below(key))
-    })??;
+    let candidates = indexed(|index| index.showing_below(key))?;
     let dir = key.root.as_os_str().as_bytes();
     describe_those(candidates, |m| {
         m.dev == key.dev && is_below(m.root.as_os_str().as_bytes(), dir)
