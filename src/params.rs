@@ -10,6 +10,19 @@ use crate::error::{Error, Result};
 /// secrets, fstype): accepted and kept, never interpreted.
 pub const KUBERNETES_PREFIX: &str = "csi.storage.k8s.io/";
 
+/// The provisioner's key for a class's filesystem. It moves the value into the
+/// mount capability of CreateVolume and strips the key; GetCapacity gets the
+/// class's parameters unchanged.
+pub const PROVISIONER_FS_TYPE: &str = "csi.storage.k8s.io/fstype";
+
+/// The filesystem a StorageClass names in the provisioner's key, if any.
+pub fn provisioner_fs_type(params: &BTreeMap<String, String>) -> Option<&str> {
+    params
+        .get(PROVISIONER_FS_TYPE)
+        .map(String::as_str)
+        .filter(|v| !v.is_empty())
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum VolumeType {

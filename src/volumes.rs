@@ -13,7 +13,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::access::{self, Capability, Offer};
+use crate::access::{self, AccessMode, AccessType, Capability, Offer};
 use crate::backend::trash::Trash;
 use crate::backend::{dir, loopfile, DirLimits, Layout};
 use crate::error::{Error, Result};
@@ -1288,6 +1288,23 @@ impl Driver {
         params: &BTreeMap<String, String>,
     ) -> Result<u64> {
         let p = params::parse(params)?;
+        // Kubernetes asks with the StorageClass's parameters as they are and no
+        // capabilities: its filesystem is then only in the provisioner's own key,
+        // which CreateVolume will get as the capability's fs_type.
+        let implied;
+        let caps = match params::provisioner_fs_type(params) {
+            Some(fs_type) if caps.is_empty() => {
+                implied = [Capability {
+                    access_type: AccessType::Mount {
+                        fs_type: fs_type.to_string(),
+                        flags: vec![],
+                    },
+                    mode: AccessMode::SingleNodeWriter,
+                }];
+                &implied[..]
+            }
+            _ => caps,
+        };
         // Nothing of a class CreateVolume refuses here can be made here: report no
         // room, so that the scheduler does not send its pods to this node.
         let refused = (p.shared && self.layout.shared_root.is_none())
@@ -1330,7 +1347,9 @@ impl Driver {
         if fit_filesystem(1, sized_for(fs_type.as_deref(), caps), 0)? > room {
             return Ok(0);
         }
-        Ok(room)
+        // CreateVolume rounds sizes up to whole MiB: a figure between two would
+        // promise the scheduler a request that CreateVolume then refuses.
+        Ok(room / MIB * MIB)
     }
 
     /// The condition of a volume as the system shows it now: its data present and

@@ -1253,6 +1253,18 @@ async fn directory_volumes_hold_the_filesystem_of_their_root() {
             .unwrap()
             .into_inner();
         assert_eq!(r.available_capacity > 0, room, "{fs:?}");
+        // As Kubernetes asks: the class's parameters as they are, no capabilities.
+        let as_kubernetes = GetCapacityRequest {
+            parameters: [("csi.storage.k8s.io/fstype".to_string(), fs.to_string())].into(),
+            ..Default::default()
+        };
+        let r = c
+            .controller
+            .get_capacity(as_kubernetes)
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(r.available_capacity > 0, room, "{fs:?} in the parameters");
     }
 
     // A bind mount takes no filesystem options (a class's mountOptions arrive

@@ -403,6 +403,23 @@ async fn an_expansion_killed_after_growing_is_completed_on_a_tight_root() {
         .unwrap()
         .into_inner();
     assert_eq!(r.available_capacity, 0);
+    // Nor when the class names xfs in the provisioner's own key: Kubernetes asks
+    // GetCapacity with the class's parameters as they are and no capabilities,
+    // and CreateVolume then gets xfs in the capability.
+    let prefixed = GetCapacityRequest {
+        parameters: [("type", "loop"), ("csi.storage.k8s.io/fstype", "xfs")]
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        ..Default::default()
+    };
+    let r = c
+        .controller
+        .get_capacity(prefixed)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.available_capacity, 0);
     let mut c = arm(&mut d, "expand.after_grow").await;
     let r = c.expand(&v.volume_id, 64 * MIB, None).await.map(|_| ());
     let mut c = recover(&mut d, r, "expand.after_grow").await;

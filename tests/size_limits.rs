@@ -202,6 +202,15 @@ async fn capacity_counts_room_promised_to_sparse_volumes() {
         empty - 64 * MIB,
         "an unlimited directory",
     );
+    // The figure is what one CreateVolume can take: a whole number of MiB (as
+    // sizes are made), all of it, so the scheduler never admits a claim that
+    // CreateVolume then refuses.
+    let all = capacity(&mut c, &loop_class).await;
+    assert_eq!(all % MIB, 0, "{all} is not a whole MiB");
+    let exact = c.create("all-of-it", all, &loop_class, rwo()).await;
+    assert_eq!(capacity(&mut c, &loop_class).await, 0);
+    c.delete(&exact.volume_id).await.unwrap();
+    trash_emptied(&root).await;
     // A volume larger than what is left unpromised is refused, and leaves nothing.
     let left = capacity(&mut c, &loop_class).await;
     let r = c
