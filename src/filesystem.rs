@@ -125,7 +125,9 @@ fn run(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Formats `device` with `fs_type`. Callers probe first.
+/// Formats `device` with `fs_type`. Callers probe first: the probe decides, so
+/// each mkfs is told to overwrite what it would second-guess (mkfs.xfs refuses
+/// the superblock an unfinished mkfs.xfs left, which the probe reads as empty).
 pub fn format(device: &Path, fs_type: &str) -> Result<()> {
     let mut cmd = match fs_type {
         // No reserved blocks: the claim's size is all the pod's. Lazy init and no
@@ -144,7 +146,7 @@ pub fn format(device: &Path, fs_type: &str) -> Result<()> {
         }
         "xfs" => {
             let mut c = Command::new("mkfs.xfs");
-            c.args(["-q", "-K"]);
+            c.args(["-q", "-f", "-K"]);
             c
         }
         other => {

@@ -746,6 +746,46 @@ async fn a_small_xfs_claim_gets_what_mkfs_xfs_can_format() {
     assert_eq!(block.capacity_bytes, 64 * MIB);
 }
 
+/// mkfs.xfs writes its superblock first, marked in progress until it is done, and
+/// refuses a device where it finds any xfs superblock: a stage killed while it ran
+/// used to fail at every retry. The probe judges such a volume empty (nobody ever
+/// used that filesystem), so the retry formats it.
+#[tokio::test]
+async fn a_stage_killed_during_mkfs_xfs_is_completed_by_its_retry() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    use std::os::unix::fs::FileExt;
+    let d = Driver::start().await;
+    let mut c = d.clients().await;
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "xfs", &[]);
+    let params = [("type", "loop"), ("fsType", "xfs")];
+    let v = c.create("half-made", 300 * MIB, &params, cap.clone()).await;
+    // What the killed format leaves: the superblock, still marked in progress.
+    let image = d.root.join("volumes").join(format!("{}.img", v.volume_id));
+    let made = std::process::Command::new("mkfs.xfs")
+        .args(["-q", "-K"])
+        .arg(&image)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&image)
+        .unwrap();
+    file.write_all_at(&[1], 126).unwrap();
+    let staging = d.path("staging");
+    c.stage(&v.volume_id, &staging, cap.clone()).await.unwrap();
+    assert!(is_mounted(&staging));
+    c.unstage(&v.volume_id, &staging).await.unwrap();
+    let mut in_progress = [0u8];
+    file.read_exact_at(&mut in_progress, 126).unwrap();
+    assert_eq!(in_progress[0], 0, "the format was not finished");
+    c.delete(&v.volume_id).await.unwrap();
+}
+
 /// Sizes grow by whole MiB: one MiB more while unstaged reaches the filesystem
 /// at the next stage (a MiB of slack used to hide it for good).
 #[tokio::test]
