@@ -355,6 +355,42 @@ async fn btrfs_capacity_counts_room_promised_to_limited_directories() {
     c.delete(&v.volume_id).await.unwrap();
 }
 
+/// On btrfs, space that fallocate takes (or a removal gives back) shows in statfs
+/// only once its transaction commits: a preallocated volume's room was offered
+/// again until then, and a CreateVolume of the figure GetCapacity gave either
+/// failed or took room that was not there. Each round here is one a scheduler
+/// could see: the figure drops by the volume at once, and all of it can be made.
+#[tokio::test]
+async fn btrfs_capacity_counts_a_preallocated_volume_at_once() {
+    if !need_root() {
+        return;
+    }
+    let img = ImageFs::new("btrfs", 1 << 30, &["-q"], "").expect("mount btrfs image");
+    let root = img.mnt.join("root");
+    let d = Driver::start_with(vec![], Some(root.clone())).await;
+    let mut c = d.clients().await;
+    let preallocated = [("type", "loop"), ("allocation", "preallocate")];
+    for round in 0..4 {
+        let before = capacity(&mut c, &preallocated).await;
+        let v = c
+            .create(&format!("pre-{round}"), 128 * MIB, &preallocated, rwo())
+            .await;
+        let after = capacity(&mut c, &preallocated).await;
+        assert!(
+            after <= before - 128 * MIB,
+            "round {round}: {} MiB before, {} MiB after a 128 MiB preallocated volume",
+            before >> 20,
+            after >> 20
+        );
+        let rest = c
+            .create(&format!("rest-{round}"), after, &preallocated, rwo())
+            .await;
+        c.delete(&rest.volume_id).await.unwrap();
+        c.delete(&v.volume_id).await.unwrap();
+        trash_emptied(&root).await;
+    }
+}
+
 /// The summary `localvol status --output json` prints for `root`.
 fn status_summary(root: &Path) -> serde_json::Value {
     let out = std::process::Command::new(binary())

@@ -24,6 +24,7 @@ pub fn create(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
         .ctx(|| format!("create {}", path.display()))?;
     if let Err(e) = size_file(&f, path, 0, size, allocation)
         .and_then(|()| f.sync_all().ctx(|| format!("sync {}", path.display())))
+        .and_then(|()| settle(&f, allocation))
     {
         let _ = fs::remove_file(path);
         return Err(e);
@@ -47,7 +48,17 @@ pub fn grow(path: &Path, size: u64, allocation: Allocation) -> Result<()> {
     if now < size {
         size_file(&f, path, now, size, allocation)?;
     }
-    f.sync_all().ctx(|| format!("sync {}", path.display()))
+    f.sync_all().ctx(|| format!("sync {}", path.display()))?;
+    settle(&f, allocation)
+}
+
+/// Makes the room a preallocation took show in the root's free space at once
+/// (btrfs shows it only after a commit), so that it is not offered again.
+fn settle(f: &File, allocation: Allocation) -> Result<()> {
+    match allocation {
+        Allocation::Sparse => Ok(()),
+        Allocation::Preallocate => super::btrfs::commit_space(f),
+    }
 }
 
 fn size_file(f: &File, path: &Path, from: u64, size: u64, allocation: Allocation) -> Result<()> {

@@ -57,9 +57,10 @@ impl Trash {
             }
         }
         let reaper = queue.clone();
+        let settle = super::btrfs::is_btrfs(&dir).then(|| dir.clone());
         std::thread::Builder::new()
             .name("trash".into())
-            .spawn(move || reap(&reaper))
+            .spawn(move || reap(&reaper, settle.as_deref()))
             .map_err(|e| Error::io("start the trash thread", e))?;
         Ok(Trash { dir, queue })
     }
@@ -106,7 +107,11 @@ impl Trash {
     }
 }
 
-fn reap(queue: &Queue) {
+/// Removes what is discarded, in order. On btrfs (`settle` is then the trash),
+/// the space removals give back shows in statfs only once their transaction
+/// commits (every 30 s by default): each time the trash is empty, it commits, so
+/// that capacity, and a create waiting in `drain`, see the room at once.
+fn reap(queue: &Queue, settle: Option<&Path>) {
     loop {
         let item = {
             let mut s = queue.state.lock().unwrap();
@@ -121,6 +126,15 @@ fn reap(queue: &Queue) {
         if let Err(e) = dir::remove(&item) {
             // Left for the next start-up; the space stays in use until then.
             tracing::error!(path = %item.display(), error = %e, "cannot empty the trash");
+        }
+        let emptied = queue.state.lock().unwrap().items.is_empty();
+        if let (true, Some(trash)) = (emptied, settle) {
+            let committed = fs::File::open(trash)
+                .map_err(|e| Error::io(format!("open {}", trash.display()), e))
+                .and_then(|f| super::btrfs::commit_space(&f));
+            if let Err(e) = committed {
+                tracing::warn!(error = %e, "cannot commit the root's btrfs transaction; freed space shows within 30 s");
+            }
         }
     }
 }
