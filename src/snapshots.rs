@@ -389,17 +389,17 @@ impl Source {
 /// (instant), else a tree copy. Returns whether every block is shared.
 fn copy_dir_data(src: &Path, dest: &Path, readonly: bool) -> Result<bool> {
     if btrfs::is_subvolume(src) {
+        // A snapshot would leave the pod's own subvolumes in it empty.
         if !btrfs::has_child_subvolumes(src) {
             match btrfs::snapshot(src, dest, readonly) {
                 Ok(()) => return Ok(true),
                 // Another filesystem (a shared root), or snapshots refused: copy instead.
                 Err(e) => tracing::debug!("btrfs snapshot not possible ({e}); copying"),
             }
-        } else if btrfs::create_subvolume(dest).is_ok() {
-            // A snapshot would leave the pod's own subvolumes in it empty: copied
-            // instead, into a subvolume of its own, which keeps a size limit.
-            return copy::copy_tree(src, dest).map(|(_, all_reflink)| all_reflink);
         }
+        // Copied into a subvolume of its own where the root allows, which keeps a
+        // size limit (a plain directory on btrfs can have none).
+        let _ = btrfs::create_subvolume(dest);
     }
     copy::copy_tree(src, dest).map(|(_, all_reflink)| all_reflink)
 }
