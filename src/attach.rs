@@ -84,6 +84,7 @@ impl Driver {
             }
         }
         let _guard = self.lock(id)?;
+        let _across = self.lock_across_nodes(id, rec.shared)?;
         rec = self.volume(id)?;
         // Already attached here: the spec's answer to anything but the same request
         // is ALREADY_EXISTS ("published but is incompatible"), also for a capability
@@ -148,6 +149,11 @@ impl Driver {
             return Ok(());
         }
         let _guard = self.lock(id)?;
+        let Ok(rec) = self.volume(id) else {
+            return Ok(());
+        };
+        // Read again once no other node changes it.
+        let _across = self.lock_across_nodes(id, rec.shared)?;
         let Ok(mut rec) = self.volume(id) else {
             return Ok(());
         };

@@ -32,6 +32,7 @@ pub mod locks;
 pub mod loopdev;
 pub mod metrics;
 pub mod mount;
+pub mod nodelock;
 pub mod params;
 pub mod programs;
 pub mod promises;

@@ -27,6 +27,15 @@ pub fn run_until<T>(deadline: Instant, f: impl FnOnce() -> T) -> T {
     out
 }
 
+/// How long this thread's call may wait for a lock: `WAIT`, and not past its
+/// deadline.
+pub fn budget() -> Duration {
+    match CALL_DEADLINE.get() {
+        Some(d) => WAIT.min(d.saturating_duration_since(Instant::now())),
+        None => WAIT,
+    }
+}
+
 #[derive(Default)]
 struct Slot {
     busy: Mutex<bool>,
@@ -64,11 +73,7 @@ impl KeyLocks {
 
     /// Waits (up to `WAIT`, and not past the call's deadline) for the lock on `key`.
     pub fn lock(&self, key: &str) -> Result<KeyGuard> {
-        let wait = match CALL_DEADLINE.get() {
-            Some(d) => WAIT.min(d.saturating_duration_since(Instant::now())),
-            None => WAIT,
-        };
-        self.lock_within(key, wait)
+        self.lock_within(key, budget())
     }
 
     pub fn lock_within(&self, key: &str, wait: Duration) -> Result<KeyGuard> {

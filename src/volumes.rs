@@ -22,6 +22,7 @@ use crate::ids::{self, Kind};
 use crate::locks::{KeyGuard, KeyLocks};
 use crate::loopdev;
 use crate::mount;
+use crate::nodelock::NodeLock;
 use crate::params::{self, VolumeType};
 use crate::snapshots::Source;
 use crate::store::{ContentSource, Store, VolumeRecord};
@@ -122,6 +123,23 @@ pub struct Driver {
     pub own_dirs: Vec<PathBuf>,
     /// This driver alone serves the root while it runs.
     _root_lock: crate::rootlock::RootLock,
+}
+
+/// A shared volume's lock across nodes. A call that leaves no record of the volume
+/// (a delete, a failed create, a volume deleted while it waited) removes the
+/// lock's file, so the shared root keeps one only for volumes that exist.
+pub struct SharedVolumeLock<'a> {
+    lock: NodeLock,
+    store: &'a Store,
+    id: &'a str,
+}
+
+impl Drop for SharedVolumeLock<'_> {
+    fn drop(&mut self) {
+        if self.store.volume(self.id).is_none() {
+            self.lock.remove_file();
+        }
+    }
 }
 
 /// Says on the shared root that this node uses it, so that other nodes' drivers
@@ -249,6 +267,9 @@ impl Driver {
         if let Some(state) = &shared_state {
             dir::own_dir(&layout.volumes_dir(true))?;
             dir::own_dir(state)?;
+            if let Some(locks) = layout.locks_dir() {
+                dir::own_dir(&locks)?;
+            }
             register_node(&layout, &cfg.node_id)?;
         }
         let store = Store::open(&layout.state_dir(), shared_state.as_deref())?;
@@ -458,6 +479,23 @@ impl Driver {
         self.locks.lock(id)
     }
 
+    /// For a shared volume, the lock every node's driver takes (after its own,
+    /// `lock`) to change its record or data; None for a node-local one.
+    pub fn lock_across_nodes<'a>(
+        &'a self,
+        id: &'a str,
+        shared: bool,
+    ) -> Result<Option<SharedVolumeLock<'a>>> {
+        match (shared, self.layout.locks_dir()) {
+            (true, Some(dir)) => Ok(Some(SharedVolumeLock {
+                lock: NodeLock::acquire(&dir, id)?,
+                store: &self.store,
+                id,
+            })),
+            _ => Ok(None),
+        }
+    }
+
     /// Whether the root is usable: exists, is a directory, is writable.
     pub fn probe(&self) -> bool {
         nix::unistd::access(&self.layout.root, nix::unistd::AccessFlags::W_OK).is_ok()
@@ -603,6 +641,7 @@ impl Driver {
         self.check_fits(capacity, p.shared)?;
 
         let _guard = self.lock(&id)?;
+        let _across = self.lock_across_nodes(&id, p.shared)?;
         if let Some(existing) = self.store.volume(&id) {
             let same = self.check_same_volume(existing, &req, &p, fs_type.as_deref());
             self.settle_promise(&id);
@@ -928,6 +967,11 @@ impl Driver {
         let Some(rec) = self.store.volume(id) else {
             return Ok(());
         };
+        // Read again once no other node changes it.
+        let _across = self.lock_across_nodes(id, rec.shared)?;
+        let Some(rec) = self.store.volume(id) else {
+            return Ok(());
+        };
         if !rec.attachments.is_empty() {
             let nodes: Vec<_> = rec.attachments.keys().cloned().collect();
             return Err(Error::FailedPrecondition(format!(
@@ -1081,6 +1125,7 @@ impl Driver {
             })?;
         }
         let _guard = self.lock(id)?;
+        let _across = self.lock_across_nodes(id, rec.shared)?;
         let rec = self.grow_locked(id, required, limit)?;
         Ok((rec.capacity_bytes, Self::needs_node_expansion(&rec)))
     }

@@ -56,6 +56,13 @@ impl Layout {
             .map(|r| r.join("state").join("nodes"))
     }
 
+    /// Where the locks of shared volumes are (`nodelock`).
+    pub fn locks_dir(&self) -> Option<PathBuf> {
+        self.shared_root
+            .as_ref()
+            .map(|r| r.join("state").join("locks"))
+    }
+
     /// A node's entry there. Node ids are the operator's (Kubernetes node names,
     /// in deploy/), but any bytes can arrive in a request: the file is named by a
     /// digest, and holds the id for whoever looks.
