@@ -14,6 +14,7 @@ use crate::backend::{btrfs, loopfile, DirLimits};
 use crate::error::{Context, Error, Result};
 use crate::faults;
 use crate::filesystem::{self, Content};
+use crate::locks::KeyGuard;
 use crate::loopdev;
 use crate::mount::{self, Flags, MountEntry, Usage};
 use crate::params::VolumeType;
@@ -64,6 +65,7 @@ impl Driver {
             .is_some_and(|a| a.readonly);
         let rules = node_rules(&rec, cap, attached_ro)?;
         let _guard = self.lock(id)?;
+        let _path_guard = self.lock_path(staging)?;
         // Read again under the lock: a stage may write the record back.
         let rec = self.volume(id)?;
         let data = self.data_path(&rec);
@@ -200,6 +202,14 @@ impl Driver {
         faults::point("stage.after_mount");
         tracing::info!(volume = %id, staging = %staging.display(), "volume staged");
         Ok(())
+    }
+
+    /// Taken after the volume's lock by the calls that mount at a path the request
+    /// names: two stages (or publishes) of different volumes at one path would
+    /// otherwise each find it empty, and stack their mounts there.
+    fn lock_path(&self, path: &Path) -> Result<KeyGuard> {
+        self.locks
+            .lock(&format!("path:{}", mount::canonical(path).display()))
     }
 
     /// Writes the volume's record back with `change` made, if it changes it. The
@@ -456,6 +466,7 @@ impl Driver {
         let rec = self.volume(&req.volume_id)?;
         let rules = node_rules(&rec, &req.capability, req.readonly)?;
         let _guard = self.lock(&rec.id)?;
+        let _path_guard = self.lock_path(&req.target_path)?;
         let keys = self.volume_keys(&rec)?;
         let not_staged = || {
             Error::FailedPrecondition(format!(

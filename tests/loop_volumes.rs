@@ -786,6 +786,51 @@ async fn a_stage_killed_during_mkfs_xfs_is_completed_by_its_retry() {
     c.delete(&v.volume_id).await.unwrap();
 }
 
+/// Two volumes staged at one path at the same moment: one is staged, the other
+/// is ALREADY_EXISTS, as when they come one after the other. A loop stage takes
+/// milliseconds between looking at the path and mounting there; both used to
+/// succeed, one filesystem stacked over the other.
+#[tokio::test]
+async fn two_volumes_staged_at_one_path_at_once() {
+    if !need_root() {
+        eprintln!("skipped: needs root");
+        return;
+    }
+    let d = Driver::start().await;
+    let (mut c1, mut c2) = (d.clients().await, d.clients().await);
+    let cap = mount_cap_fs(Mode::SingleNodeWriter, "ext4", &[]);
+    let params = [("type", "loop")];
+    for round in 0..3 {
+        let v1 = c1
+            .create(&format!("one-{round}"), 16 * MIB, &params, cap.clone())
+            .await;
+        let v2 = c1
+            .create(&format!("two-{round}"), 16 * MIB, &params, cap.clone())
+            .await;
+        let staging = d.path(&format!("staging-{round}"));
+        let (r1, r2) = tokio::join!(
+            c1.stage(&v1.volume_id, &staging, cap.clone()),
+            c2.stage(&v2.volume_id, &staging, cap.clone()),
+        );
+        let codes = [&r1, &r2].map(|r| r.as_ref().err().map(|e| e.code()));
+        assert!(
+            codes.contains(&None) && codes.contains(&Some(Code::AlreadyExists)),
+            "round {round}: {r1:?} {r2:?}"
+        );
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .lines()
+            .filter(|l| l.split(' ').nth(4) == Some(staging.to_str().unwrap()))
+            .count();
+        assert_eq!(mounts, 1, "round {round}");
+        let staged = if r1.is_ok() { &v1 } else { &v2 };
+        c1.unstage(&staged.volume_id, &staging).await.unwrap();
+        for v in [&v1, &v2] {
+            c1.delete(&v.volume_id).await.unwrap();
+        }
+    }
+}
+
 /// Sizes grow by whole MiB: one MiB more while unstaged reaches the filesystem
 /// at the next stage (a MiB of slack used to hide it for good).
 #[tokio::test]
